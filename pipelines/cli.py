@@ -1,0 +1,32 @@
+"""Turns a step function into a Hydra entry point with one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from pipelines.config import CONFIG_DIR, ConfigError
+from pipelines.lm import LMServerError
+
+
+def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[], None]:
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=config_name, version_base="1.3")
+    def _main(cfg: DictConfig) -> float | None:
+        logging.getLogger("pipelines").setLevel(logging.INFO)
+        for noisy in ("LiteLLM", "litellm", "httpx", "LiteLLM Router"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        try:
+            result = step(cfg)
+        except (ConfigError, LMServerError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        score = getattr(result, "score", None)
+        if score is not None:
+            print(f"{config_name}: SemanticF1 = {score:.1f}  (run {result.run_id})")
+        return score
+
+    return _main

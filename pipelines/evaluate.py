@@ -1,0 +1,9 @@
+"""`mlflow run . -e evaluate -P model_uri=models:/NAME@champion -P split=test`: score a logged program."""
+
+from pipelines.cli import entry
+from pipelines.steps import run_evaluate
+
+main = entry("evaluate", run_evaluate)
+
+if __name__ == "__main__":
+    main()
