@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # A placeholder for servers that want no key; real keys only ever come from the environment.
 NO_KEY = "no-key"
+# Fewest characters a token of generated English/JSON carries; sizes string bounds from max_tokens.
+CHARS_PER_TOKEN_FLOOR = 2.5
 
 
 class LMServerError(RuntimeError):
@@ -208,19 +210,23 @@ class ProjectLM(dspy.LM):
         return await super().acall(*args, **kwargs)
 
 
-def output_schema(signature: type[dspy.Signature], max_field_chars: int | None) -> dict[str, Any]:
+def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,
+                  max_tokens: int | None = None) -> dict[str, Any]:
     """JSON schema of a signature's output fields, in order, with string lengths bounded.
 
     The bound matters: a grammar-constrained small model can ramble inside a string until
-    `max_tokens` cuts the JSON, which then fails to parse.
+    `max_tokens` cuts the JSON, which then fails to parse. So the strings share the token budget.
     """
-    props: dict[str, Any] = {}
-    for name, field in signature.output_fields.items():
-        schema = TypeAdapter(field.annotation).json_schema()
-        if schema.get("type") == "string" and max_field_chars:
-            schema["maxLength"] = int(max_field_chars)
-        props[name] = schema
-    return {"type": "object", "properties": props, "required": list(props)}
+    schemas = {name: TypeAdapter(f.annotation).json_schema() for name, f in signature.output_fields.items()}
+    strings = [s for s in schemas.values() if s.get("type") == "string"]
+    limit = max_field_chars
+    if max_tokens and strings:
+        share = int(max_tokens * CHARS_PER_TOKEN_FLOOR / len(strings))
+        limit = min(limit, share) if limit else share
+    for schema in strings:
+        if limit:
+            schema["maxLength"] = int(limit)
+    return {"type": "object", "properties": schemas, "required": list(schemas)}
 
 
 class SchemaJSONAdapter(dspy.JSONAdapter):
@@ -235,7 +241,9 @@ class SchemaJSONAdapter(dspy.JSONAdapter):
         self.max_field_chars = max_field_chars
 
     def _prepare_response_format(self, lm, lm_kwargs, signature):
-        lm_kwargs["response_format"] = {"type": "json_object", "schema": output_schema(signature, self.max_field_chars)}
+        max_tokens = lm_kwargs.get("max_tokens") or lm.kwargs.get("max_tokens")
+        schema = output_schema(signature, self.max_field_chars, max_tokens)
+        lm_kwargs["response_format"] = {"type": "json_object", "schema": schema}
 
 
 def build_adapter(lm_cfg) -> dspy.Adapter:

@@ -134,9 +134,11 @@ def run_optimize(cfg) -> StepResult:
                                  max_labeled_demos=int(opt.max_labeled_demos), seed=int(opt.seed),
                                  init_temperature=float(opt.init_temperature))
         compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
-        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
-                                      minibatch=bool(opt.minibatch), minibatch_size=int(opt.minibatch_size),
-                                      **compile_kwargs)
+        # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
+        valset_size = max(1, int(len(session.splits.train) * 0.8))
+        minibatch = bool(opt.minibatch) and int(opt.minibatch_size) < valset_size
+        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train, minibatch=minibatch,
+                                      minibatch_size=int(opt.minibatch_size), **compile_kwargs)
         best = _score(session, optimized, session.splits.dev, "", "dev")
         mlflow.log_metric("semantic_f1_delta", best.score - base.score)
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")

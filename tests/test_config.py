@@ -1,0 +1,78 @@
+"""Config composition: entry points, presets, the judge, and what may be logged."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.config import CONFIG_DIR, compose, flatten, is_secret, to_container
+from pipelines.lm import merged_judge_cfg
+
+ENTRY_POINTS = ["cot", "rag", "optimize", "evaluate", "main"]
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_composes_offline_by_default(name):
+    cfg = compose(name)
+    assert cfg.lm.server is not None and cfg.lm.temperature == 0.0  # embedded LM, pinned sampling
+    assert cfg.embedder.kind == "local" and cfg.data.name == "sample"
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_hydra_keeps_the_working_directory_and_writes_outside_the_source():
+    hydra_cfg = OmegaConf.load(CONFIG_DIR / "config.yaml").hydra
+    assert hydra_cfg.job.chdir is False
+    assert OmegaConf.to_container(hydra_cfg)["run"]["dir"].startswith("${paths.outputs}")
+
+
+def test_entry_points_pick_their_program():
+    assert compose("cot").program.name == "cot"
+    assert compose("rag").program.name == "rag"
+    assert compose("optimize").program.name == "rag"
+
+
+def test_tutorial_preset_is_the_tutorial():
+    cfg = compose("optimize", ["experiment=tutorial"])
+    assert cfg.lm.model == "openai/gpt-4o-mini" and cfg.lm.api_key_env == "OPENAI_API_KEY"
+    assert cfg.lm.server is None
+    assert (cfg.embedder.model, cfg.embedder.dimensions) == ("openai/text-embedding-3-small", 512)
+    assert (cfg.data.train_size, cfg.data.dev_size, cfg.data.test_size) == (200, 300, 500)
+    assert cfg.data.shuffle_seed == 0 and cfg.data.examples_url.startswith("https://")
+    assert (cfg.program.k, cfg.program.max_characters) == (5, 6000)
+    assert cfg.num_threads == 24 and cfg.optimizer.num_threads == 24
+    assert cfg.optimizer.auto == "medium"
+    assert (cfg.optimizer.max_bootstrapped_demos, cfg.optimizer.max_labeled_demos) == (2, 2)
+
+
+def test_smoke_preset_shrinks_the_run():
+    default, small = compose("optimize"), compose("optimize", ["experiment=smoke"])
+    assert small.data.dev_size < default.data.dev_size
+    assert small.data.train_size <= default.data.train_size
+    assert small.optimizer.num_trials <= default.optimizer.num_trials
+
+
+def test_overrides_reach_nested_groups():
+    cfg = compose("rag", ["lm=openai", "lm.model=openai/llama3", "lm.api_base=http://127.0.0.1:1/v1",
+                          "lm.api_key_env=null", "program.k=3"])
+    assert cfg.lm.model == "openai/llama3" and cfg.lm.api_key_env is None and cfg.program.k == 3
+
+
+def test_judge_defaults_to_the_task_lm_and_takes_overrides():
+    cfg = compose("cot")
+    assert merged_judge_cfg(cfg) is cfg.lm
+    judged = merged_judge_cfg(compose("cot", ["+judge.model=openai/gpt-4o", "+judge.adapter=chat"]))
+    assert judged.model == "openai/gpt-4o" and judged.adapter == "chat"
+    assert judged.temperature == cfg.lm.temperature  # everything else comes from lm
+
+
+def test_tracking_uri_follows_the_environment(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert compose("cot").tracking.uri.endswith("/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/elsewhere.db")
+    assert compose("cot").tracking.uri == "sqlite:////tmp/elsewhere.db"
+
+
+def test_secrets_are_dropped_from_logged_config():
+    cfg = OmegaConf.create({"lm": {"api_key": "sk-x", "api_key_env": "OPENAI_API_KEY", "model": "m"},
+                            "token": "t", "nested": [{"password": "p", "ok": 1}]})
+    flat = flatten(to_container(cfg))
+    assert flat == {"lm.api_key_env": "OPENAI_API_KEY", "lm.model": "m", "nested": [{"ok": 1}]}
+    assert is_secret("API_KEY") and not is_secret("api_key_env")

@@ -1,0 +1,146 @@
+"""Index cache keys, cache hits without embedding, rebuilds, FAISS vs brute force, sharing, pickling."""
+
+import copy
+import hashlib
+import json
+import pickle
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipelines.config import ConfigError, compose
+from pipelines.data import Corpus, load_corpus
+from pipelines.retrieval import Index, LocalEmbedder, Retriever, cache_key, embedder_identity, load_or_build_index
+
+
+class CountingEmbedder:
+    """Deterministic bag-of-words vectors; counts every text it embeds."""
+
+    def __init__(self, dim=64):
+        self.dim, self.embedded = dim, 0
+
+    def __call__(self, texts):
+        self.embedded += len(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            for word in text.lower().split():
+                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
+        return out
+
+
+def emb_cfg(**kw):
+    base = {"kind": "local", "model": "counting", "dimensions": 64, "batch_size": 8, "package": "x"}
+    return OmegaConf.create({**base, **kw})
+
+
+def make_corpus(tmp_path, n=30, name="corpus.jsonl"):
+    rows = [{"doc_id": 1000 + i, "author": "a", "text": f"topic{i} " * 5 + f"shared words about thing {i}"}
+            for i in range(n)]
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Corpus([r["text"] for r in rows], [r["doc_id"] for r in rows], path)
+
+
+def build(tmp_path, corpus, embedder, cfg=None, max_characters=6000, **kw):
+    return load_or_build_index(corpus, embedder, cfg or emb_cfg(), max_characters, tmp_path / "index", **kw)
+
+
+def test_same_inputs_hit_the_cache_with_zero_embedding_calls(tmp_path):
+    corpus = make_corpus(tmp_path)
+    first = build(tmp_path, corpus, CountingEmbedder())
+    assert not first.cache_hit and first.embedded == 30
+    embedder = CountingEmbedder()
+    second = build(tmp_path, corpus, embedder)
+    assert second.cache_hit and second.embedded == 0 and embedder.embedded == 0
+    assert second.path == first.path
+    np.testing.assert_array_equal(second.index.embeddings, first.index.embeddings)
+
+
+@pytest.mark.parametrize("change", ["corpus", "max_characters", "model", "dimensions"])
+def test_any_changed_input_misses_the_cache(tmp_path, change):
+    corpus = make_corpus(tmp_path)
+    key = cache_key(corpus.path, 6000, embedder_identity(emb_cfg()))
+    if change == "corpus":
+        corpus.path.write_text(corpus.path.read_text().replace("topic1 ", "topicX ", 1))
+        other = cache_key(corpus.path, 6000, embedder_identity(emb_cfg()))
+    elif change == "max_characters":
+        other = cache_key(corpus.path, 100, embedder_identity(emb_cfg()))
+    else:
+        other = cache_key(corpus.path, 6000, embedder_identity(emb_cfg(**{change: "other" if change == "model" else 32})))
+    assert other != key
+
+
+def test_corrupt_cache_is_rebuilt_not_trusted(tmp_path):
+    corpus = make_corpus(tmp_path)
+    first = build(tmp_path, corpus, CountingEmbedder())
+    (first.path / "embeddings.npy").write_bytes(b"garbage")
+    embedder = CountingEmbedder()
+    again = build(tmp_path, corpus, embedder)
+    assert not again.cache_hit and embedder.embedded == 30
+    assert build(tmp_path, corpus, CountingEmbedder()).cache_hit  # and the rebuilt cache is good
+
+
+def test_cache_of_another_embedder_is_never_reused(tmp_path):
+    corpus = make_corpus(tmp_path)
+    first = build(tmp_path, corpus, CountingEmbedder())
+    meta = json.loads((first.path / "meta.json").read_text())
+    meta["embedder"]["model"] = "someone-else"  # a cache dir whose contents disagree with its key
+    (first.path / "meta.json").write_text(json.dumps(meta))
+    assert not build(tmp_path, corpus, CountingEmbedder()).cache_hit
+
+
+def test_passages_are_cut_at_max_characters(tmp_path):
+    built = build(tmp_path, make_corpus(tmp_path), CountingEmbedder(), max_characters=12)
+    assert max(map(len, built.index.passages)) == 12
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="empty"):
+        build(tmp_path, Corpus([], [], tmp_path / "none.jsonl"), CountingEmbedder())
+
+
+def test_faiss_above_threshold_agrees_with_brute_force():
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(3000, 64)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    passages, ids = [f"p{i}" for i in range(3000)], list(range(3000))
+    brute = Index(vectors, passages, ids, meta={}, brute_force_threshold=10**9)
+    ivf = Index(vectors, passages, ids, meta={}, brute_force_threshold=1000)
+    assert brute.faiss_index is None and ivf.faiss_index is not None
+    queries = vectors[:50] + 0.01 * rng.normal(size=(50, 64)).astype(np.float32)
+    agree = sum(b[0][0] == f[0][0] for b, f in zip(brute.search(queries, 5), ivf.search(queries, 5)))
+    assert agree >= 48  # IVF-PQ finds the true nearest neighbour for (nearly) every query
+    restored = pickle.loads(pickle.dumps(ivf))
+    assert restored.search(queries[:5], 5) == ivf.search(queries[:5], 5)
+
+
+def test_retriever_is_shared_by_deep_copies_and_pickles_without_model(tmp_path):
+    corpus = make_corpus(tmp_path)
+    built = build(tmp_path, corpus, CountingEmbedder())
+    retriever = Retriever(built.index, CountingEmbedder(), k=3)
+    assert copy.deepcopy(retriever) is retriever
+    hits = retriever("topic7 thing 7")
+    assert hits.doc_ids[0] == 1007 and len(hits.passages) == 3
+    assert pickle.loads(pickle.dumps(retriever))("topic7 thing 7").doc_ids == hits.doc_ids
+
+
+def test_local_embedder_runs_offline_and_pickles_small():
+    embedder = LocalEmbedder()
+    assert len(pickle.dumps(embedder)) < 500  # weights are never pickled
+    vectors = embedder(["how do I undo a git commit", "reverting the last commit in git", "bake bread"])
+    assert vectors.shape == (3, 384)
+    sims = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)) @ vectors[0] / np.linalg.norm(vectors[0])
+    assert sims[1] > sims[2]
+
+
+def test_sample_corpus_gold_documents_are_retrievable(tmp_path):
+    """On the shipped sample, MiniLM retrieval finds a gold document for most questions."""
+    from pipelines.data import load_examples
+
+    cfg = compose("rag")
+    corpus, examples = load_corpus(cfg.data), load_examples(cfg.data)
+    built = load_or_build_index(corpus, LocalEmbedder(), cfg.embedder, 6000, tmp_path / "index")
+    retriever = Retriever(built.index, LocalEmbedder(), k=5)
+    found = sum(bool(set(retriever(ex.question).doc_ids) & set(ex.gold_doc_ids)) for ex in examples)
+    assert found / len(examples) >= 0.7
