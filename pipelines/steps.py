@@ -74,7 +74,7 @@ def _score(session: Session, program, examples, prefix: str, split: str) -> Eval
     result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
     tracking.log_evaluation(result, split, prefix=prefix)
     base = session.lm.kwargs.get("api_base")
-    if result.failed and getattr(session.lm, "server", None) and not healthy(base):
+    if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
                             f"{result.failed} of {result.num_examples} examples failed (table logged)")
     return result

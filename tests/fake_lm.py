@@ -26,8 +26,9 @@ def fake_value(name: str, schema: dict):
 
 
 class FakeLM:
-    def __init__(self, latency: float = 0.0, mode: str = "ok", host: str = "127.0.0.1", port: int = 0):
-        self.latency, self.mode = latency, mode
+    def __init__(self, latency: float = 0.0, mode: str = "ok", host: str = "127.0.0.1", port: int = 0,
+                 die_after: int | None = None):
+        self.latency, self.mode, self.die_after = latency, mode, die_after
         self.calls = 0
         self._lock = threading.Lock()
         fake = self
@@ -54,6 +55,11 @@ class FakeLM:
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with fake._lock:
                     fake.calls += 1
+                    dying = fake.die_after is not None and fake.calls > fake.die_after
+                if dying:  # simulate a crash: stop serving, drop this connection unanswered
+                    threading.Thread(target=fake.stop, daemon=True).start()
+                    self.close_connection = True
+                    return
                 time.sleep(fake.latency)
                 self._send(200, fake.completion(request))
 

@@ -1,0 +1,171 @@
+"""Entry points end to end through `mlflow run`, as a user runs them, on the embedded offline stack."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import FAKE_KEY, ROOT, mlflow_run, run_cli
+
+pytestmark = [pytest.mark.lm, pytest.mark.e2e]
+MODEL = "ragqa-tech-smoke"
+
+
+def client_for(store):
+    return MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+
+
+def all_runs(store):
+    client = client_for(store)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, max_results=1000)
+
+
+def top_level(store, step):
+    return [r for r in all_runs(store) if r.data.tags.get("step") == step]
+
+
+def check(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def ask(store, model_uri, question):
+    """Load a model in a fresh Python process and answer one question through pyfunc."""
+    code = ("import json, sys, mlflow\n"
+            f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
+            f"print('ANSWER=' + json.dumps(model.predict({{'question': {question!r}}}), default=str))\n")
+    proc = run_cli([sys.executable, "-c", code], cwd=store,
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+                        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+    check(proc)
+    return json.loads(proc.stdout.split("ANSWER=", 1)[1])
+
+
+def test_cot_logs_everything_and_loads_back_without_leaking_a_key(store, local_server):
+    proc = mlflow_run("cot", store, env={"OPENAI_API_KEY": FAKE_KEY})
+    check(proc)
+    (run,) = top_level(store, "cot")
+    assert run.info.status == "FINISHED"
+    assert 0 <= run.data.metrics["semantic_f1"] <= 100
+    assert run.data.metrics["num_examples"] == 3
+    for key in ("failed_examples", "prompt_tokens", "completion_tokens", "cost_usd"):
+        assert key in run.data.metrics
+    client = client_for(store)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "eval"} <= artifacts
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/dev_results.json")).read())
+    assert {"question", "gold", "reasoning", "prediction", "score"} <= set(table["columns"])
+    assert len(table["data"]) == 3
+    assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"sample-train", "sample-dev"}
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert [v.run_id for v in versions] == [run.info.run_id]
+    answer = ask(store, f"models:/{MODEL}/{versions[0].version}", "how do I undo my last git commit?")
+    assert isinstance(answer["response"], str) and answer["response"]
+    leaks = [p for p in store.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert leaks == [] and FAKE_KEY not in proc.stdout + proc.stderr
+
+
+def test_rag_caches_its_index_logs_recall_and_answers_with_retrieval(store, local_server):
+    check(mlflow_run("rag", store))
+    check(mlflow_run("rag", store))
+    first, second = sorted(top_level(store, "rag"), key=lambda r: r.info.start_time)
+    assert first.data.tags["index.cache"] == "built" and first.data.metrics["index_embedded_texts"] > 0
+    assert second.data.tags["index.cache"] == "hit" and second.data.metrics["index_embedded_texts"] == 0
+    for run in (first, second):
+        assert run.info.status == "FINISHED" and 0 <= run.data.metrics["recall_at_k"] <= 100
+    client = client_for(store)
+    assert {a.path for a in client.list_artifacts(second.info.run_id, "index")} >= {"index/meta.json",
+                                                                                  "index/embeddings.npy"}
+    table = json.loads(open(client.download_artifacts(second.info.run_id, "eval/dev_results.json")).read())
+    assert {"passages", "retrieved_doc_ids", "recall_at_k"} <= set(table["columns"])
+    version = client.search_model_versions(f"run_id='{second.info.run_id}'")[0].version
+    answer = ask(store, f"models:/{MODEL}/{version}", "how do I undo my last git commit?")
+    assert len(answer["doc_ids"]) == 5 and len(answer["context"]) == 5 and answer["response"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
+    check(mlflow_run("optimize", store))
+    (run,) = top_level(store, "optimize")
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert metrics["semantic_f1_delta"] == pytest.approx(metrics["semantic_f1"] - metrics["baseline_semantic_f1"])
+    client = client_for(store)
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "program")}
+    assert {"program/program.json", "program/learned_prompt.md"} <= paths
+    side = json.loads(open(client.download_artifacts(run.info.run_id, "eval/dev_side_by_side.json")).read())
+    assert {"baseline_answer", "baseline_score", "optimized_answer", "optimized_score"} <= set(side["columns"])
+    trials = [r for r in all_runs(store) if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert trials, "MIPROv2 trials should be visible as child runs"
+    assert len(trials) < 50  # and not flood the store
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id == run.info.run_id and float(champion.tags["dev_semantic_f1"]) == pytest.approx(
+        metrics["semantic_f1"], abs=1e-3)
+
+    proc = run_cli([str(ROOT / ".venv/bin/mlflow") if (ROOT / ".venv/bin/mlflow").exists() else "mlflow",
+                    "run", str(ROOT), "-e", "evaluate", "--env-manager", "local",
+                    "-P", f"model_uri=models:/{MODEL}@champion", "-P", "split=test",
+                    "-P", "overrides=experiment=smoke"], cwd=store,
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "RAGQA_CACHE_DIR": str(store / "cache")})
+    check(proc)
+    (evaluation,) = [r for r in all_runs(store) if r.data.tags.get("step") == "evaluate-test"]
+    assert evaluation.data.params["model_uri"] == f"models:/{MODEL}@champion"
+    assert 0 <= evaluation.data.metrics["test_semantic_f1"] <= 100
+    assert "test_semantic_f1" in client.get_model_version(MODEL, champion.version).tags
+
+    port = free_port()
+    server = subprocess.Popen(
+        [str(ROOT / ".venv/bin/mlflow") if (ROOT / ".venv/bin/mlflow").exists() else "mlflow", "models", "serve",
+         "-m", f"models:/{MODEL}@champion", "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
+        cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+             "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+    try:
+        body = json.dumps({"dataframe_records": [{"question": "how do I undo my last git commit?"}]}).encode()
+        deadline = time.time() + 180
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=120) as resp:
+                    answer = json.loads(resp.read())
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert answer["predictions"]["response"]
+
+
+def test_main_runs_three_children_and_draws_the_comparison(store, local_server):
+    check(mlflow_run("main", store))
+    (parent,) = top_level(store, "main")
+    children = [r for r in all_runs(store) if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["step"] for r in children) == ["cot", "optimize", "rag"]
+    assert all(r.info.status == "FINISHED" for r in children + [parent])
+    paths = {a.path for a in client_for(store).list_artifacts(parent.info.run_id)}
+    assert {"comparison.png", "comparison.json"} <= paths
+    for step in ("cot", "rag", "optimize"):
+        assert f"{step}_semantic_f1" in parent.data.metrics
+
+
+def test_openai_without_a_key_fails_fast_and_leaves_no_running_run(store, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    proc = mlflow_run("cot", store, overrides="experiment=smoke lm=openai")
+    assert proc.returncode != 0
+    assert "error: lm.model=openai/gpt-4o-mini needs the environment variable OPENAI_API_KEY" in proc.stderr
+    assert all(r.info.status != "RUNNING" for r in all_runs(store))

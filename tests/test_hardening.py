@@ -1,0 +1,81 @@
+"""Faults: a dying LM server, concurrent writers, stale models. Each test fails if the behaviour breaks."""
+
+import json
+import pickle
+import sys
+
+import dspy
+import mlflow
+import pytest
+
+from conftest import ROOT, run_cli, smoke
+from fake_lm import FakeLM
+from pipelines.lm import LMServerError
+from pipelines.steps import load_program, run_variant
+
+
+def fake_overrides(fake: FakeLM):
+    return ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", f"lm.model=openai/fake-{fake.mode}",
+            "lm.cache=false", "lm.adapter=json_schema", "lm.num_retries=0", "num_threads=1"]
+
+
+def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(store):
+    with FakeLM(die_after=2) as fake:  # one example (program + judge call), then the server is gone
+        cfg = smoke("cot", store, *fake_overrides(fake))
+        with pytest.raises(LMServerError, match=rf"{fake.api_base} stopped answering"):
+            run_variant(cfg)
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED" and "stopped answering" in run.data.tags["error"]
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/dev_results.json"))
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 3
+    assert sum(1 for r in rows if not r["error"]) == 1 and rows[0]["prediction"] == "fake response"
+    assert run.data.metrics["failed_examples"] == 2
+
+
+def test_garbage_from_the_lm_is_counted_and_the_run_completes(store):
+    with FakeLM(mode="garbage") as fake:
+        result = run_variant(smoke("cot", store, *fake_overrides(fake)))
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["failed_examples"] == 3 and run.data.metrics["semantic_f1"] == 0.0
+
+
+def test_two_runs_writing_to_one_store_at_once_both_complete(store):
+    with FakeLM(latency=0.05) as fake:
+        overrides = " ".join(["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
+                              *fake_overrides(fake)])
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "RAGQA_CACHE_DIR": str(store / "cache")}
+        code = ("import subprocess, sys\n"
+                "cmd = [sys.executable, '-m', 'pipelines.cot', *sys.argv[1:]]\n"
+                "procs = [subprocess.Popen(cmd) for _ in range(2)]\n"
+                "sys.exit(max(p.wait() for p in procs))\n")
+        proc = run_cli([sys.executable, "-c", code, *overrides.split()], cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert run.data.metrics["num_examples"] == 3 and "semantic_f1" in run.data.metrics
+        mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/dev_results.json")
+    versions = mlflow.MlflowClient().search_model_versions("name='ragqa-tech-smoke'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+
+
+class Retired(dspy.Module):
+    """Stands in for a class that an older version of the project had."""
+
+    def forward(self, question):
+        return dspy.Prediction(response=question)
+
+
+def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypatch):
+    import pipelines.programs as programs
+
+    monkeypatch.setattr(programs, "Retired", Retired, raising=False)
+    Retired.__module__, Retired.__qualname__ = "pipelines.programs", "Retired"
+    with mlflow.start_run():
+        with dspy.context(lm=None, callbacks=[]):
+            info = mlflow.dspy.log_model(Retired(), name="program", code_paths=[str(ROOT / "pipelines")])
+    monkeypatch.delattr(programs, "Retired")  # the newer code no longer has it
+    with pytest.raises(RuntimeError, match="incompatible version of this project"):
+        load_program(info.model_uri)

@@ -1,0 +1,46 @@
+"""Evaluation rows and failure accounting, against a fake OpenAI-compatible server."""
+
+import dspy
+import pytest
+
+from fake_lm import FakeLM
+from pipelines.config import compose
+from pipelines.data import load_splits
+from pipelines.lm import build_adapter, build_lm
+from pipelines.scoring import JudgedF1, evaluate, recall_at_k
+
+
+def fake_session(fake: FakeLM):
+    cfg = compose("cot", ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null",
+                          f"lm.model=openai/fake-{fake.mode}", "lm.cache=false", "lm.adapter=json_schema",
+                          "lm.num_retries=0"])
+    return build_lm(cfg.lm), build_adapter(cfg.lm), load_splits(cfg.data).dev[:3]
+
+
+def test_recall_at_k():
+    assert recall_at_k([1, 2, 3], [3, 9]) == 0.5
+    assert recall_at_k([1], None) is None
+
+
+def test_good_answers_make_full_rows():
+    with FakeLM(mode="ok") as fake:
+        lm, adapter, dev = fake_session(fake)
+        with dspy.context(lm=lm, adapter=adapter):
+            result = evaluate(dspy.ChainOfThought("question -> response"), dev, JudgedF1(lm), num_threads=2,
+                              progress=False)
+    assert result.failed == 0 and result.judge_failures == 0
+    assert result.score == pytest.approx(50.0)  # the fake judge says recall = precision = 0.5
+    row = result.rows[0]
+    assert row["question"] == dev[0].question and row["gold"] == dev[0].response
+    assert row["prediction"] == "fake response" and row["reasoning"] == "fake reasoning"
+
+
+@pytest.mark.parametrize("mode", ["garbage", "empty"])
+def test_unparsable_or_empty_output_counts_as_failure_and_run_completes(mode):
+    with FakeLM(mode=mode) as fake:
+        lm, adapter, dev = fake_session(fake)
+        with dspy.context(lm=lm, adapter=adapter):
+            result = evaluate(dspy.ChainOfThought("question -> response"), dev, JudgedF1(lm), num_threads=2,
+                              progress=False)
+    assert result.num_examples == 3 and result.failed == 3 and result.score == 0.0
+    assert all(r["error"] for r in result.rows)
