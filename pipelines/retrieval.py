@@ -16,7 +16,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dspy
 import numpy as np
@@ -69,9 +69,11 @@ class LocalEmbedder:
         self.__init__(**state)
 
 
-def build_embedder(emb_cfg) -> Callable[[list[str]], np.ndarray]:
+def build_embedder(emb_cfg) -> dspy.Embedder:
+    """A `dspy.Embedder`: hosted models through LiteLLM, or the local model as its callable."""
     if emb_cfg.kind == "local":
-        return LocalEmbedder(package=emb_cfg.package, batch_size=int(emb_cfg.batch_size))
+        local = LocalEmbedder(package=emb_cfg.package, batch_size=int(emb_cfg.batch_size))
+        return dspy.Embedder(local, batch_size=int(emb_cfg.batch_size), caching=False)
     if emb_cfg.kind == "litellm":
         kwargs = {"dimensions": int(emb_cfg.dimensions)} if emb_cfg.get("dimensions") else {}
         return dspy.Embedder(emb_cfg.model, batch_size=int(emb_cfg.batch_size), **kwargs)
