@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -32,6 +33,7 @@ def setup(cfg) -> None:
     # Synchronous trace export keeps metric feedback attached to traces.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
     mlflow.set_tracking_uri(cfg.tracking.uri)
+    _init_store(str(cfg.tracking.uri))
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         name = cfg.tracking.experiment
         local_store = str(cfg.tracking.uri).startswith(("sqlite:", "file:"))
@@ -43,6 +45,18 @@ def setup(cfg) -> None:
     mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
                         log_evals=bool(cfg.tracking.log_compiles), silent=True)
+
+
+def _init_store(uri: str) -> None:
+    """Create/migrate a sqlite store under a file lock: two jobs racing on a new store otherwise
+    collide in MLflow's schema migration."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        mlflow.search_experiments(max_results=1)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,8 @@ def store(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
+    # Forget the experiment chosen against the previous test's store.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
