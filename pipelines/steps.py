@@ -117,6 +117,13 @@ def run_variant(cfg) -> StepResult:
         return StepResult(variant, active.info.run_id, result.score, model_uri, version)
 
 
+def build_optimizer(opt, metric) -> dspy.MIPROv2:
+    return dspy.MIPROv2(metric=metric, auto=opt.auto, num_candidates=opt.num_candidates,
+                        num_threads=int(opt.num_threads), max_bootstrapped_demos=int(opt.max_bootstrapped_demos),
+                        max_labeled_demos=int(opt.max_labeled_demos), seed=int(opt.seed),
+                        init_temperature=float(opt.init_temperature))
+
+
 def run_optimize(cfg) -> StepResult:
     """Compile RAG with MIPROv2 on train; score baseline and optimized on dev; log, register, promote."""
     session = prepare(cfg)
@@ -129,10 +136,7 @@ def run_optimize(cfg) -> StepResult:
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
         base = _score(session, baseline, session.splits.dev, "baseline_", "dev")
-        optimizer = dspy.MIPROv2(metric=session.metric, auto=opt.auto, num_candidates=opt.num_candidates,
-                                 num_threads=int(opt.num_threads), max_bootstrapped_demos=int(opt.max_bootstrapped_demos),
-                                 max_labeled_demos=int(opt.max_labeled_demos), seed=int(opt.seed),
-                                 init_temperature=float(opt.init_temperature))
+        optimizer = build_optimizer(opt, session.metric)
         compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
         # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
         valset_size = max(1, int(len(session.splits.train) * 0.8))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dspy
 import mlflow
 import pytest
 
@@ -21,6 +22,17 @@ FAKE_KEY = "sk-fake-0123456789-DO-NOT-LEAK"
 def pytest_configure(config):
     config.addinivalue_line("markers", "lm: needs the embedded llama.cpp server (real SmolLM2 calls)")
     config.addinivalue_line("markers", "e2e: runs an entry point end to end through `mlflow run`")
+
+
+@pytest.fixture(autouse=True)
+def isolated_globals():
+    """Undo what a job does to process-wide state (env vars, DSPy settings, autolog) after each test."""
+    environ = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(environ)
+    dspy.configure(lm=None, adapter=None)
+    mlflow.dspy.autolog(disable=True)
 
 
 @pytest.fixture

@@ -79,3 +79,21 @@ def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypa
     monkeypatch.delattr(programs, "Retired")  # the newer code no longer has it
     with pytest.raises(RuntimeError, match="incompatible version of this project"):
         load_program(info.model_uri)
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
+def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status):
+    from pipelines import steps
+
+    class Exploding:
+        def compile(self, *args, **kwargs):
+            raise error
+
+    monkeypatch.setattr(steps, "build_optimizer", lambda opt, metric: Exploding())
+    with FakeLM() as fake:
+        with pytest.raises(type(error)):
+            steps.run_optimize(smoke("optimize", store, *fake_overrides(fake)))
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == status
+    assert "baseline_semantic_f1" in run.data.metrics  # work done before the fault is kept
+    assert mlflow.MlflowClient().search_model_versions("name='ragqa-tech-smoke'") == []
