@@ -65,18 +65,24 @@ def local_server():
     return ensure_server(dict(cfg.lm.server))
 
 
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def user_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a user whose venv is active (entry points run `python -m`, serving runs uvicorn)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **(env or {})}
+
+
 def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 1800):
     """Run a command the way a user would; returns the CompletedProcess (output captured)."""
-    # Entry points run `python -m ...`: make that the interpreter running the tests.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    full_env = {**os.environ, "PATH": path, **(env or {})}
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(args, cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 def mlflow_run(entry: str, store_path: Path, overrides: str = "experiment=smoke", extra: list[str] = (),
                env: dict[str, str] | None = None):
     """`mlflow run ROOT -e ENTRY --env-manager local -P overrides=...` against the test's store."""
-    args = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+    args = [MLFLOW, "run", str(ROOT), "-e", entry, "--env-manager", "local",
             "-P", f"overrides={overrides}", *extra]
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store_path}/mlflow.db",
            "RAGQA_CACHE_DIR": str(store_path / "cache"), **(env or {})}

@@ -1,6 +1,8 @@
 """Entry points end to end through `mlflow run`, as a user runs them, on the embedded offline stack."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import FAKE_KEY, ROOT, mlflow_run, run_cli
+from conftest import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, user_env
 
 pytestmark = [pytest.mark.lm, pytest.mark.e2e]
 MODEL = "ragqa-tech-smoke"
@@ -113,7 +115,7 @@ def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
     assert champion.run_id == run.info.run_id and float(champion.tags["dev_semantic_f1"]) == pytest.approx(
         metrics["semantic_f1"], abs=1e-3)
 
-    proc = run_cli([str(ROOT / ".venv/bin/mlflow") if (ROOT / ".venv/bin/mlflow").exists() else "mlflow",
+    proc = run_cli([MLFLOW,
                     "run", str(ROOT), "-e", "evaluate", "--env-manager", "local",
                     "-P", f"model_uri=models:/{MODEL}@champion", "-P", "split=test",
                     "-P", "overrides=experiment=smoke"], cwd=store,
@@ -125,12 +127,13 @@ def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
     assert "test_semantic_f1" in client.get_model_version(MODEL, champion.version).tags
 
     port = free_port()
+    log = open(store / "serve.log", "w")
     server = subprocess.Popen(
-        [str(ROOT / ".venv/bin/mlflow") if (ROOT / ".venv/bin/mlflow").exists() else "mlflow", "models", "serve",
+        [MLFLOW, "models", "serve",
          "-m", f"models:/{MODEL}@champion", "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
-        cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-             "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+        cwd=store, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=user_env({"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
+                      "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}))
     try:
         body = json.dumps({"dataframe_records": [{"question": "how do I undo my last git commit?"}]}).encode()
         deadline = time.time() + 180
@@ -141,12 +144,12 @@ def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
                 with urllib.request.urlopen(request, timeout=120) as resp:
                     answer = json.loads(resp.read())
                 break
-            except OSError:
+            except OSError as exc:
                 if time.time() > deadline or server.poll() is not None:
-                    raise
+                    raise AssertionError((store / "serve.log").read_text()[-3000:]) from exc
                 time.sleep(1)
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # uvicorn runs in a child of the CLI
         server.wait(timeout=30)
     assert answer["predictions"]["response"]
 
