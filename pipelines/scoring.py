@@ -16,11 +16,14 @@ class JudgedF1:
     """`SemanticF1(decompositional=True)` run by a chosen judge LM.
 
     A judge that cannot parse its own output scores the example 0 and is counted, instead of
-    taking the program's prediction down with it.
+    taking the program's prediction down with it. The judge's own calls are not traced unless
+    asked: they would double the trace count, and each trace costs ~0.2 s of CPU in MLflow's
+    sqlite store (bench/trace_cost.py).
     """
 
-    def __init__(self, judge_lm: dspy.LM | None = None):
+    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False):
         self.judge_lm = judge_lm
+        self.traced = traced
         self.metric = SemanticF1(decompositional=True)
         self.failures = 0
         self._lock = threading.Lock()
@@ -28,7 +31,8 @@ class JudgedF1:
 
     def __call__(self, example, prediction, trace=None, *args, **kwargs):
         try:
-            with dspy.context(lm=self.judge_lm or dspy.settings.lm):
+            untraced = {} if self.traced else {"callbacks": []}
+            with dspy.context(lm=self.judge_lm or dspy.settings.lm, **untraced):
                 return self.metric(example, prediction, trace)
         except Exception as e:
             with self._lock:

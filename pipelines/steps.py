@@ -55,7 +55,7 @@ def prepare(cfg) -> Session:
         ensure_reachable(model)
     dspy.configure(lm=lm, adapter=adapter)
     tracking.setup(cfg)
-    return Session(cfg, lm, judge, adapter, JudgedF1(judge), splits)
+    return Session(cfg, lm, judge, adapter, JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)), splits)
 
 
 def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:

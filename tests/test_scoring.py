@@ -44,3 +44,27 @@ def test_unparsable_or_empty_output_counts_as_failure_and_run_completes(mode):
                               progress=False)
     assert result.num_examples == 3 and result.failed == 3 and result.score == 0.0
     assert all(r["error"] for r in result.rows)
+
+
+@pytest.mark.parametrize("trace_judge", [False, True])
+def test_judge_calls_are_traced_only_when_asked(store, trace_judge):
+    import mlflow
+
+    cfg = compose("cot", ["lm=openai", "lm.api_key_env=null", f"tracking.trace_judge={trace_judge}",
+                          f"tracking.artifact_location={store}/artifacts"])
+    from pipelines import tracking
+
+    tracking.setup(cfg)
+    answer = {"reasoning": "r", "response": "ok"}
+    verdict = {"reasoning": "r", "ground_truth_key_ideas": "a", "system_response_key_ideas": "a",
+               "discussion": "d", "recall": 1.0, "precision": 1.0}
+    lm = dspy.utils.DummyLM([answer, verdict] * 2)  # one thread: program, judge, program, judge
+    dev = load_splits(cfg.data).dev[:2]
+    with tracking.run("traces", cfg) as active, dspy.context(lm=lm):
+        result = evaluate(dspy.ChainOfThought("question -> response"), dev, JudgedF1(lm, traced=trace_judge),
+                          num_threads=1, progress=False)
+    assert result.score == 100.0
+    traces = mlflow.search_traces(locations=[active.info.experiment_id], return_type="list")
+    roots = sorted(t.data.spans[0].name for t in traces)
+    assert roots.count("ChainOfThought.forward") == 2
+    assert roots.count("SemanticF1.forward") == (2 if trace_judge else 0)
