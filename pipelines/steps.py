@@ -53,6 +53,8 @@ def prepare(cfg) -> Session:
     adapter = build_adapter(cfg.lm)
     for model in (lm, judge):
         ensure_reachable(model)
+    # LM responses are cached next to the project's other caches (RAGQA_CACHE_DIR), not in ~/.dspy_cache.
+    dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
     tracking.setup(cfg)
     return Session(cfg, lm, judge, adapter, JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)), splits)
