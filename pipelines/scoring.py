@@ -17,7 +17,7 @@ class JudgedF1:
 
     A judge that cannot parse its own output scores the example 0 and is counted, instead of
     taking the program's prediction down with it. The judge's own calls are not traced unless
-    asked: they would double the trace count, and each trace costs ~0.2 s of CPU in MLflow's
+    asked: they would double the trace count, and each trace costs 40-230 ms of CPU in MLflow's
     sqlite store (bench/trace_cost.py).
     """
 
