@@ -1,23 +1,36 @@
-"""A small OpenAI-compatible LM server for loopback tests and benchmarks.
+"""A small OpenAI-compatible LM and embedding server for loopback tests and benchmarks.
 
-It answers `/v1/chat/completions` after a fixed latency with a JSON object in the requested
-`response_format` schema (`mode="ok"`), or with garbage / empty fields to exercise failure paths.
-Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1`.
+`/v1/chat/completions` answers after a fixed latency with every requested output field filled in,
+in the format the request asks for: a JSON object for `response_format` (json_object or json_schema,
+as JSONAdapter and the schema-constrained adapter send), else ChatAdapter's `[[ ## field ## ]]`
+sections. Number fields get `score`, so `score=1.0` makes a SemanticF1 judge pass every example, as
+a capable LM's judge often does (`mode="ok"`); `garbage` and `empty` exercise failure paths.
+`/v1/embeddings` returns deterministic hashed bag-of-words vectors, so retrieval finds overlapping
+words. Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1 --score 1.0`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 
-def fake_value(name: str, schema: dict):
+# ChatAdapter asks for fields as `[[ ## name ## ]]` and describes them as "1. `name` (type): ...".
+_FIELD_MARKER = re.compile(r"\[\[ ## (\w+) ## \]\]")
+_FIELD_TYPE = re.compile(r"`(\w+)` \((\w+)")
+_NUMBER_TYPES = {"float": "number", "int": "integer", "bool": "boolean"}
+
+
+def fake_value(name: str, schema: dict, score: float = 0.5):
     kind = schema.get("type")
     if kind in ("number", "integer"):
-        return 0.5 if kind == "number" else 1
+        return score if kind == "number" else 1
     if kind == "boolean":
         return True
     if kind == "array":
@@ -25,15 +38,45 @@ def fake_value(name: str, schema: dict):
     return f"fake {name}"[: schema.get("maxLength", 10_000)]
 
 
+def requested_fields(request: dict) -> tuple[dict[str, dict], str]:
+    """Output fields and their JSON schemas, and whether to answer as "json" or "chat" sections."""
+    response_format = request.get("response_format") or {}
+    schema = response_format.get("schema") or (response_format.get("json_schema") or {}).get("schema")
+    if schema:
+        return dict(schema.get("properties") or {}), "json"
+    messages = request.get("messages") or [{}]
+    system = str(messages[0].get("content", ""))
+    outputs = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
+    types = {name: {"type": _NUMBER_TYPES.get(kind, "string")} for name, kind in _FIELD_TYPE.findall(outputs)}
+    last = str(messages[-1].get("content", ""))
+    names = [n for n in dict.fromkeys(_FIELD_MARKER.findall(last.split("Respond with", 1)[-1])) if n != "completed"]
+    fmt = "json" if response_format.get("type") == "json_object" else "chat"
+    return {n: types.get(n, {"type": "string"}) for n in names}, fmt
+
+
+def hashed_embedding(text: str, dims: int) -> list[float]:
+    """Bag of words hashed into `dims` buckets: texts sharing words are near each other."""
+    vector = np.zeros(dims, dtype=np.float32)
+    for word in re.findall(r"\w+", text.lower()):
+        vector[int.from_bytes(hashlib.blake2b(word.encode(), digest_size=4).digest(), "little") % dims] += 1.0
+    norm = float(np.linalg.norm(vector))
+    return (vector / norm if norm else vector).tolist()
+
+
 class FakeLM:
     def __init__(self, latency: float = 0.0, mode: str = "ok", host: str = "127.0.0.1", port: int = 0,
-                 die_after: int | None = None):
-        self.latency, self.mode, self.die_after = latency, mode, die_after
-        self.calls = 0
+                 die_after: int | None = None, score: float = 0.5, keep_prompts: bool = False):
+        self.latency, self.mode, self.die_after, self.score = latency, mode, die_after, score
+        self.keep_prompts = keep_prompts
+        self.calls = 0  # chat completions
+        self.embedding_calls = 0
+        self.prompts: list[str] = []  # with keep_prompts: every chat request's messages, joined
         self._lock = threading.Lock()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+
             def log_message(self, *args):  # keep test output quiet
                 pass
 
@@ -53,8 +96,15 @@ class FakeLM:
 
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                if self.path.rstrip("/").endswith("/embeddings"):
+                    with fake._lock:
+                        fake.embedding_calls += 1
+                    self._send(200, fake.embeddings(request))
+                    return
                 with fake._lock:
                     fake.calls += 1
+                    if fake.keep_prompts:
+                        fake.prompts.append("\n".join(str(m.get("content", "")) for m in request["messages"]))
                     dying = fake.die_after is not None and fake.calls > fake.die_after
                 if dying:  # simulate a crash: stop serving, drop this connection unanswered
                     threading.Thread(target=fake.stop, daemon=True).start()
@@ -69,13 +119,17 @@ class FakeLM:
         self._thread: threading.Thread | None = None
 
     def completion(self, request: dict) -> dict:
-        schema = ((request.get("response_format") or {}).get("schema") or {}).get("properties") or {}
+        fields, fmt = requested_fields(request)
         if self.mode == "garbage":
             content = "<<<this is not the JSON you asked for"
-        elif self.mode == "empty":
-            content = json.dumps({name: "" if s.get("type") == "string" else None for name, s in schema.items()})
         else:
-            content = json.dumps({name: fake_value(name, s) for name, s in schema.items()})
+            values = {name: "" if self.mode == "empty" and s.get("type") == "string" else
+                      None if self.mode == "empty" else fake_value(name, s, self.score)
+                      for name, s in fields.items()}
+            if fmt == "json":
+                content = json.dumps(values)
+            else:
+                content = "".join(f"[[ ## {n} ## ]]\n{v}\n\n" for n, v in values.items()) + "[[ ## completed ## ]]"
         prompt_chars = sum(len(str(m.get("content", ""))) for m in request.get("messages", []))
         return {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
@@ -84,6 +138,16 @@ class FakeLM:
             "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4,
                       "total_tokens": (prompt_chars + len(content)) // 4},
         }
+
+    def embeddings(self, request: dict) -> dict:
+        texts = request.get("input") or []
+        texts = [texts] if isinstance(texts, str) else texts
+        dims = int(request.get("dimensions") or 512)
+        data = [{"object": "embedding", "index": i, "embedding": hashed_embedding(str(t), dims)}
+                for i, t in enumerate(texts)]
+        tokens = sum(len(str(t)) for t in texts) // 4
+        return {"object": "list", "data": data, "model": request.get("model", "fake"),
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     def start(self) -> "FakeLM":
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -107,7 +171,8 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8799)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--mode", choices=["ok", "garbage", "empty"], default="ok")
+    parser.add_argument("--score", type=float, default=0.5, help="value of every number field (judge scores)")
     args = parser.parse_args()
-    lm = FakeLM(args.latency, args.mode, args.host, args.port)
+    lm = FakeLM(args.latency, args.mode, args.host, args.port, score=args.score)
     print(f"fake LM at {lm.api_base}", flush=True)
     lm.server.serve_forever()
