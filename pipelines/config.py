@@ -11,6 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
+# A placeholder for servers that want no key; real keys only ever come from the environment.
+NO_KEY = "no-key"
+
 # Keys whose values are never logged, whatever their nesting.
 _SECRET_MARKERS = ("api_key", "token", "secret", "password")
 

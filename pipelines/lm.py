@@ -29,12 +29,10 @@ from typing import Any
 import dspy
 from pydantic import TypeAdapter
 
-from pipelines.config import ConfigError, require_env
+from pipelines.config import NO_KEY, ConfigError, require_env
 
 log = logging.getLogger(__name__)
 
-# A placeholder for servers that want no key; real keys only ever come from the environment.
-NO_KEY = "no-key"
 # Fewest characters a token of generated English/JSON carries; sizes string bounds from max_tokens.
 CHARS_PER_TOKEN_FLOOR = 2.5
 

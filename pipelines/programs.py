@@ -60,9 +60,9 @@ class RAG(dspy.Module):
             log.info("Trimmed %d passages to %d chars each to fit a %d-token context",
                      len(context), budget // max(len(context), 1), self.context_window)
         pred = self.respond(context=context, question=question)
-        pred.context = context
-        pred.doc_ids = hits.doc_ids
-        return pred
+        # A new Prediction: `pred` is also the predictor's output recorded in DSPy's trace, and
+        # optimizers build demos from it; extra fields there collide with the demo's inputs.
+        return dspy.Prediction(**pred, context=context, doc_ids=hits.doc_ids)
 
 
 def build_program(program_cfg, lm_cfg, retriever=None) -> dspy.Module:

@@ -22,7 +22,7 @@ import dspy
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.config import ConfigError
+from pipelines.config import NO_KEY, ConfigError, require_env
 from pipelines.data import Corpus, sha256_file
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,37 @@ class LocalEmbedder:
         self.__init__(**state)
 
 
+class HostedEmbedder(dspy.Embedder):
+    """`dspy.Embedder` over LiteLLM whose key is read from `api_key_env` at call time.
+
+    Only the variable's name is kept, so a pickled program carries no key. With an `api_base` and no
+    key variable (a local TEI, vLLM or Ollama server), a placeholder key is sent.
+    """
+
+    def __init__(self, model: str, *, api_key_env: str | None = None, **kwargs):
+        super().__init__(model, **kwargs)
+        self.api_key_env = api_key_env
+
+    def _preprocess(self, inputs, batch_size=None, caching=None, **kwargs):
+        if self.api_key_env:
+            kwargs.setdefault("api_key", os.environ.get(self.api_key_env))
+        elif self.default_kwargs.get("api_base"):
+            kwargs.setdefault("api_key", NO_KEY)
+        return super()._preprocess(inputs, batch_size, caching, **kwargs)
+
+
 def build_embedder(emb_cfg) -> dspy.Embedder:
     """A `dspy.Embedder`: hosted models through LiteLLM, or the local model as its callable."""
     if emb_cfg.kind == "local":
         local = LocalEmbedder(package=emb_cfg.package, batch_size=int(emb_cfg.batch_size))
         return dspy.Embedder(local, batch_size=int(emb_cfg.batch_size), caching=False)
     if emb_cfg.kind == "litellm":
+        require_env(emb_cfg.get("api_key_env"), f"embedder.model={emb_cfg.model}")
         kwargs = {"dimensions": int(emb_cfg.dimensions)} if emb_cfg.get("dimensions") else {}
-        return dspy.Embedder(emb_cfg.model, batch_size=int(emb_cfg.batch_size), **kwargs)
+        if emb_cfg.get("api_base"):
+            kwargs["api_base"] = emb_cfg.api_base
+        return HostedEmbedder(emb_cfg.model, api_key_env=emb_cfg.get("api_key_env"),
+                              batch_size=int(emb_cfg.batch_size), **kwargs)
     raise ConfigError(f"embedder.kind must be local or litellm, not {emb_cfg.kind!r}")
 
 

@@ -5,6 +5,9 @@ in the format the request asks for: a JSON object for `response_format` (json_ob
 as JSONAdapter and the schema-constrained adapter send), else ChatAdapter's `[[ ## field ## ]]`
 sections. Number fields get `score`, so `score=1.0` makes a SemanticF1 judge pass every example, as
 a capable LM's judge often does (`mode="ok"`); `garbage` and `empty` exercise failure paths.
+With `demo_score`, it also behaves like an LM that few-shot demos help: a request that carries demos
+(more than a system and a user message) is answered with a marker, and a judge request that sees the
+marker gets `demo_score` instead of `score`, so optimizers have something to prefer.
 `/v1/embeddings` returns deterministic hashed bag-of-words vectors, so retrieval finds overlapping
 words. Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1 --score 1.0`.
 """
@@ -25,9 +28,10 @@ import numpy as np
 _FIELD_MARKER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _FIELD_TYPE = re.compile(r"`(\w+)` \((\w+)")
 _NUMBER_TYPES = {"float": "number", "int": "integer", "bool": "boolean"}
+DEMO_MARKER = "(answered with demos)"
 
 
-def fake_value(name: str, schema: dict, score: float = 0.5):
+def fake_value(name: str, schema: dict, score: float = 0.5, suffix: str = ""):
     kind = schema.get("type")
     if kind in ("number", "integer"):
         return score if kind == "number" else 1
@@ -35,7 +39,7 @@ def fake_value(name: str, schema: dict, score: float = 0.5):
         return True
     if kind == "array":
         return []
-    return f"fake {name}"[: schema.get("maxLength", 10_000)]
+    return f"fake {name}{suffix}"[: schema.get("maxLength", 10_000)]
 
 
 def requested_fields(request: dict) -> tuple[dict[str, dict], str]:
@@ -65,8 +69,10 @@ def hashed_embedding(text: str, dims: int) -> list[float]:
 
 class FakeLM:
     def __init__(self, latency: float = 0.0, mode: str = "ok", host: str = "127.0.0.1", port: int = 0,
-                 die_after: int | None = None, score: float = 0.5, keep_prompts: bool = False):
+                 die_after: int | None = None, score: float = 0.5, demo_score: float | None = None,
+                 keep_prompts: bool = False):
         self.latency, self.mode, self.die_after, self.score = latency, mode, die_after, score
+        self.demo_score = score if demo_score is None else demo_score
         self.keep_prompts = keep_prompts
         self.calls = 0  # chat completions
         self.embedding_calls = 0
@@ -120,12 +126,15 @@ class FakeLM:
 
     def completion(self, request: dict) -> dict:
         fields, fmt = requested_fields(request)
+        messages = request.get("messages") or []
         if self.mode == "garbage":
             content = "<<<this is not the JSON you asked for"
+        elif self.mode == "empty":
+            content = json.dumps({name: "" if s.get("type") == "string" else None for name, s in fields.items()})
         else:
-            values = {name: "" if self.mode == "empty" and s.get("type") == "string" else
-                      None if self.mode == "empty" else fake_value(name, s, self.score)
-                      for name, s in fields.items()}
+            score = self.demo_score if any(DEMO_MARKER in str(m.get("content")) for m in messages) else self.score
+            suffix = f" {DEMO_MARKER}" if len(messages) > 2 else ""
+            values = {name: fake_value(name, s, score, suffix) for name, s in fields.items()}
             if fmt == "json":
                 content = json.dumps(values)
             else:
