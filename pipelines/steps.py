@@ -67,17 +67,21 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
                                 Path(cfg.paths.cache) / "index",
                                 brute_force_threshold=int(cfg.program.brute_force_threshold))
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
-            "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids}
+            "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
+            "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string"}
     return Retriever(built.index, embedder, k=int(cfg.program.k)), info
 
 
-def _score(session: Session, program, examples, prefix: str, split: str) -> EvalResult:
-    """Evaluate, log table and metrics, then fail loudly if the LM server died underneath us."""
+def _score(session: Session, program, examples, prefix: str, split: str, model, dataset=None,
+           **trace_tags: str) -> EvalResult:
+    """Evaluate `program` (the LoggedModel `model`) on `examples`: traces linked to the model and
+    tagged, metrics and table logged; then fail loudly if the LM server died underneath us."""
     tracing = session.cfg.tracking
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
-    with tracking.watch_traces(len(examples) * traces_per_example, prefix):
+    with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
+            tracking.evaluating(model, split=split, **trace_tags):
         result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
-    tracking.log_evaluation(result, split, prefix=prefix)
+    tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
@@ -85,8 +89,11 @@ def _score(session: Session, program, examples, prefix: str, split: str) -> Eval
     return result
 
 
-def _log_and_register(session: Session, program, score: float, variant: str) -> tuple[str, str | None]:
-    info = tracking.log_program(program, session.lm, session.adapter)
+def _log_and_register(session: Session, program, score: float, variant: str, model,
+                      index_info: dict[str, Any] | None) -> tuple[str, str | None]:
+    signature = tracking.program_signature(retrieves=index_info is not None,
+                                           doc_id_type=(index_info or {}).get("doc_id_type", "long"))
+    info = tracking.log_program(program, session.lm, session.adapter, model, signature)
     version = None
     if session.cfg.tracking.get("registered_model"):
         version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, score,
@@ -110,15 +117,16 @@ def run_variant(cfg) -> StepResult:
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
     with tracking.run(variant, cfg, tags={"variant": variant}) as active:
-        tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                              source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
+                                         source=str(cfg.data.examples), name=cfg.data.name)
         if index_info:
             tracking.log_index(index_info["path"], index_info)
         program = build_program(cfg.program, cfg.lm, retriever)
+        model = tracking.new_model(variant, variant)
         marks = _usage_marks(session)
-        result = _score(session, program, session.splits.dev, "", "dev")
+        result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant)
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, program, result.score, variant)
+        model_uri, version = _log_and_register(session, program, result.score, variant, model, index_info)
         return StepResult(variant, active.info.run_id, result.score, model_uri, version)
 
 
@@ -129,18 +137,23 @@ def build_optimizer(opt, metric) -> dspy.MIPROv2:
                         init_temperature=float(opt.init_temperature))
 
 
+OPTIMIZED_VARIANT = "rag-mipro"
+
+
 def run_optimize(cfg) -> StepResult:
     """Compile RAG with MIPROv2 on train; score baseline and optimized on dev; log, register, promote."""
     session = prepare(cfg)
     retriever, index_info = build_retriever(cfg)
     opt = cfg.optimizer
-    with tracking.run("optimize", cfg, tags={"variant": "rag_mipro"}) as active:
-        tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                              source=str(cfg.data.examples), name=cfg.data.name)
+    variant = OPTIMIZED_VARIANT
+    with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
+                                         source=str(cfg.data.examples), name=cfg.data.name)
         tracking.log_index(index_info["path"], index_info)
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
-        base = _score(session, baseline, session.splits.dev, "baseline_", "dev")
+        base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
+                      tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
         optimizer = build_optimizer(opt, session.metric)
         compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
         # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
@@ -148,13 +161,16 @@ def run_optimize(cfg) -> StepResult:
         minibatch = bool(opt.minibatch) and int(opt.minibatch_size) < valset_size
         optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train, minibatch=minibatch,
                                       minibatch_size=int(opt.minibatch_size), **compile_kwargs)
-        best = _score(session, optimized, session.splits.dev, "", "dev")
+        tracking.log_optimizer_trials(optimized)
+        model = tracking.new_model(variant, variant)
+        best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
+                      phase="optimized")
         mlflow.log_metric("semantic_f1_delta", best.score - base.score)
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
         mlflow.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, optimized, best.score, "rag_mipro")
+        model_uri, version = _log_and_register(session, optimized, best.score, variant, model, index_info)
         return StepResult("optimize", active.info.run_id, best.score, model_uri, version)
 
 
@@ -167,9 +183,12 @@ def run_evaluate(cfg) -> StepResult:
     split = cfg.split
     with tracking.run(f"evaluate-{split}", cfg, tags={"model_uri": cfg.model_uri}) as active:
         mlflow.log_param("model_uri", cfg.model_uri)
-        tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples),
+                                         name=cfg.data.name)
+        model = tracking.logged_model_of(cfg.model_uri)
+        variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         marks = _usage_marks(session)
-        result = _score(session, program, session.splits.get(split), "", split)
+        result = _score(session, program, session.splits.get(split), "", split, model, datasets[split], **variant)
         mlflow.log_metric(f"{split}_semantic_f1", result.score)
         _log_usage(session, marks)
         tracking.tag_version_score(cfg.model_uri, f"{split}_semantic_f1", result.score)

@@ -15,9 +15,12 @@ import dspy
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.models import ModelSignature
+from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Array
 
 from pipelines.config import PROJECT_ROOT, flatten, to_container
 from pipelines.scoring import EvalResult, mean_recall
@@ -43,6 +46,7 @@ def setup(cfg) -> None:
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # created concurrently
                 mlflow.create_experiment(name, artifact_location=Path(cfg.tracking.artifact_location).as_uri())
         mlflow.set_experiment(name)
+    mlflow.tracing.configure(span_processors=[_tag_trace])
     mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
                         log_evals=bool(cfg.tracking.log_compiles), silent=True)
@@ -84,6 +88,7 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         active = mlflow.start_run(run_name=name, nested=True)
     elif os.environ.get("MLFLOW_RUN_ID"):
         active = mlflow.start_run()
+        MlflowClient().update_run(active.info.run_id, name=name)  # not the random name `mlflow run` gave it
     else:
         active = mlflow.start_run(run_name=name)
     try:
@@ -91,15 +96,28 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         log_config(cfg)
         yield active
     except KeyboardInterrupt:
+        _fail_pending_models(active.info.run_id)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        _fail_pending_models(active.info.run_id)
         mlflow.end_run("FAILED")
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def _fail_pending_models(run_id: str) -> None:
+    """A model whose run failed before its program was logged ends FAILED, not PENDING forever."""
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        for model in client.search_logged_models(experiment_ids=[experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 def log_config(cfg) -> None:
@@ -118,7 +136,40 @@ def log_config(cfg) -> None:
     mlflow.log_params(params)
 
 
-def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> None:
+# Tags for every trace of the evaluation in progress (one at a time per process).
+_trace_tags: dict[str, str] = {}
+
+
+def _tag_trace(span) -> None:
+    """Span processor: a root span carries the evaluation's tags into its trace before export."""
+    if span.parent_id is None and _trace_tags:
+        with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+            if trace is not None:
+                trace.info.tags.update(_trace_tags)
+
+
+@contextlib.contextmanager
+def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
+    """Traces made inside link to `model` (its Traces tab) and carry `tags` (variant, phase, split)."""
+    _trace_tags.update(tags)
+    try:
+        with mlflow.set_active_model(model_id=model.model_id) if model else contextlib.nullcontext():
+            yield
+    finally:
+        _trace_tags.clear()
+
+
+def new_model(name: str, variant: str, external: bool = False) -> LoggedModel:
+    """The LoggedModel of a program version, created before its evaluation so traces and metrics
+    link to it; `log_program` then fills it. `external`: a program measured here but logged by
+    another run (the baseline inside `optimize`)."""
+    create = mlflow.create_external_model if external else mlflow.initialize_logged_model
+    return create(name=name, model_type="agent", tags={"variant": variant})
+
+
+def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> dict[str, Any]:
+    """Log each split as a run input; returns the datasets, to link metrics computed on them."""
+    datasets = {}
     for split, examples in splits.items():
         if not examples:
             continue
@@ -126,10 +177,14 @@ def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) 
                                "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
         dataset = mlflow.data.from_pandas(frame, source=source, name=f"{name}-{split}", targets="response")
         mlflow.log_input(dataset, context=split)
+        datasets[split] = dataset
+    return datasets
 
 
-def log_evaluation(result: EvalResult, split: str, prefix: str = "") -> dict[str, float]:
-    """Metrics and the per-example table, with the same names for every entry point."""
+def log_evaluation(result: EvalResult, split: str, prefix: str = "", model: LoggedModel | None = None,
+                   dataset=None) -> dict[str, float]:
+    """Metrics (linked to the evaluated model and dataset) and the per-example table, with the same
+    names for every entry point."""
     metrics = {
         f"{prefix}semantic_f1": result.score,
         f"{prefix}failed_examples": result.failed,
@@ -141,7 +196,10 @@ def log_evaluation(result: EvalResult, split: str, prefix: str = "") -> dict[str
         metrics[f"{prefix}recall_at_k"] = 100 * recall
     elif any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
-    mlflow.log_metrics(metrics)
+    # A model still PENDING is logged by this run: `log_model` then links the run's metrics to it
+    # itself (and fails on metrics already linked). Others (external, or logged earlier) link here.
+    linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
+    mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
     return metrics
 
@@ -214,19 +272,26 @@ def log_usage(lm: dspy.LM, since: int = 0, prefix: str = "") -> None:
                         f"{prefix}cost_usd": cost})
 
 
-PROGRAM_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question")]))
+def program_signature(retrieves: bool, doc_id_type: str = "long") -> ModelSignature:
+    """A question in; the answer, its reasoning, and for RAG the passages and their doc ids out."""
+    outputs = [ColSpec("string", "reasoning"), ColSpec("string", "response")]
+    if retrieves:
+        outputs += [ColSpec(Array("string"), "context"), ColSpec(Array(doc_id_type), "doc_ids")]
+    return ModelSignature(inputs=Schema([ColSpec("string", "question")]), outputs=Schema(outputs))
 
 
-def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, name: str = "program"):
-    """Log the program with `mlflow.dspy.log_model`, with exactly the settings it needs at load time.
+def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, model: LoggedModel,
+                signature: ModelSignature):
+    """Log the program into `model` with `mlflow.dspy.log_model`, with exactly the settings it needs
+    at load time.
 
     The saved settings are pinned here: a fresh copy of the LM (no call history, no key) and no
     callbacks, so nothing from this process leaks into the pickle.
     """
     with dspy.context(lm=lm.copy(), adapter=adapter, callbacks=[]):
         return mlflow.dspy.log_model(
-            program, name=name, code_paths=[str(PROJECT_ROOT / "pipelines")],
-            signature=PROGRAM_SIGNATURE, pip_requirements=str(PROJECT_ROOT / "requirements.txt"),
+            program, name=model.name, model_id=model.model_id, code_paths=[str(PROJECT_ROOT / "pipelines")],
+            signature=signature, pip_requirements=str(PROJECT_ROOT / "requirements.txt"),
         )
 
 
@@ -259,8 +324,9 @@ def register(model_uri: str, registered_model: str, score: float, dev_hash: str,
         client.set_model_version_tag(registered_model, version, "champion_dev_semantic_f1_at_registration",
                                      current.tags.get("dev_semantic_f1", "unknown"))
     log.info("Registered %s version %s (dev SemanticF1 %.1f): %s", registered_model, version, score, reason)
+    # Which version is champion now is the registry's alias, not a run tag that would go stale.
     mlflow.set_tags({"registered_model": registered_model, "registered_version": version,
-                     "champion": str(promoted).lower(), "promotion": reason})
+                     "promotion_at_registration": reason})
     return {"version": version, "promoted": promoted, "reason": reason}
 
 
@@ -286,6 +352,26 @@ def tag_version_score(model_uri: str, key: str, score: float) -> None:
     if alias:
         version = client.get_model_version_by_alias(name, alias).version
     client.set_model_version_tag(name, version, key, f"{score:.4f}")
+
+
+def logged_model_of(model_uri: str) -> LoggedModel | None:
+    """The LoggedModel behind a `models:/` or `runs:/` URI, so an evaluation links to it."""
+    from mlflow.models import get_model_info
+
+    model_id = get_model_info(model_uri).model_id
+    return mlflow.get_logged_model(model_id) if model_id else None
+
+
+def log_optimizer_trials(program: dspy.Module) -> None:
+    """MIPROv2's trial scores as step metrics (steps = trial numbers), and the best one."""
+    trials = getattr(program, "trial_logs", None) or {}
+    for trial, entry in sorted(trials.items()):
+        if entry.get("full_eval_score") is not None:
+            mlflow.log_metric("mipro_trial_score", float(entry["full_eval_score"]), step=int(trial))
+        if entry.get("mb_score") is not None:
+            mlflow.log_metric("mipro_minibatch_score", float(entry["mb_score"]), step=int(trial))
+    if getattr(program, "score", None) is not None:
+        mlflow.log_metric("mipro_best_score", float(program.score))
 
 
 def log_index(path: Path, build_info: dict[str, Any]) -> None:

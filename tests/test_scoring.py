@@ -86,7 +86,7 @@ def traced_evaluation(store, n: int, threads: int):
     examples = (session.splits.train + session.splits.dev + session.splits.test)[:n]
     try:
         with tracking.run("traced", cfg) as active:
-            _score(session, dspy.ChainOfThought("question -> response"), examples, "", "dev")
+            _score(session, dspy.ChainOfThought("question -> response"), examples, "", "dev", model=None)
     finally:
         fake.stop()
     return mlflow.get_run(active.info.run_id)
