@@ -12,6 +12,7 @@ import dspy
 import mlflow
 
 from pipelines import tracking
+from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.lm import (LMServerError, build_adapter, build_lm, check_credentials, ensure_reachable, healthy,
                           merged_judge_cfg)
@@ -177,7 +178,7 @@ def run_optimize(cfg) -> StepResult:
 def run_evaluate(cfg) -> StepResult:
     """Score any logged or registered program (`model_uri`) on a chosen split, in a new run."""
     if not cfg.get("model_uri"):
-        raise ValueError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
+        raise ConfigError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
     session = prepare(cfg)
     program = load_program(cfg.model_uri)
     split = cfg.split
@@ -202,9 +203,11 @@ def load_program(model_uri: str) -> dspy.Module:
     os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     try:
         return mlflow.dspy.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
     except (ModuleNotFoundError, AttributeError, ImportError) as e:
-        raise RuntimeError(f"{model_uri} was logged by an incompatible version of this project "
-                           f"({type(e).__name__}: {e}); re-run the step that logged it") from None
+        raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
+                          f"({type(e).__name__}: {e}); re-run the step that logged it") from None
 
 
 def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
@@ -232,7 +235,7 @@ def run_pipeline(cfg, overrides=()) -> StepResult:
 
     unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
     if unknown:
-        raise ValueError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
+        raise ConfigError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
     prepare(cfg)  # fail on bad input before the parent run opens
     results = []
     with tracking.run("main", cfg) as parent:

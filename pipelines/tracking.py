@@ -19,6 +19,7 @@ from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.models import ModelSignature
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
@@ -150,7 +151,11 @@ def _tag_trace(span) -> None:
 
 @contextlib.contextmanager
 def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
-    """Traces made inside link to `model` (its Traces tab) and carry `tags` (variant, phase, split)."""
+    """Traces made inside link to `model` (its Traces tab) and carry `tags` (variant, phase, split).
+
+    The run is marked as an evaluation run, as `mlflow.genai.evaluate` marks its own, so the UI lists
+    it with its traces and assessments."""
+    mlflow.set_tag(MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE)
     _trace_tags.update(tags)
     try:
         with mlflow.set_active_model(model_id=model.model_id) if model else contextlib.nullcontext():

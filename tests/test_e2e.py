@@ -11,6 +11,7 @@ import urllib.request
 
 import mlflow
 import pytest
+from mlflow.entities import LoggedModelStatus, SpanType
 from mlflow.tracking import MlflowClient
 
 from conftest import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, user_env
@@ -164,6 +165,33 @@ def test_main_runs_three_children_and_draws_the_comparison(store, local_server):
     assert {"comparison.png", "comparison.json"} <= paths
     for step in ("cot", "rag", "optimize"):
         assert f"{step}_semantic_f1" in parent.data.metrics
+    check_what_the_ui_shows(store, parent, children)
+
+
+def check_what_the_ui_shows(store, parent, children):
+    """Through the API, what a user sees in the MLflow UI after the main job: runs named after their
+    step (the `mlflow run` parent too), one READY model per program and none PENDING, every
+    evaluation's traces linked to a model and tagged with its variant, retrieval as a RETRIEVER span,
+    evaluations marked as such, and the champion found through the registry's alias."""
+    client = client_for(store)
+    assert all(r.info.run_name == r.data.tags["step"] for r in children + [parent])
+    experiment_id = parent.info.experiment_id
+    models = client.search_logged_models(experiment_ids=[experiment_id])
+    assert sorted(m.name for m in models) == ["cot", "rag", "rag", "rag-mipro"]  # + the baseline inside optimize
+    assert all(m.status.to_int() == LoggedModelStatus.READY.to_int() for m in models)
+    model_names = {m.model_id: m.name for m in models}
+    for run in children:
+        assert run.data.tags["mlflow.runType"] == "genai_evaluate"
+        traces = client.search_traces(locations=[experiment_id], run_id=run.info.run_id, max_results=100)
+        assert len(traces) == run.data.metrics["traces_logged"] + run.data.metrics.get("baseline_traces_logged", 0)
+        for trace in traces:
+            assert model_names[trace.info.trace_metadata["mlflow.modelId"]] == trace.info.tags["variant"]
+            retrievals = [s for s in trace.data.spans if s.span_type == SpanType.RETRIEVER]
+            if trace.info.tags["variant"] != "cot":
+                assert retrievals and len(retrievals[0].outputs) == 5
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.run_id in {r.info.run_id for r in children}
+    assert all("champion" not in r.data.tags for r in children)  # the alias, not a stale run tag
 
 
 def test_openai_without_a_key_fails_fast_and_leaves_no_running_run(store, monkeypatch):
