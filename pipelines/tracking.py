@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVAL
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
-from pipelines.config import PROJECT_ROOT, flatten, to_container
+from pipelines.config import PROJECT_ROOT, flatten, is_secret, to_container
 from pipelines.scoring import EvalResult, mean_recall
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
     else:
         active = mlflow.start_run(run_name=name)
     try:
-        mlflow.set_tags({"step": name, **(tags or {})})
+        mlflow.set_tags({"step": name, "overrides": command_line_overrides(), **(tags or {})})
         log_config(cfg)
         yield active
     except KeyboardInterrupt:
@@ -108,6 +108,18 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def command_line_overrides() -> str:
+    """What the user changed on the command line (Hydra's task overrides), secrets masked, so runs
+    can be filtered by it (`tags.overrides LIKE '%k=3%'`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    masked = [f"{o.split('=', 1)[0]}=***" if is_secret(o.split("=", 1)[0].split(".")[-1].lstrip("+~"))
+              else o for o in HydraConfig.get().overrides.task]
+    return " ".join(masked)
 
 
 def _fail_pending_models(run_id: str) -> None:

@@ -117,3 +117,16 @@ def test_user_errors_are_one_line_and_exit_non_zero(store, module, args, message
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_runs_record_the_command_line_overrides_with_secrets_masked(store):
+    canary = "sk-canary-overrides-0123"
+    with FakeLM() as fake:
+        overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts", "experiment=smoke",
+                     f"+lm.api_key={canary}"]
+        proc = run_cli([sys.executable, "-m", "pipelines.cot", *overrides], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    recorded = run.data.tags["overrides"].split()
+    assert "experiment=smoke" in recorded and "+lm.api_key=***" in recorded
+    assert canary not in run.data.tags["overrides"] and canary not in str(run.data.params)
