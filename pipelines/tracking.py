@@ -168,6 +168,9 @@ def last_trace_id() -> str | None:
 
 def log_assessments(result: EvalResult) -> None:
     """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by."""
+    if not any(row.get("trace_id") for row in result.rows):
+        return
+    mlflow.flush_trace_async_logging()  # with async export a trace may not be stored yet
     judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
     for row in result.rows:
         if not row.get("trace_id"):
