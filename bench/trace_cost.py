@@ -1,6 +1,7 @@
 """Where the harness's eval overhead goes: steady-state cost of MLflow DSPy tracing per example.
 
-In one process per setting, `pipelines.scoring.evaluate` runs the cot program + JudgedF1 on 16
+In one process per setting, `pipelines.scoring.evaluate` runs the cot program + the project's default
+metrics (JudgedF1, token F1, ROUGE-L; each one an assessment on the example's trace) on 16
 examples against the fake LM (own process, 50 ms/call), 2 threads, 4 times after a warm-up; the
 table gives medians of wall time, process CPU time per example, and SQL statements / time in
 sqlite per example (SQLAlchemy cursor events). Settings:
@@ -60,20 +61,25 @@ def worker(args) -> dict:
 
     from pipelines.config import compose
     from pipelines.lm import build_adapter, build_lm
-    from pipelines.scoring import JudgedF1, evaluate
+    from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
 
     extra = ["tracking.log_traces=false"] if args.worker == "traces-off" else []
     cfg = compose("cot", fake_overrides(args.api_base, store / "artifacts", *extra))
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
     dspy.configure(lm=lm, adapter=adapter)
-    metric, program, devset = JudgedF1(lm, traced=args.worker == "sync+judge"), dspy.ChainOfThought("question -> response"), examples(args.examples)
+    judge = JudgedF1(lm, traced=args.worker == "sync+judge")
+    metric = Scorer(Scoring.from_cfg(cfg.scoring), judge)
+    program, devset = dspy.ChainOfThought("question -> response"), examples(args.examples)
     evaluate(program, devset[:4], metric, args.threads, progress=False)  # imports LiteLLM etc.
     stats, walls, cpus, sql = collections.Counter(), [], [], []
+    harness = {}  # with MLflow: each example's trace id, and the logging of its metrics on that trace
 
     def once():
         stats.clear()
         wall, cpu = time.perf_counter(), time.process_time()
-        evaluate(program, devset, metric, args.threads, progress=False)
+        result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=harness.get("trace_id"))
+        if "assess" in harness:
+            harness["assess"](result)
         if args.worker == "async":
             import mlflow
 
@@ -91,6 +97,8 @@ def worker(args) -> dict:
 
         stats = sql_counter()
         tracking.setup(cfg)
+        if cfg.tracking.log_traces:
+            harness.update(trace_id=tracking.last_trace_id, assess=tracking.log_assessments)
         with tracking.run("bench-trace-cost", cfg):
             evaluate(program, devset[:4], metric, args.threads, progress=False)  # first traces
             for _ in range(args.evals):
