@@ -211,7 +211,10 @@ class Scorer:
 
 
 class _Collector:
-    """The metric of one `dspy.Evaluate` call: every metric of each example, kept for its row."""
+    """The metric of one `dspy.Evaluate` call: every metric of each example, kept for its row.
+
+    Like the Scorer, it has no `__name__`, so autolog adds no 0-1 copy of the primary to the traces.
+    """
 
     def __init__(self, scorer: Scorer, trace_id: Callable[[], str | None] | None):
         self.scorer = scorer
@@ -276,7 +279,10 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     `trace_id` returns the trace of the program call that just finished in this thread (see
     `tracking.last_trace_id`); each row keeps it so its metrics can be attached to that trace.
     """
-    judge_failures_before = scorer.judge.failures if scorer.judge else 0
+    def judge_failures() -> int:
+        return scorer.judge.failures if scorer.judge else 0
+
+    failures_before = judge_failures()
     collector = _Collector(scorer, trace_id)
     evaluator = dspy.Evaluate(devset=examples, metric=collector, num_threads=num_threads,
                               display_progress=progress, max_errors=len(examples) + 1,
@@ -287,8 +293,7 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring.metrics, retrieves)
             for ex, pred, _ in result.results]
     judge = scorer.judge.judge_lm.model if scorer.judge and scorer.judge.judge_lm else None
-    return EvalResult.from_rows(rows, scorer.scoring, judge=judge,
-                                judge_failures=(scorer.judge.failures if scorer.judge else 0) - judge_failures_before)
+    return EvalResult.from_rows(rows, scorer.scoring, judge=judge, judge_failures=judge_failures() - failures_before)
 
 
 def result_row(example, prediction, scored: Scored | None, metrics: tuple[str, ...], retrieves: bool) -> dict:
