@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from pipelines.lm import (LMServerError, build_adapter, build_lm, check_credenti
                           merged_judge_cfg)
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
-from pipelines.scoring import EvalResult, JudgedF1, evaluate
+from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
+from pipelines.stats import Estimate, tidy
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +29,13 @@ log = logging.getLogger(__name__)
 class StepResult:
     name: str
     run_id: str
-    score: float
+    result: EvalResult  # the step's final evaluation: estimates and per-example rows
     model_uri: str | None = None
     version: str | None = None
+
+    @property
+    def score(self) -> float:
+        return self.result.score
 
 
 @dataclass
@@ -40,11 +46,16 @@ class Session:
     lm: dspy.LM
     judge: dspy.LM
     adapter: dspy.Adapter
-    metric: JudgedF1
+    scorer: Scorer
     splits: Splits
+
+    @property
+    def scoring(self) -> Scoring:
+        return self.scorer.scoring
 
 
 def prepare(cfg) -> Session:
+    scoring = Scoring.from_cfg(cfg.scoring)
     check_credentials(cfg.lm)
     judge_cfg = merged_judge_cfg(cfg)
     check_credentials(judge_cfg)
@@ -58,7 +69,8 @@ def prepare(cfg) -> Session:
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
     tracking.setup(cfg)
-    return Session(cfg, lm, judge, adapter, JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)), splits)
+    judged = JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)) if JUDGED in scoring.metrics else None
+    return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
 
 
 def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
@@ -76,13 +88,15 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
 def _score(session: Session, program, examples, prefix: str, split: str, model, dataset=None,
            **trace_tags: str) -> EvalResult:
     """Evaluate `program` (the LoggedModel `model`) on `examples`: traces linked to the model and
-    tagged, metrics and table logged; then fail loudly if the LM server died underneath us."""
+    tagged; metrics, table and assessments logged; then fail loudly if the LM server died underneath us."""
     tracing = session.cfg.tracking
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
     with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
             tracking.evaluating(model, split=split, **trace_tags):
-        result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
+        result = evaluate(program, examples, session.scorer, int(session.cfg.num_threads),
+                          trace_id=tracking.last_trace_id if tracing.log_traces else None)
     tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
+    log.info("%s %s%s: %s", mlflow.active_run().info.run_name, prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
@@ -90,15 +104,15 @@ def _score(session: Session, program, examples, prefix: str, split: str, model, 
     return result
 
 
-def _log_and_register(session: Session, program, score: float, variant: str, model,
+def _log_and_register(session: Session, program, result: EvalResult, variant: str, model,
                       index_info: dict[str, Any] | None) -> tuple[str, str | None]:
     signature = tracking.program_signature(retrieves=index_info is not None,
                                            doc_id_type=(index_info or {}).get("doc_id_type", "long"))
     info = tracking.log_program(program, session.lm, session.adapter, model, signature)
     version = None
     if session.cfg.tracking.get("registered_model"):
-        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, score,
-                                    examples_hash(session.splits.dev), variant)["version"]
+        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, result,
+                                    examples_hash(session.splits.dev), variant, session.scoring)["version"]
     return info.model_uri, version
 
 
@@ -127,8 +141,8 @@ def run_variant(cfg) -> StepResult:
         marks = _usage_marks(session)
         result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant)
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, program, result.score, variant, model, index_info)
-        return StepResult(variant, active.info.run_id, result.score, model_uri, version)
+        model_uri, version = _log_and_register(session, program, result, variant, model, index_info)
+        return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
 def build_optimizer(opt, metric) -> dspy.MIPROv2:
@@ -155,7 +169,7 @@ def run_optimize(cfg) -> StepResult:
         marks = _usage_marks(session)
         base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
                       tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
-        optimizer = build_optimizer(opt, session.metric)
+        optimizer = build_optimizer(opt, session.scorer)
         compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
         # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
         valset_size = max(1, int(len(session.splits.train) * 0.8))
@@ -166,13 +180,16 @@ def run_optimize(cfg) -> StepResult:
         model = tracking.new_model(variant, variant)
         best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
                       phase="optimized")
-        mlflow.log_metric("semantic_f1_delta", best.score - base.score)
+        comparisons = compare(best, base, session.scoring)
+        mlflow.log_metrics(tracking.comparison_metrics(comparisons))
+        primary = session.scoring.primary
+        log.info("optimized - baseline: %s %s", LABELS[primary], comparisons[primary].describe())
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
         mlflow.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, optimized, best.score, variant, model, index_info)
-        return StepResult("optimize", active.info.run_id, best.score, model_uri, version)
+        model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
+        return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
 
 def run_evaluate(cfg) -> StepResult:
@@ -190,10 +207,11 @@ def run_evaluate(cfg) -> StepResult:
         variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         marks = _usage_marks(session)
         result = _score(session, program, session.splits.get(split), "", split, model, datasets[split], **variant)
-        mlflow.log_metric(f"{split}_semantic_f1", result.score)
+        scores = tracking.estimate_metrics(result.estimates, f"{split}_")
+        mlflow.log_metrics(scores, model_id=model.model_id if model else None, dataset=datasets[split])
         _log_usage(session, marks)
-        tracking.tag_version_score(cfg.model_uri, f"{split}_semantic_f1", result.score)
-        return StepResult(f"evaluate-{split}", active.info.run_id, result.score, cfg.model_uri)
+        tracking.tag_version_scores(cfg.model_uri, scores)
+        return StepResult(f"evaluate-{split}", active.info.run_id, result, cfg.model_uri)
 
 
 def load_program(model_uri: str) -> dspy.Module:
@@ -211,9 +229,11 @@ def load_program(model_uri: str) -> dspy.Module:
 
 
 def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
+    """Both answers to each dev question with their primary scores (same examples, same order)."""
+    metric = best.primary
     return [{"question": b["question"], "gold": b["gold"], "baseline_answer": b["prediction"],
-             "baseline_score": b["score"], "optimized_answer": o["prediction"], "optimized_score": o["score"],
-             "delta": o["score"] - b["score"]} for b, o in zip(base.rows, best.rows)]
+             f"baseline_{metric}": b[metric], "optimized_answer": o["prediction"], f"optimized_{metric}": o[metric],
+             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows)]
 
 
 def describe_program(program: dspy.Module) -> str:
@@ -230,39 +250,68 @@ STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimi
 
 
 def run_pipeline(cfg, overrides=()) -> StepResult:
-    """One parent run; each step composed from its own config with the same overrides, as a child."""
+    """One parent run; each step composed from its own config with the same overrides, as a child.
+
+    The steps score the same dev set, so every pair is compared example by example, on each metric.
+    """
     from pipelines.config import compose
 
     unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
     if unknown:
         raise ConfigError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
-    prepare(cfg)  # fail on bad input before the parent run opens
+    session = prepare(cfg)  # fail on bad input before the parent run opens
+    scoring = session.scoring
     results = []
     with tracking.run("main", cfg) as parent:
         for step in cfg.steps:
             results.append(STEP_FUNCTIONS[step](compose(step, overrides)))
-        rows = [{"variant": r.name, "semantic_f1": r.score, "run_id": r.run_id, "model_uri": r.model_uri,
-                 "registered_version": r.version} for r in results]
+        metrics, rows = {}, []
+        for r in results:
+            log.info("%s: %s", r.name, r.result.headline())
+            metrics.update(tracking.estimate_metrics(r.result.estimates, f"{r.name}_"))
+            rows.append({"variant": r.name, **comparison_row(r.result.estimates[scoring.primary], scoring.primary),
+                         "run_id": r.run_id, "model_uri": r.model_uri,
+                         "registered_version": str(r.version) if r.version else None})
+        for old, new in itertools.combinations(results, 2):
+            comparisons = compare(new.result, old.result, scoring)
+            metrics.update(tracking.comparison_metrics(comparisons, f"{new.name}_vs_{old.name}_"))
+            if scoring.primary in comparisons:
+                comparison = comparisons[scoring.primary]
+                rows.append({"variant": f"{new.name} - {old.name}",
+                             **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
+                log.info("%s - %s: %s %s", new.name, old.name, LABELS[scoring.primary], comparison.describe())
+        mlflow.log_metrics(metrics)
         tracking.log_table(rows, "comparison.json")
-        mlflow.log_metrics({f"{r.name}_semantic_f1": r.score for r in results})
-        tracking.log_figure(comparison_chart(rows), "comparison.png")
+        tracking.log_figure(comparison_chart(rows[: len(results)], scoring), "comparison.png")
         best = max(results, key=lambda r: r.score)
         mlflow.set_tag("best_variant", best.name)
-        return StepResult("main", parent.info.run_id, best.score, best.model_uri, best.version)
+        log.info("best variant by point score: %s", best.name)
+        return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
 
 
-def comparison_chart(rows: list[dict]):
+def comparison_row(estimate, metric: str) -> dict[str, Any]:
+    """A score (or a paired difference) with its interval, as columns of `comparison.json`."""
+    return {metric: estimate.value, "ci_low": estimate.low, "ci_high": estimate.high, "n": estimate.n}
+
+
+def comparison_chart(rows: list[dict], scoring: Scoring):
+    """One bar per variant, its confidence interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = scoring.primary
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = [r["variant"] for r in rows]
-    scores = [r["semantic_f1"] for r in rows]
-    bars = ax.bar(names, scores, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("SemanticF1 (dev)")
+    # Score ± half-width under each name, clear of the error bars.
+    names = [f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
+             for r in rows]
+    scores = [r[metric] for r in rows]
+    yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
+    if all(r["ci_low"] is not None for r in rows):
+        yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
+    ax.bar(names, scores, yerr=yerr, capsize=6, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
+    ax.set_ylabel(f"{LABELS[metric]} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
     ax.set_ylim(0, 100)
     ax.set_title("CoT -> RAG -> RAG + MIPROv2")
     fig.tight_layout()

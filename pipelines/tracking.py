@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -15,7 +17,7 @@ import dspy
 import mlflow
 import pandas as pd
 import yaml
-from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel, LoggedModelStatus
 from mlflow.models import ModelSignature
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracking import MlflowClient
@@ -24,12 +26,14 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 
 from pipelines.config import PROJECT_ROOT, flatten, is_secret, to_container
-from pipelines.scoring import EvalResult, mean_recall
+from pipelines.scoring import JUDGED, LABELS, RECALL, EvalResult, Scoring, paired_scores
+from pipelines.stats import Comparison, Estimate
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000
+DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
 
 
 def setup(cfg) -> None:
@@ -198,26 +202,49 @@ def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) 
     return datasets
 
 
+def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}` with `_ci_low` and `_ci_high` beside it when there is an interval."""
+    metrics = {}
+    for name, estimate in estimates.items():
+        metrics[f"{prefix}{name}"] = estimate.value
+        if estimate.half_width is not None:
+            metrics[f"{prefix}{name}_ci_low"] = estimate.low
+            metrics[f"{prefix}{name}_ci_high"] = estimate.high
+    return metrics
+
+
+def comparison_metrics(comparisons: dict[str, Comparison], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}_delta` with its `_ci_low`, `_ci_high` and `_p_value`."""
+    metrics = {}
+    for name, comparison in comparisons.items():
+        metrics.update(estimate_metrics({f"{name}_delta": comparison.delta}, prefix))
+        if comparison.p_value is not None:
+            metrics[f"{prefix}{name}_delta_p_value"] = comparison.p_value
+    return metrics
+
+
 def log_evaluation(result: EvalResult, split: str, prefix: str = "", model: LoggedModel | None = None,
                    dataset=None) -> dict[str, float]:
-    """Metrics (linked to the evaluated model and dataset) and the per-example table, with the same
-    names for every entry point."""
+    """Metrics with intervals (linked to the evaluated model and dataset), the per-example table and
+    trace assessments, named alike for every entry point."""
     metrics = {
-        f"{prefix}semantic_f1": result.score,
+        **estimate_metrics(result.estimates, prefix),
         f"{prefix}failed_examples": result.failed,
         f"{prefix}judge_failures": result.judge_failures,
         f"{prefix}num_examples": result.num_examples,
     }
-    recall = mean_recall(result.rows)
-    if recall is not None:
-        metrics[f"{prefix}recall_at_k"] = 100 * recall
-    elif any("retrieved_doc_ids" in r for r in result.rows):
+    missing = [e.no_interval_reason for e in result.estimates.values() if e.no_interval_reason]
+    if missing:
+        log.warning("%s%s scores have %s", prefix, split, missing[0])
+        mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
+    if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
     # A model still PENDING is logged by this run: `log_model` then links the run's metrics to it
     # itself (and fails on metrics already linked). Others (external, or logged earlier) link here.
     linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
     mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
+    log_assessments(result)
     return metrics
 
 
@@ -271,6 +298,29 @@ def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
         mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
 
 
+def last_trace_id() -> str | None:
+    """The trace this thread finished last: inside a `dspy.Evaluate` metric, the example's program call."""
+    return mlflow.get_last_active_trace_id(thread_local=True)
+
+
+def log_assessments(result: EvalResult) -> None:
+    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by."""
+    if not any(row.get("trace_id") for row in result.rows):
+        return
+    mlflow.flush_trace_async_logging()  # with async export a trace may not be stored yet
+    judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
+    for row in result.rows:
+        if not row.get("trace_id"):
+            continue
+        for name in result.estimates:
+            if row.get(name) is None:
+                continue
+            source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
+                                                                   source_id=f"pipelines.scoring.{name}")
+            mlflow.log_feedback(trace_id=row["trace_id"], name=name, value=row[name], source=source,
+                                rationale=row.get(f"{name}_rationale") or row.get("error") or None)
+
+
 def log_table(rows: list[dict], artifact_file: str) -> None:
     if rows:
         mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
@@ -320,55 +370,111 @@ def log_program_json(program: dspy.Module, artifact_path: str = "program") -> No
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def register(model_uri: str, registered_model: str, score: float, dev_hash: str, variant: str) -> dict[str, Any]:
-    """Register a version, record its dev score, and move `champion` to it only if it is better.
+def register(model_uri: str, registered_model: str, result: EvalResult, dev_hash: str, variant: str,
+             scoring: Scoring) -> dict[str, Any]:
+    """Register a version, record its dev scores, and move `champion` to it if `scoring.promotion` says so.
 
-    Scores are compared only when both were measured on the same dev set (by content hash).
+    Versions are compared only when both were scored on the same dev set (by content hash); the
+    champion's per-example scores come from its run's `eval/dev_results.json`, paired by question.
     """
     client = MlflowClient()
     version = mlflow.register_model(model_uri, registered_model).version
-    tags = {"dev_semantic_f1": f"{score:.4f}", "dev_set": dev_hash, "variant": variant}
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
+    tags = {**score_tags(estimate_metrics(result.estimates, "dev_")), "dev_set": dev_hash, "variant": variant,
+            "primary_metric": scoring.primary}
+    tag_version(registered_model, version, tags)  # before any alias points here: a champion always has scores
     try:
         current = client.get_model_version_by_alias(registered_model, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
-    promoted, reason = decide_promotion(current.tags if current else None, score, dev_hash)
-    if promoted:
+    champion_rows = None
+    if current is not None and current.tags.get("dev_set") == dev_hash:
+        champion_rows = load_table(current.run_id, DEV_TABLE)
+    decision = decide_promotion(current.tags if current else None, result, dev_hash, scoring, champion_rows)
+    if decision.promoted:
         client.set_registered_model_alias(registered_model, CHAMPION, version)
+    tags = {"promotion_rule": scoring.promotion, "promotion": decision.reason}
     if current is not None:
-        client.set_model_version_tag(registered_model, version, "champion_dev_semantic_f1_at_registration",
-                                     current.tags.get("dev_semantic_f1", "unknown"))
-    log.info("Registered %s version %s (dev SemanticF1 %.1f): %s", registered_model, version, score, reason)
+        key = f"dev_{scoring.primary}"
+        tags.update({"champion_version_at_registration": str(current.version),
+                     f"champion_{key}_at_registration": current.tags.get(key, "unknown")})
+    if decision.comparison is not None:
+        tags.update(score_tags(comparison_metrics({f"dev_{scoring.primary}": decision.comparison}, "vs_champion_")))
+    tag_version(registered_model, version, tags)
+    log.info("Registered %s version %s (dev %s): %s", registered_model, version, result.headline(), decision.reason)
     # Which version is champion now is the registry's alias, not a run tag that would go stale.
     mlflow.set_tags({"registered_model": registered_model, "registered_version": version,
-                     "promotion_at_registration": reason})
-    return {"version": version, "promoted": promoted, "reason": reason}
+                     "promotion_at_registration": decision.reason})
+    return {"version": version, "promoted": decision.promoted, "reason": decision.reason}
 
 
-def decide_promotion(champion_tags: dict[str, str] | None, score: float, dev_hash: str) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+    comparison: Comparison | None = None  # new - champion on the primary metric, when they pair
+
+
+def decide_promotion(champion_tags: dict[str, str] | None, result: EvalResult, dev_hash: str, scoring: Scoring,
+                     champion_rows: list[dict] | None = None) -> Promotion:
     if champion_tags is None:
-        return True, "first registered version becomes champion"
+        return Promotion(True, "first registered version becomes champion")
     if champion_tags.get("dev_set") != dev_hash:
-        return False, (f"champion was scored on another dev set ({champion_tags.get('dev_set')}); "
-                       "not comparable, champion unchanged")
-    best = float(champion_tags.get("dev_semantic_f1", "-inf"))
-    if score > best:
-        return True, f"beats champion ({score:.1f} > {best:.1f})"
-    return False, f"does not beat champion ({score:.1f} <= {best:.1f})"
+        return Promotion(False, f"champion was scored on another dev set ({champion_tags.get('dev_set')}); "
+                                "not comparable, champion unchanged")
+    metric, label = scoring.primary, LABELS[scoring.primary]
+    comparison = None
+    if champion_rows is not None:
+        new, old = paired_scores(result.rows, champion_rows, metric)
+        comparison = scoring.paired(new, old) if new else None
+    if scoring.promotion == "better":
+        best = champion_tags.get(f"dev_{metric}")
+        if best is None:
+            return Promotion(False, f"champion has no dev {label} score; not comparable, champion unchanged",
+                             comparison)
+        if result.score > float(best):
+            return Promotion(True, f"beats champion on {label} ({result.score:.1f} > {float(best):.1f})", comparison)
+        return Promotion(False, f"does not beat champion on {label} ({result.score:.1f} <= {float(best):.1f})",
+                         comparison)
+    if comparison is None:
+        return Promotion(False, f"cannot pair with the champion's per-example {label} scores (its {DEV_TABLE} is "
+                                "missing or has no such column); champion unchanged")
+    if comparison.p_value is None:
+        return Promotion(False, f"{label} {comparison.describe()}: too few paired examples; champion unchanged",
+                         comparison)
+    if comparison.above_zero:
+        return Promotion(True, f"beats champion beyond noise: {label} {comparison.describe()}", comparison)
+    return Promotion(False, f"not better than champion beyond noise: {label} {comparison.describe()}; "
+                            "champion unchanged", comparison)
 
 
-def tag_version_score(model_uri: str, key: str, score: float) -> None:
-    """Record a score on the registry version behind a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
+def score_tags(metrics: dict[str, float]) -> dict[str, str]:
+    return {key: f"{value:.4f}" for key, value in metrics.items()}
+
+
+def tag_version(registered_model: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+
+
+def load_table(run_id: str, artifact_file: str) -> list[dict] | None:
+    """Rows of a table logged with `log_table`, or None if the run has no such artifact."""
+    try:
+        table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return None
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def tag_version_scores(model_uri: str, metrics: dict[str, float]) -> None:
+    """Record scores on the registry version behind a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
     match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(\w+))", model_uri)
     if not match:
         return
     name, version, alias = match.groups()
-    client = MlflowClient()
     if alias:
-        version = client.get_model_version_by_alias(name, alias).version
-    client.set_model_version_tag(name, version, key, f"{score:.4f}")
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    tag_version(name, version, score_tags(metrics))
 
 
 def logged_model_of(model_uri: str) -> LoggedModel | None:

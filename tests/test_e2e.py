@@ -55,15 +55,17 @@ def test_cot_logs_everything_and_loads_back_without_leaking_a_key(store, local_s
     check(proc)
     (run,) = top_level(store, "cot")
     assert run.info.status == "FINISHED"
-    assert 0 <= run.data.metrics["semantic_f1"] <= 100
-    assert run.data.metrics["num_examples"] == 3
+    metrics = run.data.metrics
+    assert metrics["semantic_f1_ci_low"] <= metrics["semantic_f1"] <= metrics["semantic_f1_ci_high"] <= 100
+    assert metrics["num_examples"] == 3 and 0 <= metrics["token_f1"] <= 100 and 0 <= metrics["rouge_l"] <= 100
     for key in ("failed_examples", "prompt_tokens", "completion_tokens", "cost_usd"):
         assert key in run.data.metrics
     client = client_for(store)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "eval"} <= artifacts
     table = json.loads(open(client.download_artifacts(run.info.run_id, "eval/dev_results.json")).read())
-    assert {"question", "gold", "reasoning", "prediction", "score"} <= set(table["columns"])
+    assert {"question", "gold", "reasoning", "prediction", "semantic_f1", "token_f1", "rouge_l",
+            "semantic_f1_rationale", "trace_id"} <= set(table["columns"])
     assert len(table["data"]) == 3
     assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"sample-train", "sample-dev"}
     versions = client.search_model_versions(f"name='{MODEL}'")
@@ -103,12 +105,16 @@ def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
     (run,) = top_level(store, "optimize")
     metrics = run.data.metrics
     assert run.info.status == "FINISHED"
-    assert metrics["semantic_f1_delta"] == pytest.approx(metrics["semantic_f1"] - metrics["baseline_semantic_f1"])
+    assert metrics["semantic_f1_delta"] == pytest.approx(metrics["semantic_f1"] - metrics["baseline_semantic_f1"],
+                                                         abs=1e-3)  # each rounded to 4 decimals
+    assert metrics["semantic_f1_delta_ci_low"] <= metrics["semantic_f1_delta"] <= metrics["semantic_f1_delta_ci_high"]
+    assert 0 < metrics["semantic_f1_delta_p_value"] <= 1
     client = client_for(store)
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "program")}
     assert {"program/program.json", "program/learned_prompt.md"} <= paths
     side = json.loads(open(client.download_artifacts(run.info.run_id, "eval/dev_side_by_side.json")).read())
-    assert {"baseline_answer", "baseline_score", "optimized_answer", "optimized_score"} <= set(side["columns"])
+    assert {"baseline_answer", "baseline_semantic_f1", "optimized_answer", "optimized_semantic_f1"} <= set(
+        side["columns"])
     trials = client.get_metric_history(run.info.run_id, "mipro_trial_score")
     assert trials and "mipro_best_score" in metrics, "MIPROv2's trial scores should be step metrics"
     assert [m.step for m in trials] == sorted(m.step for m in trials)
@@ -164,7 +170,9 @@ def test_main_runs_three_children_and_draws_the_comparison(store, local_server):
     paths = {a.path for a in client_for(store).list_artifacts(parent.info.run_id)}
     assert {"comparison.png", "comparison.json"} <= paths
     for step in ("cot", "rag", "optimize"):
-        assert f"{step}_semantic_f1" in parent.data.metrics
+        assert f"{step}_semantic_f1" in parent.data.metrics and f"{step}_semantic_f1_ci_high" in parent.data.metrics
+    for pair in ("rag_vs_cot", "optimize_vs_cot", "optimize_vs_rag"):
+        assert f"{pair}_semantic_f1_delta_p_value" in parent.data.metrics
     check_what_the_ui_shows(store, parent, children)
 
 
