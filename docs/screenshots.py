@@ -39,7 +39,7 @@ def wait_for(url: str, timeout: float = 120) -> None:
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"error: the MLflow UI did not answer at {url} within {timeout:.0f} s")
+                raise SystemExit(f"error: the MLflow UI did not answer at {url} within {timeout:.0f} s") from None
             time.sleep(1)
 
 

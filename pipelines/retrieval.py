@@ -242,7 +242,7 @@ def write_index(index: Index, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     np.save(tmp / "embeddings.npy", index.embeddings)
     with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
-        for doc_id, text in zip(index.doc_ids, index.passages):
+        for doc_id, text in zip(index.doc_ids, index.passages, strict=True):
             f.write(json.dumps({"doc_id": doc_id, "text": text}, ensure_ascii=False) + "\n")
     meta = dict(index.meta, n=len(index.passages), dim=int(index.embeddings.shape[1]))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -304,7 +304,7 @@ class Retriever:
                                    doc_ids=[self.index.doc_ids[i] for i in ids], scores=scores)
             if span is not None:
                 span.set_outputs([Document(page_content=p, id=str(d), metadata={"doc_id": d, "score": round(s, 4)})
-                                  for p, d, s in zip(hits.passages, hits.doc_ids, hits.scores)])
+                                  for p, d, s in zip(hits.passages, hits.doc_ids, hits.scores, strict=True)])
         return hits
 
     def __deepcopy__(self, memo):

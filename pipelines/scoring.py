@@ -13,8 +13,8 @@ import re
 import string
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import dspy
 from dspy.evaluate import SemanticF1 as DSPySemanticF1

@@ -6,8 +6,8 @@ seeded, so the same scores always give the same interval and p-value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from scipy import stats

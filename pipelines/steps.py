@@ -15,8 +15,15 @@ import mlflow
 from pipelines import tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
-from pipelines.lm import (LMServerError, build_adapter, build_lm, check_credentials, ensure_reachable, healthy,
-                          merged_judge_cfg)
+from pipelines.lm import (
+    LMServerError,
+    build_adapter,
+    build_lm,
+    check_credentials,
+    ensure_reachable,
+    healthy,
+    merged_judge_cfg,
+)
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
@@ -233,7 +240,7 @@ def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
     metric = best.primary
     return [{"question": b["question"], "gold": b["gold"], "baseline_answer": b["prediction"],
              f"baseline_{metric}": b[metric], "optimized_answer": o["prediction"], f"optimized_{metric}": o[metric],
-             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows)]
+             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows, strict=True)]
 
 
 def describe_program(program: dspy.Module) -> str:

@@ -9,9 +9,10 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dspy
 import mlflow
@@ -21,9 +22,9 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel,
 from mlflow.models import ModelSignature
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
 from pipelines.config import PROJECT_ROOT, flatten, is_secret, to_container
 from pipelines.scoring import JUDGED, LABELS, RECALL, EvalResult, Scoring, paired_scores
@@ -463,7 +464,7 @@ def load_table(run_id: str, artifact_file: str) -> list[dict] | None:
         table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))
     except (mlflow.exceptions.MlflowException, OSError, ValueError):
         return None
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
 
 def tag_version_scores(model_uri: str, metrics: dict[str, float]) -> None:

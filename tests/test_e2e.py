@@ -9,7 +9,6 @@ import sys
 import time
 import urllib.request
 
-import mlflow
 import pytest
 from mlflow.entities import LoggedModelStatus, SpanType
 from mlflow.tracking import MlflowClient

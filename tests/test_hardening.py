@@ -1,7 +1,6 @@
 """Faults: a dying LM server, concurrent writers, stale models. Each test fails if the behaviour breaks."""
 
 import json
-import pickle
 import sys
 
 import dspy
@@ -9,11 +8,12 @@ import mlflow
 import pytest
 from mlflow.entities import LoggedModelStatus
 
-from conftest import ROOT, run_cli, smoke
-from fake_lm import FakeLM
 from pipelines.config import ConfigError
 from pipelines.lm import LMServerError
 from pipelines.steps import load_program, run_variant
+
+from conftest import ROOT, run_cli, smoke
+from fake_lm import FakeLM
 
 
 def fake_overrides(fake: FakeLM):
@@ -29,7 +29,7 @@ def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(sto
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED" and "stopped answering" in run.data.tags["error"]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/dev_results.json"))
-    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert len(rows) == 3
     assert sum(1 for r in rows if not r["error"]) == 1 and rows[0]["prediction"] == "fake response"
     assert run.data.metrics["failed_examples"] == 2
@@ -85,7 +85,8 @@ def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypa
         load_program(info.model_uri)
 
 
-@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
+@pytest.mark.parametrize("error, status",
+                         [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
 def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status):
     from pipelines import steps
 

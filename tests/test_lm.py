@@ -5,7 +5,6 @@ import re
 
 import dspy
 import pytest
-from omegaconf import OmegaConf
 
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits

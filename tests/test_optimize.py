@@ -7,14 +7,15 @@ import mlflow
 import pytest
 from mlflow.entities import LoggedModelStatus, SpanType
 
-from conftest import smoke
-from fake_lm import FakeLM
 from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1
 from pipelines.steps import build_optimizer, load_program, run_optimize
+
+from conftest import smoke
+from fake_lm import FakeLM
 
 
 class WordRetriever:

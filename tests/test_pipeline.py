@@ -3,19 +3,19 @@
 import json
 
 import mlflow
-
-from conftest import smoke
-from fake_lm import FakeLM
 from test_hardening import fake_overrides
 
 from pipelines.config import compose
 from pipelines.scoring import Scoring
 from pipelines.steps import comparison_chart, run_optimize, run_pipeline
 
+from conftest import smoke
+from fake_lm import FakeLM
+
 
 def table(run_id, path):
     data = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{path}"))
-    return [dict(zip(data["columns"], row)) for row in data["data"]]
+    return [dict(zip(data["columns"], row, strict=True)) for row in data["data"]]
 
 
 def test_main_pairs_every_variant_on_the_same_examples(store, caplog):

@@ -7,14 +7,15 @@ import mlflow
 import pytest
 from dspy.utils import DummyLM
 
-from fake_lm import FakeLM
-from test_programs import FixedRetriever
 from pipelines import tracking
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
+
+from fake_lm import FakeLM
+from test_programs import FixedRetriever
 
 METRICS = ["semantic_f1", "token_f1", "rouge_l"]
 
@@ -178,7 +179,7 @@ def test_traces_carry_one_clean_assessment_per_metric(store):
 def traced_evaluation(store, n: int, threads: int):
     """`n` cot examples at `threads` threads through the project's scoring step, traced."""
     from pipelines import tracking
-    from pipelines.steps import prepare, _score
+    from pipelines.steps import _score, prepare
 
     fake = FakeLM().start()
     cfg = compose("cot", ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", "lm.model=openai/fake",
