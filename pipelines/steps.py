@@ -15,18 +15,11 @@ import mlflow
 from pipelines import tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
-from pipelines.lm import (
-    LMServerError,
-    build_adapter,
-    build_lm,
-    check_credentials,
-    ensure_reachable,
-    healthy,
-    merged_judge_cfg,
-)
+from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
+from pipelines.server import LMServerError, healthy
 from pipelines.stats import Estimate, tidy
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,7 @@ def smoke(name: str, store_path: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def local_server():
     """Start (or reuse) the embedded server once; `mlflow run` subprocesses find it via its state file."""
-    from pipelines.lm import ensure_server
+    from pipelines.server import ensure_server
 
     cfg = compose("config")
     return ensure_server(dict(cfg.lm.server))

@@ -9,7 +9,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 
 from pipelines.config import ConfigError
-from pipelines.lm import LMServerError
+from pipelines.server import LMServerError
 from pipelines.steps import load_program, run_variant
 
 from conftest import ROOT, run_cli, smoke
