@@ -132,8 +132,7 @@ def run_variant(cfg) -> StepResult:
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
     with tracking.run(variant, cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                                         source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
         if index_info:
             tracking.log_index(index_info["path"], index_info)
         program = build_program(cfg.program, cfg.lm, retriever)
@@ -162,8 +161,7 @@ def run_optimize(cfg) -> StepResult:
     opt = cfg.optimizer
     variant = OPTIMIZED_VARIANT
     with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                                         source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
         tracking.log_index(index_info["path"], index_info)
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
@@ -201,8 +199,7 @@ def run_evaluate(cfg) -> StepResult:
     split = cfg.split
     with tracking.run(f"evaluate-{split}", cfg, tags={"model_uri": cfg.model_uri}) as active:
         mlflow.log_param("model_uri", cfg.model_uri)
-        datasets = tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples),
-                                         name=cfg.data.name)
+        datasets = tracking.log_datasets({split: session.splits.get(split)}, cfg.data)
         model = tracking.logged_model_of(cfg.model_uri)
         variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         marks = _usage_marks(session)

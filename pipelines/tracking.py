@@ -189,18 +189,35 @@ def new_model(name: str, variant: str, external: bool = False) -> LoggedModel:
     return create(name=name, model_type="agent", tags={"variant": variant})
 
 
-def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> dict[str, Any]:
+def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg) -> dict[str, Any]:
     """Log each split as a run input; returns the datasets, to link metrics computed on them."""
+    source = dataset_source(data_cfg)
     datasets = {}
     for split, examples in splits.items():
         if not examples:
             continue
         frame = pd.DataFrame([{"question": e.question, "response": e.response,
                                "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{name}-{split}", targets="response")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{data_cfg.name}-{split}", targets="response")
         mlflow.log_input(dataset, context=split)
         datasets[split] = dataset
     return datasets
+
+
+def dataset_source(data_cfg):
+    """Where the examples came from: their download URL, else the local file as a `file://` URI.
+
+    Given a bare path, MLflow finds two identical local-file source types registered (one per URI
+    scheme) and warns on every split; naming the type here leaves nothing to guess.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if data_cfg.get("examples_url"):
+        return HTTPDatasetSource(data_cfg.examples_url)
+    local = next(s for s in FileSystemDatasetSource.__subclasses__() if s.__name__ == "LocalArtifactDatasetSource")
+    return resolve_dataset_source(Path(data_cfg.examples).resolve().as_uri(), candidate_sources=[local])
 
 
 def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
