@@ -10,11 +10,14 @@ from typing import Any
 
 import dspy
 import mlflow
+from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
 from pipelines import tracking
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
+from pipelines.feedback import FeedbackF1
 from pipelines.lm import (LMServerError, build_adapter, build_lm, check_credentials, ensure_reachable, healthy,
                           merged_judge_cfg)
+from pipelines.optimizers import build_optimizer, check_reflection, compile_kwargs, gepa_candidates, reflective
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import EvalResult, JudgedF1, evaluate
@@ -122,39 +125,52 @@ def run_variant(cfg) -> StepResult:
         return StepResult(variant, active.info.run_id, result.score, model_uri, version)
 
 
-def build_optimizer(opt, metric) -> dspy.MIPROv2:
-    return dspy.MIPROv2(metric=metric, auto=opt.auto, num_candidates=opt.num_candidates,
-                        num_threads=int(opt.num_threads), max_bootstrapped_demos=int(opt.max_bootstrapped_demos),
-                        max_labeled_demos=int(opt.max_labeled_demos), seed=int(opt.seed),
-                        init_temperature=float(opt.init_temperature))
+def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
+    """The configured optimizer with what it needs at run time; GEPA gets SemanticF1 with feedback and
+    a reflection LM. Bad optimizer config fails here, before a run opens."""
+    cfg = session.cfg
+    if not reflective(cfg.optimizer):
+        return build_optimizer(cfg.optimizer, session.metric)
+    reflection_cfg = check_reflection(cfg, len(session.splits.train))
+    reflection_lm = session.lm if reflection_cfg is cfg.lm else build_lm(reflection_cfg)
+    ensure_reachable(reflection_lm)
+    # The reflection LM answers through its own config's adapter: schema-constrained for the embedded LM.
+    proposer = InstructionProposer(adapter=build_adapter(reflection_cfg))
+    return build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=bool(cfg.tracking.trace_judge)),
+                           reflection_lm=reflection_lm, instruction_proposer=proposer, track_stats=True,
+                           gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
 
 
 def run_optimize(cfg) -> StepResult:
-    """Compile RAG with MIPROv2 on train; score baseline and optimized on dev; log, register, promote."""
+    """Compile RAG on train with the configured optimizer; score baseline and optimized on dev; log, register,
+    promote. Every optimizer takes this same path; the `variant` tag names it (rag_mipro, rag_gepa)."""
     session = prepare(cfg)
+    optimizer = session_optimizer(session)
     retriever, index_info = build_retriever(cfg)
-    opt = cfg.optimizer
-    with tracking.run("optimize", cfg, tags={"variant": "rag_mipro"}) as active:
+    variant = f"{cfg.program.name}_{cfg.optimizer.name}"
+    with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
         tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
                               source=str(cfg.data.examples), name=cfg.data.name)
         tracking.log_index(index_info["path"], index_info)
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
         base = _score(session, baseline, session.splits.dev, "baseline_", "dev")
-        optimizer = build_optimizer(opt, session.metric)
-        compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
-        # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
-        valset_size = max(1, int(len(session.splits.train) * 0.8))
-        minibatch = bool(opt.minibatch) and int(opt.minibatch_size) < valset_size
-        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train, minibatch=minibatch,
-                                      minibatch_size=int(opt.minibatch_size), **compile_kwargs)
+        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
+                                      **compile_kwargs(cfg.optimizer))
+        # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
+        details = optimized.__dict__.pop("detailed_results", None)
+        if details is not None:
+            tracking.log_table(gepa_candidates(details), "optimizer/gepa_candidates.json")
         best = _score(session, optimized, session.splits.dev, "", "dev")
         mlflow.log_metric("semantic_f1_delta", best.score - base.score)
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
         mlflow.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, optimized, best.score, "rag_mipro")
+        reflection_lm = getattr(optimizer, "reflection_lm", None)
+        if reflection_lm is not None and reflection_lm not in (session.lm, session.judge):
+            tracking.log_usage(reflection_lm, prefix="reflection_")
+        model_uri, version = _log_and_register(session, optimized, best.score, variant)
         return StepResult("optimize", active.info.run_id, best.score, model_uri, version)
 
 

@@ -33,6 +33,7 @@ def isolated_globals():
     os.environ.update(environ)
     dspy.configure(lm=None, adapter=None)
     mlflow.dspy.autolog(disable=True)
+    mlflow.clear_active_model()  # loading a model makes it active; the next test's store lacks it
 
 
 @pytest.fixture
