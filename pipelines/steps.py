@@ -89,11 +89,15 @@ def _score(session: Session, program, examples, prefix: str, split: str) -> Eval
 
 
 def _log_and_register(session: Session, program, score: float, variant: str) -> tuple[str, str | None]:
-    info = tracking.log_program(program, session.lm, session.adapter)
+    """Log the program; register it, and its predictors' prompts, whose `champion` alias follows its own."""
+    registered = session.cfg.tracking.get("registered_model")
+    prompts = tracking.register_prompts(program, registered, variant) if registered else []
+    info = tracking.log_program(program, session.lm, session.adapter, prompts=prompts)
     version = None
-    if session.cfg.tracking.get("registered_model"):
-        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, score,
-                                    examples_hash(session.splits.dev), variant)["version"]
+    if registered:
+        outcome = tracking.register(info.model_uri, registered, score, examples_hash(session.splits.dev), variant)
+        version = outcome["version"]
+        tracking.link_prompts(prompts, registered, version, outcome["promoted"])
     return info.model_uri, version
 
 

@@ -109,7 +109,7 @@ def gepa_cfg(store, fake: FakeLM, *overrides: str):
                  *overrides)
 
 
-def test_gepa_run_is_tracked_like_mipro(store):
+def test_gepa_run_is_tracked_like_mipro_and_its_prompt_loads_from_the_registry(store):
     with FakeLM(score=0.5) as fake:
         cfg = gepa_cfg(store, fake)
         result = run_optimize(cfg)
@@ -127,6 +127,10 @@ def test_gepa_run_is_tracked_like_mipro(store):
             "optimizer/gepa_candidates.json"} <= artifacts
     assert str(result.version) == "1" and run.data.tags["champion"] == "true"
     assert not hasattr(loaded, "detailed_results")  # GEPA's candidates are logged, not pickled
+    name = f"{cfg.tracking.registered_model}.respond.predict"
+    prompt = mlflow.genai.load_prompt(f"prompts:/{name}@champion")
+    assert prompt.template[0]["content"] == loaded.respond.predict.signature.instructions
+    assert prompt.tags["model_version"] == str(result.version) and prompt.tags["variant"] == "rag_gepa"
 
 
 def test_unusable_reflections_are_counted_and_the_run_keeps_the_best_candidate(store):
