@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -224,21 +225,33 @@ def describe_program(program: dspy.Module) -> str:
     return "\n".join(parts)
 
 
-STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize}
+STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}
+
+
+def step_config(cfg, step: str, overrides=()):
+    """A step's own config with main's overrides; `gepa` is the optimize entry point with main's
+    `gepa_optimizer` preset."""
+    from pipelines.config import compose
+
+    if step == "gepa":
+        return compose("optimize", [*overrides, f"optimizer={cfg.gepa_optimizer}"])
+    return compose(step, overrides)
 
 
 def run_pipeline(cfg, overrides=()) -> StepResult:
     """One parent run; each step composed from its own config with the same overrides, as a child."""
-    from pipelines.config import compose
-
     unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
     if unknown:
         raise ValueError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
-    prepare(cfg)  # fail on bad input before the parent run opens
+    session = prepare(cfg)  # fail on bad input before the parent run opens
+    configs = {step: step_config(cfg, step, overrides) for step in cfg.steps}
+    for step_cfg in configs.values():
+        if step_cfg.program.name == "rag" and reflective(step_cfg.optimizer):
+            check_reflection(step_cfg, len(session.splits.train))
     results = []
     with tracking.run("main", cfg) as parent:
         for step in cfg.steps:
-            results.append(STEP_FUNCTIONS[step](compose(step, overrides)))
+            results.append(dataclasses.replace(STEP_FUNCTIONS[step](configs[step]), name=step))
         rows = [{"variant": r.name, "semantic_f1": r.score, "run_id": r.run_id, "model_uri": r.model_uri,
                  "registered_version": r.version} for r in results]
         tracking.log_table(rows, "comparison.json")
@@ -258,10 +271,11 @@ def comparison_chart(rows: list[dict]):
     fig, ax = plt.subplots(figsize=(6, 4))
     names = [r["variant"] for r in rows]
     scores = [r["semantic_f1"] for r in rows]
-    bars = ax.bar(names, scores, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
+    palette = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d"]
+    bars = ax.bar(names, scores, color=[palette[i % len(palette)] for i in range(len(rows))])
     ax.bar_label(bars, fmt="%.1f")
     ax.set_ylabel("SemanticF1 (dev)")
     ax.set_ylim(0, 100)
-    ax.set_title("CoT -> RAG -> RAG + MIPROv2")
+    ax.set_title(" -> ".join(names))
     fig.tight_layout()
     return fig

@@ -121,3 +121,10 @@ def test_tutorial_gepa_reflects_with_a_stronger_lm_others_with_the_task_lm():
     quick = compose("optimize", ["optimizer=gepa_quick"])
     assert merged_reflection_cfg(quick) is quick.lm
 
+
+def test_main_runs_gepa_as_the_optimize_step_with_its_preset():
+    from pipelines.steps import step_config
+
+    for overrides, auto in (([], None), (["experiment=tutorial"], "light")):
+        step = step_config(compose("main", overrides), "gepa", overrides)
+        assert step.program.name == "rag" and step.optimizer.name == "gepa" and step.optimizer.auto == auto
