@@ -158,3 +158,20 @@ def test_bad_gepa_config_fails_in_one_line_before_any_run(store, monkeypatch, ov
         assert fake.calls == 0  # nothing was scored either
     assert "\n" not in str(error.value)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_main_compiles_with_mipro_and_gepa_side_by_side(store):
+    from pipelines.steps import run_pipeline
+
+    with FakeLM(score=0.5) as fake:
+        overrides = ["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
+                     *passing_lm(fake, adapter="json_schema"), "embedder=openai", f"embedder.api_base={fake.api_base}",
+                     "embedder.api_key_env=null"]
+        result = run_pipeline(compose("main", [*overrides, "steps=[optimize,gepa]"]), overrides)
+    parent = mlflow.get_run(result.run_id)
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    assert sorted(c.data.tags["variant"] for c in children) == ["rag_gepa", "rag_mipro"]
+    assert {"optimize_semantic_f1", "gepa_semantic_f1"} <= set(parent.data.metrics)
+    table = mlflow.load_table("comparison.json", run_ids=[result.run_id])
+    assert list(table["variant"]) == ["optimize", "gepa"]
