@@ -128,7 +128,7 @@ def ensure_server(server: dict[str, Any]) -> str:
         if healthy(api_base):
             return api_base  # something else already serves this fixed port
         log_path = state_dir / f"{key}-{port}.log"
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host,
+        cmd = [sys.executable, str(Path(__file__).with_name("llama_server.py")), "--model", str(gguf), "--host", host,
                "--port", str(port), "--n_ctx", str(server["n_ctx"])]
         # llama-cpp-python generates on half the cores by default; all of them is ~1.3x faster here.
         cmd += ["--n_threads", str(server.get("n_threads") or os.cpu_count() or 1)]
