@@ -142,8 +142,20 @@ def ensure_reachable(lm: dspy.LM) -> None:
 
 def merged_judge_cfg(cfg):
     """The SemanticF1 judge: the task LM with `judge.*` keys laid over it."""
-    from omegaconf import OmegaConf
+    return _laid_over_lm(cfg, cfg.get("judge"), "judge")
 
-    if not cfg.get("judge"):
+
+def merged_reflection_cfg(cfg):
+    """GEPA's reflection LM: the task LM with `optimizer.reflection_lm.*` keys laid over it."""
+    return _laid_over_lm(cfg, cfg.optimizer.get("reflection_lm"), "optimizer.reflection_lm")
+
+
+def _laid_over_lm(cfg, overlay, key: str):
+    """`cfg.lm` itself when `overlay` is empty (callers reuse the task LM), else a merged copy."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not overlay:
         return cfg.lm
-    return OmegaConf.merge(cfg.lm, cfg.judge)
+    if not isinstance(overlay, DictConfig):
+        raise ConfigError(f"{key} must be null or keys laid over lm, e.g. {{model: openai/gpt-4o}}; got {overlay!r}")
+    return OmegaConf.merge(cfg.lm, overlay)

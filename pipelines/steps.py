@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -10,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
 from pipelines import tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
+from pipelines.feedback import FeedbackF1
 from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
+from pipelines.optimizers import build_optimizer, check_reflection, compile_kwargs, gepa_candidates, reflective
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
@@ -105,13 +109,19 @@ def _score(session: Session, program, examples, prefix: str, split: str, model, 
 
 def _log_and_register(session: Session, program, result: EvalResult, variant: str, model,
                       index_info: dict[str, Any] | None) -> tuple[str, str | None]:
+    """Log the program into `model`; register it, and its predictors' prompts, whose `champion` alias
+    follows the program's."""
+    registered = session.cfg.tracking.get("registered_model")
+    prompts = tracking.register_prompts(program, registered, variant) if registered else []
     signature = tracking.program_signature(retrieves=index_info is not None,
                                            doc_id_type=(index_info or {}).get("doc_id_type", "long"))
-    info = tracking.log_program(program, session.lm, session.adapter, model, signature)
+    info = tracking.log_program(program, session.lm, session.adapter, model, signature, prompts=prompts)
     version = None
-    if session.cfg.tracking.get("registered_model"):
-        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, result,
-                                    examples_hash(session.splits.dev), variant, session.scoring)["version"]
+    if registered:
+        outcome = tracking.register(info.model_uri, registered, result, examples_hash(session.splits.dev), variant,
+                                    session.scoring)
+        version = outcome["version"]
+        tracking.link_prompts(prompts, registered, version, outcome["promoted"])
     return info.model_uri, version
 
 
@@ -143,22 +153,29 @@ def run_variant(cfg) -> StepResult:
         return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
-def build_optimizer(opt, metric) -> dspy.MIPROv2:
-    return dspy.MIPROv2(metric=metric, auto=opt.auto, num_candidates=opt.num_candidates,
-                        num_threads=int(opt.num_threads), max_bootstrapped_demos=int(opt.max_bootstrapped_demos),
-                        max_labeled_demos=int(opt.max_labeled_demos), seed=int(opt.seed),
-                        init_temperature=float(opt.init_temperature))
-
-
-OPTIMIZED_VARIANT = "rag-mipro"
+def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
+    """The configured optimizer with what it needs at run time; GEPA gets SemanticF1 with feedback and
+    a reflection LM. Bad optimizer config fails here, before a run opens."""
+    cfg = session.cfg
+    if not reflective(cfg.optimizer):
+        return build_optimizer(cfg.optimizer, session.scorer)
+    reflection_cfg = check_reflection(cfg, len(session.splits.train))
+    reflection_lm = session.lm if reflection_cfg is cfg.lm else build_lm(reflection_cfg)
+    ensure_reachable(reflection_lm)
+    # The reflection LM answers through its own config's adapter: schema-constrained for the embedded LM.
+    proposer = InstructionProposer(adapter=build_adapter(reflection_cfg))
+    return build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=bool(cfg.tracking.trace_judge)),
+                           reflection_lm=reflection_lm, instruction_proposer=proposer, track_stats=True,
+                           gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
 
 
 def run_optimize(cfg) -> StepResult:
-    """Compile RAG with MIPROv2 on train; score baseline and optimized on dev; log, register, promote."""
+    """Compile RAG on train with the configured optimizer; score baseline and optimized on dev; log, register,
+    promote. Every optimizer takes this same path; the `variant` tag names it (rag_mipro, rag_gepa)."""
     session = prepare(cfg)
+    optimizer = session_optimizer(session)
     retriever, index_info = build_retriever(cfg)
-    opt = cfg.optimizer
-    variant = OPTIMIZED_VARIANT
+    variant = f"{cfg.program.name}-{cfg.optimizer.name}"  # rag-mipro, rag-gepa: also the model's name
     with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
         datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
         tracking.log_index(index_info["path"], index_info)
@@ -166,13 +183,12 @@ def run_optimize(cfg) -> StepResult:
         marks = _usage_marks(session)
         base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
                       tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
-        optimizer = build_optimizer(opt, session.scorer)
-        compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
-        # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
-        valset_size = max(1, int(len(session.splits.train) * 0.8))
-        minibatch = bool(opt.minibatch) and int(opt.minibatch_size) < valset_size
-        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train, minibatch=minibatch,
-                                      minibatch_size=int(opt.minibatch_size), **compile_kwargs)
+        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
+                                      **compile_kwargs(cfg.optimizer))
+        # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
+        details = optimized.__dict__.pop("detailed_results", None)
+        if details is not None:
+            tracking.log_table(gepa_candidates(details), "optimizer/gepa_candidates.json")
         tracking.log_optimizer_trials(optimized)
         model = tracking.new_model(variant, variant)
         best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
@@ -185,6 +201,9 @@ def run_optimize(cfg) -> StepResult:
         tracking.log_program_json(optimized)
         tracking.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
+        reflection_lm = getattr(optimizer, "reflection_lm", None)
+        if reflection_lm is not None and reflection_lm not in (session.lm, session.judge):
+            tracking.log_usage(reflection_lm, prefix="reflection_")
         model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
@@ -227,7 +246,17 @@ def describe_program(program: dspy.Module) -> str:
     return "\n".join(parts)
 
 
-STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize}
+STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}
+
+
+def step_config(cfg, step: str, overrides=()):
+    """A step's own config with main's overrides; `gepa` is the optimize entry point with main's
+    `gepa_optimizer` preset."""
+    from pipelines.config import compose
+
+    if step == "gepa":
+        return compose("optimize", [*overrides, f"optimizer={cfg.gepa_optimizer}"])
+    return compose(step, overrides)
 
 
 def run_pipeline(cfg, overrides=()) -> StepResult:
@@ -235,17 +264,19 @@ def run_pipeline(cfg, overrides=()) -> StepResult:
 
     The steps score the same dev set, so every pair is compared example by example, on each metric.
     """
-    from pipelines.config import compose
-
     unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
     if unknown:
         raise ConfigError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
     session = prepare(cfg)  # fail on bad input before the parent run opens
     scoring = session.scoring
+    configs = {step: step_config(cfg, step, overrides) for step in cfg.steps}
+    for step_cfg in configs.values():
+        if step_cfg.program.name == "rag" and reflective(step_cfg.optimizer):
+            check_reflection(step_cfg, len(session.splits.train))
     results = []
     with tracking.run("main", cfg) as parent:
         for step in cfg.steps:
-            results.append(STEP_FUNCTIONS[step](compose(step, overrides)))
+            results.append(dataclasses.replace(STEP_FUNCTIONS[step](configs[step]), name=step))
         metrics, rows = {}, []
         for r in results:
             log.info("%s: %s", r.name, r.result.headline())
@@ -291,9 +322,10 @@ def comparison_chart(rows: list[dict], scoring: Scoring):
     yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
     if all(r["ci_low"] is not None for r in rows):
         yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
-    ax.bar(names, scores, yerr=yerr, capsize=6, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
+    palette = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d"]
+    ax.bar(names, scores, yerr=yerr, capsize=6, color=[palette[i % len(palette)] for i in range(len(rows))])
     ax.set_ylabel(f"{LABELS[metric]} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
     ax.set_ylim(0, 100)
-    ax.set_title("CoT -> RAG -> RAG + MIPROv2")
+    ax.set_title(" -> ".join(r["variant"] for r in rows))
     fig.tight_layout()
     return fig

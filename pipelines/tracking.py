@@ -385,17 +385,18 @@ def program_signature(retrieves: bool, doc_id_type: str = "long") -> ModelSignat
 
 
 def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, model: LoggedModel,
-                signature: ModelSignature):
+                signature: ModelSignature, prompts: list | None = None):
     """Log the program into `model` with `mlflow.dspy.log_model`, with exactly the settings it needs
     at load time.
 
     The saved settings are pinned here: a fresh copy of the LM (no call history, no key) and no
-    callbacks, so nothing from this process leaks into the pickle.
+    callbacks, so nothing from this process leaks into the pickle. `prompts` (registered prompt
+    versions) are linked to the logged model.
     """
     with dspy.context(lm=lm.copy(), adapter=adapter, callbacks=[]):
         return mlflow.dspy.log_model(
             program, name=model.name, model_id=model.model_id, code_paths=[str(PROJECT_ROOT / "pipelines")],
-            signature=signature, pip_requirements=str(PROJECT_ROOT / "requirements.txt"),
+            signature=signature, pip_requirements=str(PROJECT_ROOT / "requirements.txt"), prompts=prompts or None,
         )
 
 
@@ -555,3 +556,114 @@ def log_index(path: Path, build_info: dict[str, Any]) -> None:
 
 def log_figure(figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned prompts in MLflow's prompt registry
+
+
+def prompt_name(registered_model: str, predictor: str) -> str:
+    """`<registered model>.<predictor>`, with characters MLflow's prompt names refuse made `-`."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{registered_model}.{predictor}")
+
+
+def plain_text(text: str) -> str:
+    """Text that MLflow will not read as a template: `{{ x }}` would become a variable, `{% %}` Jinja."""
+    return str(text).replace("{{", "{ {").replace("{%", "{ %")
+
+
+def prompt_messages(predictor: dspy.Predict) -> list[dict[str, str]]:
+    """The predictor as chat messages: its instructions as the system message, each demo as a user
+    turn (its input fields) and an assistant turn (its output fields), as DSPy's adapters send them."""
+    signature = predictor.signature
+    messages = [{"role": "system", "content": signature.instructions}]
+    for demo in predictor.demos:
+        messages += [{"role": "user", "content": _demo_fields(demo, signature.input_fields)},
+                     {"role": "assistant", "content": _demo_fields(demo, signature.output_fields)}]
+    return messages
+
+
+def _demo_fields(demo, names) -> str:
+    def text(value) -> str:
+        return "\n".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return "\n\n".join(f"{name}: {text(demo[name])}" for name in names if demo.get(name) is not None)
+
+
+def register_prompts(program: dspy.Module, registered_model: str, variant: str) -> list:
+    """One new prompt version per predictor of `program`, tagged with the run that learned it."""
+    run_id = mlflow.active_run().info.run_id
+    versions = []
+    for predictor_name, predictor in program.named_predictors():
+        messages = prompt_messages(predictor)
+        template = [{**m, "content": plain_text(m["content"])} for m in messages]
+        versions.append(mlflow.genai.register_prompt(
+            name=prompt_name(registered_model, predictor_name), template=template,
+            commit_message=f"{variant}: instructions and {len(predictor.demos)} demos of {predictor_name}",
+            tags={"registered_model": registered_model, "predictor": predictor_name, "variant": variant,
+                  "run_id": run_id, "demos": str(len(predictor.demos)),
+                  "braces_escaped": str(template != messages).lower()}))
+    return versions
+
+
+def link_prompts(prompts: list, registered_model: str, version: str, promoted: bool) -> None:
+    """Tag each prompt version with its model version; when that became champion, move the prompts'
+    `champion` alias to these versions and off this model's prompts that the new champion lacks."""
+    for prompt in prompts:
+        mlflow.genai.set_prompt_version_tag(prompt.name, prompt.version, "model_version", str(version))
+    mlflow.set_tag("prompts", ", ".join(f"{p.name}/{p.version}" for p in prompts))
+    if not promoted:
+        return
+    current = {p.name for p in prompts}
+    prefix = prompt_name(registered_model, "")
+    for other in mlflow.genai.search_prompts(filter_string=f"name LIKE '{prefix}%'"):
+        if other.name.startswith(prefix) and other.name not in current:
+            mlflow.genai.delete_prompt_alias(other.name, CHAMPION)
+    for prompt in prompts:
+        mlflow.genai.set_prompt_alias(prompt.name, CHAMPION, prompt.version)
+
+
+class GEPAProgress:
+    """GEPA callback (`gepa_kwargs={"callbacks": [...]}`) that logs its progress as step metrics.
+
+    Step 0 is the seed program, then one step per iteration: metric calls spent (`gepa_metric_calls`),
+    the best score on its validation set so far (`gepa_best_val_score`, 0-100 like `semantic_f1`),
+    candidates kept (`gepa_candidates`), proposals made (`gepa_proposals`) and reflections that gave
+    no usable instruction (`gepa_unusable_proposals`: unparseable or empty; GEPA skips those).
+    """
+
+    def __init__(self):
+        self.run_id: str | None = None
+        self.reflections = 0
+        self.proposals = 0
+        self._unusable_logged = 0
+
+    @property
+    def unusable(self) -> int:
+        return self.reflections - self.proposals
+
+    def on_optimization_start(self, event) -> None:
+        self.run_id = mlflow.active_run().info.run_id  # the optimize run; eval child runs come and go
+
+    def on_valset_evaluated(self, event) -> None:
+        if event["iteration"] == 0:
+            mlflow.log_metrics({"gepa_best_val_score": 100 * event["average_score"],
+                                "gepa_metric_calls": event["num_examples_evaluated"]}, step=0, run_id=self.run_id)
+
+    def on_proposal_start(self, event) -> None:
+        self.reflections += 1
+
+    def on_proposal_end(self, event) -> None:
+        self.proposals += 1
+
+    def on_iteration_end(self, event) -> None:
+        state = event["state"]
+        if self.unusable > self._unusable_logged:
+            log.warning("GEPA iteration %d: the reflection LM gave no usable instruction (%d so far); "
+                        "GEPA keeps its best candidate and goes on", event["iteration"], self.unusable)
+            self._unusable_logged = self.unusable
+        mlflow.log_metrics({"gepa_metric_calls": state.total_num_evals,
+                            "gepa_best_val_score": 100 * max(state.program_full_scores_val_set),
+                            "gepa_candidates": len(state.program_candidates) - 1,
+                            "gepa_proposals": self.proposals, "gepa_unusable_proposals": self.unusable},
+                           step=event["iteration"], run_id=self.run_id)

@@ -1,5 +1,7 @@
 """Config composition: entry points, presets, the judge, and what may be logged."""
 
+import inspect
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -40,13 +42,14 @@ def test_tutorial_preset_is_the_tutorial():
     assert cfg.num_threads == 24 and cfg.optimizer.num_threads == 24
     assert cfg.optimizer.auto == "medium"
     assert (cfg.optimizer.max_bootstrapped_demos, cfg.optimizer.max_labeled_demos) == (2, 2)
+    assert cfg.optimizer._target_ == "dspy.MIPROv2" and cfg.optimizer.compile.minibatch_size == 35
 
 
 def test_smoke_preset_shrinks_the_run():
     default, small = compose("optimize"), compose("optimize", ["experiment=smoke"])
     assert small.data.dev_size < default.data.dev_size
     assert small.data.train_size <= default.data.train_size
-    assert small.optimizer.num_trials <= default.optimizer.num_trials
+    assert small.optimizer.compile.num_trials < default.optimizer.compile.num_trials
 
 
 def test_overrides_reach_nested_groups():
@@ -76,3 +79,52 @@ def test_secrets_are_dropped_from_logged_config():
     flat = flatten(to_container(cfg))
     assert flat == {"lm.api_key_env": "OPENAI_API_KEY", "lm.model": "m", "nested": [{"ok": 1}]}
     assert is_secret("API_KEY") and not is_secret("api_key_env")
+
+
+# overrides -> (optimizer class, auto, GEPA metric-call budget or MIPROv2 trials)
+PRESETS = [([], ("MIPROv2", None, 3)), (["optimizer=mipro"], ("MIPROv2", "medium", None)),
+           (["optimizer=gepa"], ("GEPA", "light", None)), (["optimizer=gepa_quick"], ("GEPA", None, 16)),
+           (["experiment=smoke"], ("MIPROv2", None, 2)),
+           (["experiment=smoke", "optimizer=gepa_quick"], ("GEPA", None, 16)),
+           (["experiment=tutorial"], ("MIPROv2", "medium", None)),
+           (["experiment=tutorial", "optimizer=gepa"], ("GEPA", "light", None)),
+           (["optimizer=gepa", "experiment=tutorial"], ("GEPA", "light", None))]
+
+
+@pytest.mark.parametrize("overrides, expected", PRESETS)
+def test_every_optimizer_preset_composes_and_builds(overrides, expected):
+    import dspy
+
+    from pipelines.feedback import FeedbackF1
+    from pipelines.optimizers import build_optimizer, compile_kwargs, reflective
+
+    cfg = compose("optimize", overrides)
+    lm = dspy.LM("openai/fake")
+    gepa = reflective(cfg.optimizer)
+    with dspy.context(lm=lm):
+        optimizer = build_optimizer(cfg.optimizer, FeedbackF1(lm) if gepa else lambda *a: 0.0,
+                                    **({"reflection_lm": lm} if gepa else {}))
+    budget = optimizer.max_metric_calls if gepa else compile_kwargs(cfg.optimizer).get("num_trials")
+    assert (type(optimizer).__name__, optimizer.auto, budget) == expected
+    assert optimizer.num_threads == cfg.num_threads
+    # compile() takes every compile key; the valset and minibatch are the optimizer's own business.
+    assert set(compile_kwargs(cfg.optimizer)) <= set(inspect.signature(type(optimizer).compile).parameters)
+
+
+def test_tutorial_gepa_reflects_with_a_stronger_lm_others_with_the_task_lm():
+    from pipelines.lm import merged_reflection_cfg
+
+    cfg = compose("optimize", ["experiment=tutorial", "optimizer=gepa"])
+    reflection = merged_reflection_cfg(cfg)
+    assert reflection.model == "openai/gpt-4o" and reflection.api_key_env == "OPENAI_API_KEY"
+    assert cfg.lm.model == "openai/gpt-4o-mini" and cfg.data.train_size == 200 and cfg.num_threads == 24
+    quick = compose("optimize", ["optimizer=gepa_quick"])
+    assert merged_reflection_cfg(quick) is quick.lm
+
+
+def test_main_runs_gepa_as_the_optimize_step_with_its_preset():
+    from pipelines.steps import step_config
+
+    for overrides, auto in (([], None), (["experiment=tutorial"], "light")):
+        step = step_config(compose("main", overrides), "gepa", overrides)
+        assert step.program.name == "rag" and step.optimizer.name == "gepa" and step.optimizer.auto == auto

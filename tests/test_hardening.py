@@ -6,7 +6,6 @@ import sys
 import dspy
 import mlflow
 import pytest
-from helpers import ROOT, fake_lm_overrides, run_cli, smoke
 from mlflow.entities import LoggedModelStatus
 
 from pipelines.config import ConfigError
@@ -15,6 +14,7 @@ from pipelines.steps import run_variant
 from pipelines.tracking import load_program
 
 from fake_lm import FakeLM
+from helpers import ROOT, fake_lm_overrides, run_cli, smoke
 
 
 def fake_overrides(fake: FakeLM) -> list[str]:

@@ -3,7 +3,6 @@
 import json
 
 import mlflow
-from helpers import smoke
 from test_hardening import fake_overrides
 
 from pipelines.config import compose
@@ -11,6 +10,7 @@ from pipelines.scoring import Scoring
 from pipelines.steps import comparison_chart, run_optimize, run_pipeline
 
 from fake_lm import FakeLM
+from helpers import smoke
 
 
 def table(run_id, path):

@@ -6,7 +6,6 @@ import dspy
 import mlflow
 import pytest
 from dspy.utils import DummyLM
-from helpers import fake_lm_overrides
 
 from pipelines import tracking
 from pipelines.config import ConfigError, compose
@@ -16,6 +15,7 @@ from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
 
 from fake_lm import FakeLM
+from helpers import fake_lm_overrides
 from test_programs import FixedRetriever
 
 METRICS = ["semantic_f1", "token_f1", "rouge_l"]

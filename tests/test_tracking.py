@@ -1,5 +1,6 @@
 """Run lifecycle, config logging and champion promotion against a temporary store."""
 
+import dspy
 import mlflow
 import pytest
 from omegaconf import OmegaConf
@@ -148,3 +149,35 @@ def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
     assert datasets["dev"].source.uri.endswith("ragqa_arena_tech_examples.jsonl")
     tutorial = compose("cot", ["data=ragqa_arena_tech"]).data
     assert tracking.dataset_source(tutorial).url == tutorial.examples_url
+
+
+def program_with(instructions: str, signature: str = "question -> response", demos=()):
+    program = dspy.ChainOfThought(signature)
+    program.predict.signature = program.predict.signature.with_instructions(instructions)
+    program.predict.demos = list(demos)
+    return program
+
+
+def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champion(store):
+    demo = dspy.Example(question="undo a commit?", reasoning="r", response="git reset {{ HEAD }}", augmented=True)
+    cot = program_with("Answer tersely.", demos=[demo])
+    rag = dspy.Module()  # named like RAG's predictor: respond.predict
+    rag.respond = program_with("Use the context. Jinja {% if %} stays text.", "context, question -> response")
+    with mlflow.start_run():
+        cot_prompts = tracking.register_prompts(cot, "reg", "cot")
+        tracking.link_prompts(cot_prompts, "reg", "1", promoted=True)
+        (prompt,) = cot_prompts
+        assert prompt.name == "reg.predict" and prompt.variables == set()
+        assert prompt.template == [
+            {"role": "system", "content": "Answer tersely."},
+            {"role": "user", "content": "question: undo a commit?"},
+            {"role": "assistant", "content": "reasoning: r\n\nresponse: git reset { { HEAD }}"}]
+        assert prompt.tags["braces_escaped"] == "true" and prompt.tags["demos"] == "1"
+        assert mlflow.genai.load_prompt("prompts:/reg.predict@champion").version == prompt.version
+        rag_prompts = tracking.register_prompts(rag, "reg", "rag")
+        tracking.link_prompts(rag_prompts, "reg", "2", promoted=True)
+    champion = mlflow.genai.load_prompt("prompts:/reg.predict@champion", allow_missing=True, cache_ttl_seconds=0)
+    assert champion is None  # the new champion has no `predict` predictor
+    assert mlflow.genai.load_prompt("prompts:/reg.predict/1").tags["model_version"] == "1"
+    rag_champion = mlflow.genai.load_prompt("prompts:/reg.respond.predict@champion")
+    assert rag_champion.template[0]["content"] == "Use the context. Jinja { % if %} stays text."
