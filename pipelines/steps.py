@@ -171,7 +171,7 @@ def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
 
 def run_optimize(cfg) -> StepResult:
     """Compile RAG on train with the configured optimizer; score baseline and optimized on dev; log, register,
-    promote. Every optimizer takes this same path; the `variant` tag names it (rag_mipro, rag_gepa)."""
+    promote. Every optimizer takes this same path; the `variant` tag names it (rag-mipro, rag-gepa)."""
     session = prepare(cfg)
     optimizer = session_optimizer(session)
     retriever, index_info = build_retriever(cfg)
