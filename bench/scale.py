@@ -23,7 +23,7 @@ Prints Markdown tables and writes results.json to the scratch dir.
 
     .venv/bin/python bench/scale.py                          # 30-60+ min on 2 cores
     .venv/bin/python bench/scale.py --docs 2000 --auto light --phases rag optimize   # a quick look
-    .venv/bin/python bench/scale.py --analyze /work/scratch/bench-scale-XXXX        # re-print results.json
+    .venv/bin/python bench/scale.py --analyze /work/scratch/bench-scale-XXXX        # tables again
 """
 
 from __future__ import annotations
@@ -185,14 +185,15 @@ def run_phase(phase: str, store: Path, fake: FakeLMProcess, args) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {phase}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall, rss = run_measured(cmd, env, store / f"{phase}.log")
     chat1, emb1 = fake.counts()
+    end = time.time()
     record = {"phase": phase, "cmd": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss,
-              "chat_calls": chat1 - chat0, "embedding_calls": emb1 - emb0, "start": start,
+              "chat_calls": chat1 - chat0, "embedding_calls": emb1 - emb0, "start": start, "end": end,
               "store_mib": store_mib(store), "log": str(store / f"{phase}.log")}
     if phase == "bare":
         bare = store / "bare.json"
         record["bare"] = json.loads(bare.read_text()) if bare.exists() else None
     else:
-        record["runs"] = describe_runs(store, start)
+        record["runs"] = describe_runs(store, start, end)
     print(f"[{time.strftime('%H:%M:%S')}] {phase}: exit {rc}, {wall:.0f} s, {rss:.0f} MiB, "
           f"{record['chat_calls']} chat / {record['embedding_calls']} embedding calls", file=sys.stderr, flush=True)
     return record
@@ -215,38 +216,42 @@ def metric_time(client, run_id: str, key: str) -> float | None:
     return max(m.timestamp for m in history) / 1000 if history else None
 
 
-def describe_runs(store: Path, since: float) -> list[dict]:
-    """The project's runs started after `since`; MIPROv2's own compile/eval runs are summed in one row."""
+def describe_runs(store: Path, since: float, until: float) -> list[dict]:
+    """The project's runs started between `since` and `until`, split into phases by metric timestamps. MIPROv2's own
+    trial runs (autolog's eval_* children) are summed in one row; the last one's end marks compile's end."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs([exp.experiment_id], f"attributes.start_time >= {int(since * 1000)}",
-                              max_results=1000, order_by=["attributes.start_time ASC"])
-    out, others = [], {"step": "(MIPROv2 runs)", "runs": 0, "traces": 0}
+    window = f"attributes.start_time >= {int(since * 1000)} and attributes.start_time <= {int(until * 1000)}"
+    runs = client.search_runs([exp.experiment_id], window, max_results=1000, order_by=["attributes.start_time ASC"])
+    trials = [r for r in runs if "step" not in r.data.tags]
+    out = []
     for run in runs:
-        traces = count_traces(client, exp.experiment_id, run.info.run_id)
-        step = run.data.tags.get("step")
-        if step is None:
-            others["runs"] += 1
-            others["traces"] += traces
+        if run in trials:
             continue
         metrics, rid = run.data.metrics, run.info.run_id
         start, end = run.info.start_time / 1000, (run.info.end_time or 0) / 1000 or None
         eval_start = metric_time(client, rid, "index_passages") or start
         base, scored = metric_time(client, rid, "baseline_semantic_f1"), metric_time(client, rid, "semantic_f1")
-        row = {"step": step, "run_id": rid, "status": run.info.status,
-               "run_s": end - start if end else None, "traces": traces,
+        row = {"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
+               "run_s": end - start if end else None, "until_eval_s": eval_start - start,
+               "after_eval_s": end - scored if end and scored else None,
+               "traces": count_traces(client, exp.experiment_id, rid),
                "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
                "semantic_f1": metrics.get("semantic_f1"), "registered_version": run.data.tags.get("registered_version"),
                "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k}}
-        if base:
-            row["baseline_eval_s"] = base - eval_start
-            row["compile_and_eval_s"] = scored - base if scored else None
+        children = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
+        if base and scored and children:
+            row |= {"eval_s": base - eval_start, "compile_s": max(children) - base,
+                    "optimized_eval_s": scored - max(children)}
         elif scored:
-            row["eval_s"] = scored - eval_start
+            row["eval_s"] = (base or scored) - eval_start
         out.append(row)
-    return out + ([others] if others["runs"] else [])
+    if trials:
+        out.append({"step": "(MIPROv2 trial runs)", "runs": len(trials),
+                    "traces": sum(count_traces(client, exp.experiment_id, r.info.run_id) for r in trials)})
+    return out
 
 
 def registered_demos(store: Path) -> list[dict]:
@@ -287,13 +292,14 @@ def report(results: dict) -> str:
     for p in results["phases"]:
         for r in p.get("runs", []):
             if "run_id" not in r:
-                rows.append([p["phase"], f"{r['step']} x{r['runs']}", "", "", "", "", "", r["traces"]])
+                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * 8, r["traces"]])
                 continue
-            rows.append([p["phase"], r["step"], r["status"], seconds(r["run_s"]),
-                         seconds(r.get("eval_s", r.get("baseline_eval_s"))), seconds(r.get("compile_and_eval_s")),
-                         r["examples"] or "—", r["traces"]])
-    lines += ["", table(["phase", "run", "status", "run s", "eval s (baseline for optimize)",
-                         "compile + optimized eval s", "examples evaluated", "traces logged"], rows)]
+            rows.append([p["phase"], r["step"], r["status"], *(seconds(r.get(k)) for k in (
+                "run_s", "until_eval_s", "eval_s", "compile_s", "optimized_eval_s", "after_eval_s")),
+                r["examples"] or "—", r["traces"]])
+    lines += ["", table(["phase", "run", "status", "run s", "until eval s", "eval s (optimize: baseline)",
+                         "MIPROv2 compile s", "optimized eval s", "log + register s", "examples evaluated",
+                         "traces logged"], rows)]
     traced, untraced = (_first_run(phases.get(k)) for k in ("rag-cached", "rag-untraced"))
     if traced and untraced and traced.get("eval_s") and untraced.get("eval_s"):
         moved = [f"{k}: {phases[k]['chat_calls']} chat / {phases[k]['embedding_calls']} embedding"
@@ -325,8 +331,12 @@ def _first_run(phase: dict | None) -> dict | None:
 
 
 def main(args) -> None:
-    if args.analyze:
-        print(report(json.loads((Path(args.analyze) / "results.json").read_text())))
+    if args.analyze:  # the runs are read from the store again
+        results = json.loads((Path(args.analyze) / "results.json").read_text())
+        for phase in results["phases"]:
+            if "runs" in phase:
+                phase["runs"] = describe_runs(Path(results["store"]), phase["start"], phase["end"])
+        print(report(results))
         return
     store = Path(args.scratch) if args.scratch else scratch("scale")
     t = time.perf_counter()
@@ -357,5 +367,5 @@ if __name__ == "__main__":
     parser.add_argument("--skip-bare", action="store_true", help="leave out the bare tutorial script")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's phases")
     parser.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
-    parser.add_argument("--analyze", help="only print the tables of an earlier run's results.json in this dir")
+    parser.add_argument("--analyze", help="only print the tables of an earlier run in this dir (results.json and its store)")
     main(parser.parse_args())
