@@ -1,18 +1,24 @@
-"""Where the harness's eval overhead goes: steady-state cost of MLflow DSPy tracing per example.
+"""What MLflow DSPy tracing costs per example, and which export settings bring it down.
 
-In one process per setting, `pipelines.scoring.evaluate` runs the cot program + JudgedF1 on 16
-examples against the fake LM (own process, 50 ms/call), 2 threads, 4 times after a warm-up; the
-table gives medians of wall time, process CPU time per example, and SQL statements / time in
-sqlite per example (SQLAlchemy cursor events). Settings:
+In one process per setting, `pipelines.scoring.evaluate` runs the cot program + JudgedF1 against
+the fake LM (own process), several times after a warm-up; the table gives medians of wall time
+(up to the point every trace is in the store), process CPU per example, SQL statements and time in
+sqlite per example (SQLAlchemy cursor events), and traces logged per evaluation. Settings:
   * no-mlflow:  MLflow never imported;
   * traces-off: `pipelines.tracking.setup` + run with tracking.log_traces=false;
   * sync:       the project default (autolog traces of the program, MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false);
   * sync+judge: same, plus traces of the SemanticF1 judge's calls (tracking.trace_judge=true);
-  * async:      same with MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true, timed up to
-                `mlflow.flush_trace_async_logging()` so the deferred writes are counted.
-No target: this explains the overhead.py figure.
+  * sync+wal:   same as sync on a store switched to sqlite's WAL journal;
+  * async:      MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true (MLflow's batch span processor and 10 writer
+                threads), timed up to `mlflow.flush_trace_async_logging()`; the eval phase alone in brackets;
+  * async-1:    same with a single writer thread (MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS=1).
+Async export is not the project default: MLflow logs each example's metric as feedback on its trace
+right after the metric call, and under async export that trace is usually not in the store yet.
 
-    .venv/bin/python bench/trace_cost.py
+    .venv/bin/python bench/trace_cost.py                                   # 16 examples, 50 ms, 2 threads
+    .venv/bin/python bench/trace_cost.py --cached --examples 300 --threads 24 --latency 0 --evals 2
+The second is the cached re-evaluation of issue 13: every LM call answered from DSPy's cache
+(target: traced <= 1.5x traces-off, and one trace per example).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import time
 
 from _common import ROOT, FakeLMProcess, fake_overrides, isolate_mlflow, machine, median, scratch, table
 
-SETTINGS = ("no-mlflow", "traces-off", "sync", "sync+judge", "async")
+SETTINGS = ("no-mlflow", "traces-off", "sync", "sync+judge", "sync+wal", "async", "async-1")
 
 
 def sql_counter():
@@ -54,8 +60,10 @@ def worker(args) -> dict:
 
     store = scratch("trace-cost")
     isolate_mlflow(store)
-    if args.worker == "async":  # not the default: it drops metric feedback on traces
+    if args.worker.startswith("async"):
         os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "true"
+    if args.worker == "async-1":
+        os.environ["MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS"] = "1"
     import dspy
 
     from pipelines.config import compose
@@ -63,58 +71,81 @@ def worker(args) -> dict:
     from pipelines.scoring import JudgedF1, evaluate
 
     extra = ["tracking.log_traces=false"] if args.worker == "traces-off" else []
+    if args.cached:
+        extra += ["lm.cache=true"]
     cfg = compose("cot", fake_overrides(args.api_base, store / "artifacts", *extra))
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
+    dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
     dspy.configure(lm=lm, adapter=adapter)
-    metric, program, devset = JudgedF1(lm, traced=args.worker == "sync+judge"), dspy.ChainOfThought("question -> response"), examples(args.examples)
-    evaluate(program, devset[:4], metric, args.threads, progress=False)  # imports LiteLLM etc.
-    stats, walls, cpus, sql = collections.Counter(), [], [], []
+    metric, program = JudgedF1(lm, traced=args.worker == "sync+judge"), dspy.ChainOfThought("question -> response")
+    devset = examples(args.examples)
+    warm_up = devset if args.cached else devset[:4]  # imports LiteLLM etc.; --cached: fills the cache
+    stats, walls, evals, cpus, sql, traces = collections.Counter(), [], [], [], [], []
 
-    def once():
+    def once(run_id=None):
+        from pipelines import tracking
+
+        before = tracking.count_traces(run_id) if run_id else 0
         stats.clear()
         wall, cpu = time.perf_counter(), time.process_time()
         evaluate(program, devset, metric, args.threads, progress=False)
-        if args.worker == "async":
-            import mlflow
-
+        evals.append(time.perf_counter() - wall)
+        if args.worker.startswith("async"):
             mlflow.flush_trace_async_logging()
         walls.append(time.perf_counter() - wall)
         cpus.append((time.process_time() - cpu) / len(devset))
         sql.append((stats["statements"] / len(devset), stats["seconds"] / len(devset)))
+        traces.append(tracking.count_traces(run_id) - before if run_id else 0)
 
     if args.worker == "no-mlflow":
+        evaluate(program, warm_up, metric, args.threads, progress=False)
         for _ in range(args.evals):
             once()
         assert "mlflow" not in sys.modules
     else:
+        import mlflow
+
         from pipelines import tracking
 
         stats = sql_counter()
         tracking.setup(cfg)
-        with tracking.run("bench-trace-cost", cfg):
-            evaluate(program, devset[:4], metric, args.threads, progress=False)  # first traces
+        if args.worker == "sync+wal":
+            import sqlite3
+
+            sqlite3.connect(store / "mlflow.db").execute("PRAGMA journal_mode=WAL").fetchall()
+        with tracking.run("bench-trace-cost", cfg) as active:
+            evaluate(program, warm_up, metric, args.threads, progress=False)  # first traces
+            if args.worker.startswith("async"):
+                mlflow.flush_trace_async_logging()
+            traced = args.worker != "traces-off"
             for _ in range(args.evals):
-                once()
-    return {"wall": median(walls), "cpu": median(cpus), "stmts": median([s[0] for s in sql]),
-            "sql_s": median([s[1] for s in sql])}
+                once(active.info.run_id if traced else None)
+    return {"wall": median(walls), "eval": median(evals), "cpu": median(cpus), "stmts": median([s[0] for s in sql]),
+            "sql_s": median([s[1] for s in sql]), "traces": min(traces)}
 
 
 def main(args) -> None:
-    rows = []
+    rows, base = [], None
     with FakeLMProcess(latency=args.latency) as fake:
-        for setting in SETTINGS:
+        for setting in args.settings:
             cmd = [sys.executable, __file__, "--worker", setting, "--api-base", fake.api_base,
-                   "--examples", str(args.examples), "--threads", str(args.threads), "--evals", str(args.evals)]
+                   "--examples", str(args.examples), "--threads", str(args.threads), "--evals", str(args.evals),
+                   *(["--cached"] if args.cached else [])]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise RuntimeError(proc.stderr[-3000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append([setting, f"{r['wall']:.2f}", f"{r['cpu'] * 1000:.0f}", f"{r['stmts']:.0f}",
-                         f"{r['sql_s'] * 1000:.0f}"])
+            base = r["wall"] if setting == "traces-off" else base
+            wall = f"{r['wall']:.2f}" + (f" ({r['eval']:.2f})" if setting.startswith("async") else "")
+            rows.append([setting, wall, f"{r['wall'] / base:.2f}x" if base else "-", f"{r['cpu'] * 1000:.0f}",
+                         f"{r['stmts']:.0f}", f"{r['sql_s'] * 1000:.0f}",
+                         f"{r['traces']}/{args.examples}" if setting not in ("no-mlflow", "traces-off") else "-"])
             print(rows[-1], file=sys.stderr)
     print(f"\nMachine: {machine()}; {args.examples} examples x (cot + judge), fake LM {args.latency * 1000:.0f} ms, "
-          f"{args.threads} threads, medians of {args.evals} evaluations after warm-up\n")
-    print(table(["setting", "eval wall s", "CPU ms/example", "SQL stmts/example", "ms in sqlite/example"], rows))
+          f"{'all calls cached, ' if args.cached else ''}{args.threads} threads, medians of {args.evals} "
+          "evaluations after warm-up\n")
+    print(table(["setting", "eval wall s", "vs traces-off", "CPU ms/example", "SQL stmts/example",
+                 "ms in sqlite/example", "traces logged"], rows))
 
 
 if __name__ == "__main__":
@@ -123,6 +154,8 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--evals", type=int, default=4)
+    parser.add_argument("--cached", action="store_true", help="answer every LM call from DSPy's cache")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--worker", choices=SETTINGS)
     parser.add_argument("--api-base")
     args = parser.parse_args()

@@ -73,7 +73,10 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
 
 def _score(session: Session, program, examples, prefix: str, split: str) -> EvalResult:
     """Evaluate, log table and metrics, then fail loudly if the LM server died underneath us."""
-    result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
+    tracing = session.cfg.tracking
+    traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
+    with tracking.watch_traces(len(examples) * traces_per_example, prefix):
+        result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
     tracking.log_evaluation(result, split, prefix=prefix)
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):

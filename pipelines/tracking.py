@@ -32,6 +32,7 @@ def setup(cfg) -> None:
     """Point MLflow at the configured store and turn on DSPy autologging."""
     # Synchronous trace export keeps metric feedback attached to traces.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    size_connection_pool(max(int(cfg.num_threads), int(cfg.optimizer.get("num_threads") or 0)))
     mlflow.set_tracking_uri(cfg.tracking.uri)
     _init_store(str(cfg.tracking.uri))
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -45,6 +46,18 @@ def setup(cfg) -> None:
     mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
                         log_evals=bool(cfg.tracking.log_compiles), silent=True)
+
+
+def size_connection_pool(threads: int) -> None:
+    """Give every exporting thread the two store connections it may hold at once.
+
+    Each evaluation thread exports its own traces, and MLflow's `start_trace` holds one pooled
+    connection while it checks out a second; with more threads than the pool (5 + 10 overflow by
+    default) they wait on each other until the pool's 30 s timeout, and the timed-out traces are
+    dropped. Must run before the store's engine exists; a user's own setting wins.
+    """
+    os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", str(max(5, 2 * threads + 2)))
+    os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", str(max(10, threads)))
 
 
 def _init_store(uri: str) -> None:
@@ -131,6 +144,56 @@ def log_evaluation(result: EvalResult, split: str, prefix: str = "") -> dict[str
     mlflow.log_metrics(metrics)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
     return metrics
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def count_traces(run_id: str) -> int:
+    client, count, token = MlflowClient(), 0, None
+    experiment_id = client.get_run(run_id).info.experiment_id
+    while True:
+        page = client.search_traces(locations=[experiment_id], run_id=run_id, include_spans=False,
+                                    max_results=500, page_token=token)
+        count += len(page)
+        token = page.token
+        if not token:
+            return count
+
+
+@contextlib.contextmanager
+def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
+    """Check that the traces of the evaluation inside made it to the store, and say why not.
+
+    MLflow drops a trace it cannot write with a log line only; here the count is a metric
+    (`traces_logged`) and a shortfall is a warning and a tag naming the export errors.
+    `expected` 0 means tracing is off: nothing to check.
+    """
+    if not expected:
+        yield
+        return
+    failures = _Warnings()
+    exporter_log = logging.getLogger("mlflow.tracing.export")
+    exporter_log.addHandler(failures)
+    run_id = mlflow.active_run().info.run_id
+    before = count_traces(run_id)
+    try:
+        yield
+    finally:
+        exporter_log.removeHandler(failures)
+    logged = count_traces(run_id) - before
+    mlflow.log_metric(f"{prefix}traces_logged", logged)
+    if logged < expected:
+        reasons = "; ".join(dict.fromkeys(m[:300] for m in failures.messages)) or "no export error was reported"
+        message = f"{expected - logged} of {expected} traces were not written to the store ({reasons})"
+        log.warning(message)
+        mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
 
 
 def log_table(rows: list[dict], artifact_file: str) -> None:

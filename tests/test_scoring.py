@@ -1,6 +1,9 @@
 """Evaluation rows and failure accounting, against a fake OpenAI-compatible server."""
 
+import time
+
 import dspy
+import mlflow
 import pytest
 
 from fake_lm import FakeLM
@@ -68,3 +71,59 @@ def test_judge_calls_are_traced_only_when_asked(store, trace_judge):
     roots = sorted(t.data.spans[0].name for t in traces)
     assert roots.count("ChainOfThought.forward") == 2
     assert roots.count("SemanticF1.forward") == (2 if trace_judge else 0)
+
+
+def traced_evaluation(store, n: int, threads: int):
+    """`n` cot examples at `threads` threads through the project's scoring step, traced."""
+    from pipelines import tracking
+    from pipelines.steps import prepare, _score
+
+    fake = FakeLM().start()
+    cfg = compose("cot", ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", "lm.model=openai/fake",
+                          "lm.cache=false", "lm.adapter=json_schema", f"num_threads={threads}",
+                          f"tracking.artifact_location={store}/artifacts"])
+    session = prepare(cfg)
+    examples = (session.splits.train + session.splits.dev + session.splits.test)[:n]
+    try:
+        with tracking.run("traced", cfg) as active:
+            _score(session, dspy.ChainOfThought("question -> response"), examples, "", "dev")
+    finally:
+        fake.stop()
+    return mlflow.get_run(active.info.run_id)
+
+
+def test_every_example_of_a_many_threaded_evaluation_is_traced(store, monkeypatch):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # A slow store lines the 24 threads' exports up, each holding a pooled connection while it
+    # asks for a second (as on a loaded host): with MLflow's default pool of 5 + 10 they starve.
+    original = SqlAlchemyStore.get_experiment
+
+    def slow_get_experiment(self, experiment_id):
+        time.sleep(0.3)
+        return original(self, experiment_id)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_experiment", slow_get_experiment)
+    started = time.monotonic()
+    run = traced_evaluation(store, n=24, threads=24)
+    assert run.data.metrics["traces_logged"] == 24 and "traces_missing" not in run.data.tags
+    assert time.monotonic() - started < 25  # no wait on the pool's 30 s timeout
+
+
+def test_traces_the_store_refuses_are_counted_and_explained(store, monkeypatch, caplog):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    original, calls = SqlAlchemyStore.start_trace, []
+
+    def every_third_fails(self, trace_info):
+        calls.append(trace_info)
+        if len(calls) % 3 == 0:
+            raise mlflow.exceptions.MlflowException("disk quota exceeded")
+        return original(self, trace_info)
+
+    monkeypatch.setattr(SqlAlchemyStore, "start_trace", every_third_fails)
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        run = traced_evaluation(store, n=6, threads=1)
+    assert run.data.metrics["traces_logged"] == 4
+    assert "2 of 6 traces were not written" in run.data.tags["traces_missing"]
+    assert "disk quota exceeded" in run.data.tags["traces_missing"] and "disk quota exceeded" in caplog.text
