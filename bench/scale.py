@@ -240,7 +240,8 @@ def describe_runs(store: Path, since: float, until: float) -> list[dict]:
                "traces": count_traces(client, exp.experiment_id, rid),
                "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
                "semantic_f1": metrics.get("semantic_f1"), "registered_version": run.data.tags.get("registered_version"),
-               "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k}}
+               "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k},
+               "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}}
         children = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
         if base and scored and children:
             row |= {"eval_s": base - eval_start, "compile_s": max(children) - base,
@@ -300,6 +301,10 @@ def report(results: dict) -> str:
     lines += ["", table(["phase", "run", "status", "run s", "until eval s", "eval s (optimize: baseline)",
                          "MIPROv2 compile s", "optimized eval s", "log + register s", "examples evaluated",
                          "traces logged"], rows)]
+    missing = [f"- {p['phase']} / {r['step']}: " + v[:200].replace("\n", " ")
+               for p in results["phases"] for r in p.get("runs", []) for v in r.get("traces_missing", {}).values()]
+    if missing:
+        lines += ["", "Traces the project reported missing (tag `*traces_missing`):", *missing]
     traced, untraced = (_first_run(phases.get(k)) for k in ("rag-cached", "rag-untraced"))
     if traced and untraced and traced.get("eval_s") and untraced.get("eval_s"):
         moved = [f"{k}: {phases[k]['chat_calls']} chat / {phases[k]['embedding_calls']} embedding"
@@ -367,5 +372,5 @@ if __name__ == "__main__":
     parser.add_argument("--skip-bare", action="store_true", help="leave out the bare tutorial script")
     parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's phases")
     parser.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
-    parser.add_argument("--analyze", help="only print the tables of an earlier run in this dir (results.json and its store)")
+    parser.add_argument("--analyze", help="only print the tables of an earlier run in this dir")
     main(parser.parse_args())
