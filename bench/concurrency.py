@@ -40,7 +40,7 @@ def main(args) -> None:
 
     from pipelines.config import compose
     from pipelines.lm import build_adapter, build_lm
-    from pipelines.scoring import JudgedF1, evaluate
+    from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
 
     devset = examples(args.examples)
     rows = []
@@ -48,7 +48,7 @@ def main(args) -> None:
         cfg = compose("cot", fake_overrides(fake.api_base, store / "artifacts"))
         lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
         dspy.configure(lm=lm, adapter=adapter)
-        metric = JudgedF1(lm)
+        metric = Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm))
         program = dspy.ChainOfThought("question -> response")
 
         def measure(setting: str) -> None:

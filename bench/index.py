@@ -96,7 +96,7 @@ def latency(n: int, dim: int, queries: int) -> list:
         results[name] = found
         ms = np.array(times) * 1000
         p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
-        source_hit = np.mean([p in r for p, r in zip(picks, found)])
+        source_hit = np.mean([p in r for p, r in zip(picks, found, strict=True)])
         rows.append([name, f"{build:.2f}", f"{p50:.3f}", f"{p99:.3f}", f"{ms.mean():.3f}", f"{source_hit:.3f}",
                      "met" if p50 <= 1.0 else "MISSED"])
     return rows

@@ -129,7 +129,8 @@ def log_time(path: Path, text: str) -> float | None:
     for line in path.read_text(errors="replace").splitlines():
         if text in line and line.startswith("["):
             stamp = line[1:line.index("]")]
-            return time.mktime(time.strptime(stamp.split(",")[0], "%Y-%m-%d %H:%M:%S")) + int(stamp.split(",")[1]) / 1000
+            seconds, millis = stamp.split(",")
+            return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
     return None
 
 

@@ -187,7 +187,8 @@ def main(args) -> None:
                     if rep:
                         runs[mode].append(out)
             report[program] = runs
-    lm = "embedded SmolLM2 (lm=local, uncached)" if args.lm == "local" else f"fake LM latency {args.latency * 1000:.0f} ms"
+    lm = ("embedded SmolLM2 (lm=local, uncached)" if args.lm == "local"
+          else f"fake LM latency {args.latency * 1000:.0f} ms")
     print(f"\nMachine: {machine()}; {lm}, dev={args.dev}, "
           f"num_threads={args.threads}, medians of {args.reps} runs; scratch {base}\n")
     evals = {(p, m): median([r["times"]["evaluate"] for r in runs[m]]) for p, runs in report.items() for m in MODES}

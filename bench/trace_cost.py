@@ -1,9 +1,10 @@
 """What MLflow DSPy tracing costs per example, and which export settings bring it down.
 
-In one process per setting, `pipelines.scoring.evaluate` runs the cot program + JudgedF1 against
-the fake LM (own process), several times after a warm-up; the table gives medians of wall time
-(up to the point every trace is in the store), process CPU per example, SQL statements and time in
-sqlite per example (SQLAlchemy cursor events), and traces logged per evaluation. Settings:
+In one process per setting, `pipelines.scoring.evaluate` runs the cot program + the project's default
+metrics (JudgedF1, token F1, ROUGE-L; each one an assessment on the example's trace) against the fake
+LM (own process), several times after a warm-up; the table gives medians of wall time (up to the point
+every trace is in the store), process CPU per example, SQL statements and time in sqlite per example
+(SQLAlchemy cursor events), and traces logged per evaluation. Settings:
   * no-mlflow:  MLflow never imported;
   * traces-off: `pipelines.tracking.setup` + run with tracking.log_traces=false;
   * sync:       the project default (autolog traces of the program, MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false);
@@ -68,7 +69,7 @@ def worker(args) -> dict:
 
     from pipelines.config import compose
     from pipelines.lm import build_adapter, build_lm
-    from pipelines.scoring import JudgedF1, evaluate
+    from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
 
     extra = ["tracking.log_traces=false"] if args.worker == "traces-off" else []
     if args.cached:
@@ -77,25 +78,34 @@ def worker(args) -> dict:
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
     dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
     dspy.configure(lm=lm, adapter=adapter)
-    metric, program = JudgedF1(lm, traced=args.worker == "sync+judge"), dspy.ChainOfThought("question -> response")
-    devset = examples(args.examples)
+    judge = JudgedF1(lm, traced=args.worker == "sync+judge")
+    metric = Scorer(Scoring.from_cfg(cfg.scoring), judge)
+    program, devset = dspy.ChainOfThought("question -> response"), examples(args.examples)
     warm_up = devset if args.cached else devset[:4]  # imports LiteLLM etc.; --cached: fills the cache
     stats, walls, evals, cpus, sql, traces = collections.Counter(), [], [], [], [], []
+    harness = {}  # with MLflow: each example's trace id, and the logging of its metrics on that trace
+
+    def count_traces(run_id):
+        if not run_id:
+            return 0
+        from pipelines import tracking  # only with MLflow: the no-mlflow setting never imports it
+
+        return tracking.count_traces(run_id)
 
     def once(run_id=None):
-        from pipelines import tracking
-
-        before = tracking.count_traces(run_id) if run_id else 0
+        before = count_traces(run_id)
         stats.clear()
         wall, cpu = time.perf_counter(), time.process_time()
-        evaluate(program, devset, metric, args.threads, progress=False)
+        result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=harness.get("trace_id"))
         evals.append(time.perf_counter() - wall)
+        if "assess" in harness:
+            harness["assess"](result)
         if args.worker.startswith("async"):
             mlflow.flush_trace_async_logging()
         walls.append(time.perf_counter() - wall)
         cpus.append((time.process_time() - cpu) / len(devset))
         sql.append((stats["statements"] / len(devset), stats["seconds"] / len(devset)))
-        traces.append(tracking.count_traces(run_id) - before if run_id else 0)
+        traces.append(count_traces(run_id) - before)
 
     if args.worker == "no-mlflow":
         evaluate(program, warm_up, metric, args.threads, progress=False)
@@ -113,8 +123,11 @@ def worker(args) -> dict:
             import sqlite3
 
             sqlite3.connect(store / "mlflow.db").execute("PRAGMA journal_mode=WAL").fetchall()
+        if cfg.tracking.log_traces:
+            harness.update(trace_id=tracking.last_trace_id, assess=tracking.log_assessments)
         with tracking.run("bench-trace-cost", cfg) as active:
-            evaluate(program, warm_up, metric, args.threads, progress=False)  # first traces
+            evaluate(program, warm_up, metric, args.threads, progress=False,
+                     trace_id=harness.get("trace_id"))  # first traces
             if args.worker.startswith("async"):
                 mlflow.flush_trace_async_logging()
             traced = args.worker != "traces-off"

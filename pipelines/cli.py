@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import hydra
 from omegaconf import DictConfig
@@ -24,9 +24,10 @@ def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[]
         except (ConfigError, LMServerError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
-        score = getattr(result, "score", None)
-        if score is not None:
-            print(f"{config_name}: SemanticF1 = {score:.1f}  (run {result.run_id})")
-        return score
+        evaluation = getattr(result, "result", None)
+        if evaluation is None:
+            return None
+        print(f"{config_name}: {evaluation.headline()}  (run {result.run_id})")
+        return evaluation.score
 
     return _main

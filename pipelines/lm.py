@@ -212,8 +212,9 @@ def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,
                   max_tokens: int | None = None) -> dict[str, Any]:
     """JSON schema of a signature's output fields, in order, with string lengths bounded.
 
-    The bound matters: a grammar-constrained small model can ramble inside a string until
+    The upper bound matters: a grammar-constrained small model can ramble inside a string until
     `max_tokens` cuts the JSON, which then fails to parse. So the strings share the token budget.
+    The lower bound of 1 keeps a 135M model from taking the shortest valid JSON, `""` everywhere.
     """
     schemas = {name: TypeAdapter(f.annotation).json_schema() for name, f in signature.output_fields.items()}
     strings = [s for s in schemas.values() if s.get("type") == "string"]
@@ -222,6 +223,7 @@ def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,
         share = int(max_tokens * CHARS_PER_TOKEN_FLOOR / len(strings))
         limit = min(limit, share) if limit else share
     for schema in strings:
+        schema["minLength"] = 1
         if limit:
             schema["maxLength"] = int(limit)
     return {"type": "object", "properties": schemas, "required": list(schemas)}

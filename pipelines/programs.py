@@ -6,6 +6,8 @@ import logging
 
 import dspy
 
+from pipelines.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 CHARS_PER_TOKEN = 3  # conservative for English technical text; keeps estimates on the safe side
@@ -70,7 +72,7 @@ def build_program(program_cfg, lm_cfg, retriever=None) -> dspy.Module:
         return dspy.ChainOfThought(program_cfg.signature)
     if program_cfg.name == "rag":
         if retriever is None:
-            raise ValueError("the rag program needs a retriever")
+            raise ConfigError("the rag program needs a retriever")
         return RAG(retriever, k=int(program_cfg.k), context_window=lm_cfg.get("context_window"),
                    max_tokens=lm_cfg.get("max_tokens"), reserve_tokens=int(program_cfg.reserve_tokens))
-    raise ValueError(f"unknown program {program_cfg.name!r}")
+    raise ConfigError(f"program.name must be cot or rag, not {program_cfg.name!r}")

@@ -7,6 +7,7 @@ without re-embedding the corpus, and is shared, not copied, when optimizers deep
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import dspy
+import mlflow
 import numpy as np
+from mlflow.entities import Document, SpanType
 from tqdm.auto import tqdm
 
 from pipelines.config import NO_KEY, ConfigError, require_env
@@ -239,7 +242,7 @@ def write_index(index: Index, path: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     np.save(tmp / "embeddings.npy", index.embeddings)
     with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
-        for doc_id, text in zip(index.doc_ids, index.passages):
+        for doc_id, text in zip(index.doc_ids, index.passages, strict=True):
             f.write(json.dumps({"doc_id": doc_id, "text": text}, ensure_ascii=False) + "\n")
     meta = dict(index.meta, n=len(index.passages), dim=int(index.embeddings.shape[1]))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -274,6 +277,18 @@ def read_index(path: Path, identity: dict[str, Any], brute_force_threshold: int)
 # Retriever
 
 
+@contextlib.contextmanager
+def retriever_span(query: str, k: int):
+    """A RETRIEVER span inside the trace of the program call that retrieves, so MLflow's trace view
+    lists the passages as documents; outside a trace (serving, tests), no span and no new trace."""
+    if mlflow.get_current_active_span() is None:
+        yield None
+        return
+    with mlflow.start_span(name="retrieve", span_type=SpanType.RETRIEVER) as span:
+        span.set_inputs({"query": query, "k": k})
+        yield span
+
+
 class Retriever:
     """Top-k passages for a query. Read-only, so program copies share one instance."""
 
@@ -281,10 +296,16 @@ class Retriever:
         self.index, self.embedder, self.k = index, embedder, k
 
     def __call__(self, query: str, k: int | None = None) -> dspy.Prediction:
-        vector = np.asarray(self.embedder([query]), dtype=np.float32)
-        ids, scores = self.index.search(vector, k or self.k)[0]
-        return dspy.Prediction(passages=[self.index.passages[i] for i in ids],
-                               doc_ids=[self.index.doc_ids[i] for i in ids], scores=scores)
+        k = k or self.k
+        with retriever_span(query, k) as span:
+            vector = np.asarray(self.embedder([query]), dtype=np.float32)
+            ids, scores = self.index.search(vector, k)[0]
+            hits = dspy.Prediction(passages=[self.index.passages[i] for i in ids],
+                                   doc_ids=[self.index.doc_ids[i] for i in ids], scores=scores)
+            if span is not None:
+                span.set_outputs([Document(page_content=p, id=str(d), metadata={"doc_id": d, "score": round(s, 4)})
+                                  for p, d, s in zip(hits.passages, hits.doc_ids, hits.scores, strict=True)])
+        return hits
 
     def __deepcopy__(self, memo):
         return self

@@ -1,19 +1,134 @@
-"""SemanticF1 through `dspy.Evaluate`, turned into one row per example."""
+"""Per-example metrics through `dspy.Evaluate`, one row per example, averaged with intervals.
+
+SemanticF1 asks an LM judge. Token F1 and ROUGE-L compare words with the gold answer: no LM, so a
+rerun gives the same number. recall@k scores retrieval where the data has gold document ids.
+Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
+import string
 import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dspy
-from dspy.evaluate import SemanticF1
+from dspy.evaluate import SemanticF1 as DSPySemanticF1
+from dspy.evaluate.auto_evaluation import f1_score
+
+from pipelines.config import ConfigError
+from pipelines.stats import Comparison, Estimate, interval, paired_difference, tidy
 
 log = logging.getLogger(__name__)
 
+JUDGED = "semantic_f1"
+ANSWER_METRICS = (JUDGED, "token_f1", "rouge_l")  # what `scoring.metrics` may list
+RECALL = "recall_at_k"  # always scored for a retrieving program, never primary: CoT has none
+LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k"}
+PROMOTION_RULES = ("significant", "better")
+NO_PREDICTION = "no prediction: LM call or output parsing failed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scoring:
+    """The `scoring/` config: which metrics run, which one decides, how intervals are drawn."""
+
+    metrics: tuple[str, ...]
+    primary: str
+    confidence: float
+    n_resamples: int
+    seed: int
+    promotion: str
+
+    @classmethod
+    def from_cfg(cls, cfg) -> Scoring:
+        metrics = tuple(cfg.metrics)
+        unknown = [m for m in metrics if m not in ANSWER_METRICS]
+        if unknown or not metrics:
+            raise ConfigError(f"scoring.metrics={list(metrics)}: choose one or more of {list(ANSWER_METRICS)}")
+        if cfg.primary not in metrics:
+            raise ConfigError(f"scoring.primary={cfg.primary} must be one of scoring.metrics={list(metrics)}")
+        if cfg.promotion not in PROMOTION_RULES:
+            raise ConfigError(f"scoring.promotion must be one of {list(PROMOTION_RULES)}, not {cfg.promotion!r}")
+        if not 0 < float(cfg.confidence) < 1 or int(cfg.n_resamples) < 1:
+            raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
+        return cls(metrics=metrics, primary=str(cfg.primary), confidence=float(cfg.confidence),
+                   n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), promotion=str(cfg.promotion))
+
+    def interval(self, values: list[float]) -> Estimate:
+        return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
+
+    def paired(self, new: list[float], old: list[float]) -> Comparison:
+        return paired_difference(new, old, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge-free metrics
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def answer_tokens(text: str) -> list[str]:
+    """SQuAD's normalisation: lowercase, drop punctuation, drop articles, split on whitespace."""
+    return _ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split()
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    """SQuAD token F1 (0-100): harmonic mean of the shared-token precision and recall."""
+    pred, ref = answer_tokens(prediction), answer_tokens(gold)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return tidy(100 * 2 * precision * recall / (precision + recall))
+
+
+@functools.cache
+def _rouge_scorer():
+    from rouge_score import rouge_scorer  # imported on first use: it pulls in nltk (~2 s)
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, gold: str) -> float:
+    """ROUGE-L F-measure (0-100, Porter-stemmed) from Google's `rouge-score`."""
+    return tidy(100 * _rouge_scorer().score(gold, prediction)["rougeL"].fmeasure)
+
+
+LEXICAL: dict[str, Callable[[str, str], float]] = {"token_f1": token_f1, "rouge_l": rouge_l}
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge
+
+
+class SemanticF1(DSPySemanticF1):
+    """DSPy's decompositional SemanticF1, also returning the judge's verdict (key ideas, precision, recall)."""
+
+    def __init__(self):
+        super().__init__(decompositional=True)
+
+    def forward(self, example, pred, trace=None):
+        verdict = self.module(question=example.question, ground_truth=example.response,
+                              system_response=pred.response)
+        score = f1_score(verdict.precision, verdict.recall)
+        return dspy.Prediction(score=score if trace is None else score >= self.threshold, verdict=verdict)
+
+
+def verdict_rationale(verdict) -> str:
+    return (f"precision {verdict.precision:.2f}, recall {verdict.recall:.2f}\n"
+            f"gold key ideas: {verdict.ground_truth_key_ideas}\n"
+            f"response key ideas: {verdict.system_response_key_ideas}\n"
+            f"discussion: {verdict.discussion}")
+
 
 class JudgedF1:
-    """`SemanticF1(decompositional=True)` run by a chosen judge LM.
+    """SemanticF1 run by a chosen judge LM, as a DSPy metric: a Prediction with `score` and `feedback`.
 
     A judge that cannot parse its own output scores the example 0 and is counted, instead of
     taking the program's prediction down with it. The judge's own calls are not traced unless
@@ -24,76 +139,203 @@ class JudgedF1:
     def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False):
         self.judge_lm = judge_lm
         self.traced = traced
-        self.metric = SemanticF1(decompositional=True)
+        self.metric = SemanticF1()
         self.failures = 0
         self._lock = threading.Lock()
-        self.__name__ = "semantic_f1"
 
-    def __call__(self, example, prediction, trace=None, *args, **kwargs):
+    def __call__(self, example, prediction, trace=None, *args, **kwargs) -> dspy.Prediction:
         try:
             untraced = {} if self.traced else {"callbacks": []}
             with dspy.context(lm=self.judge_lm or dspy.settings.lm, **untraced):
-                return self.metric(example, prediction, trace)
+                judged = self.metric(example, prediction, trace)
         except Exception as e:
             with self._lock:
                 self.failures += 1
             log.warning("SemanticF1 judge failed on %r: %s", example.question[:60], e)
-            return 0.0
+            return dspy.Prediction(score=0.0, feedback=f"the judge failed: {e}")
+        return dspy.Prediction(score=judged.score, feedback=verdict_rationale(judged.verdict))
 
     def __deepcopy__(self, memo):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# Scoring a program
+
+
+@dataclass
+class Scored:
+    """One example's metrics (0-100), their rationales where there is one, and its trace."""
+
+    values: dict[str, float]
+    rationales: dict[str, str] = field(default_factory=dict)
+    trace_id: str | None = None
+
+
+class Scorer:
+    """Scores examples on the configured metrics; as a DSPy metric (MIPROv2), on the primary one only.
+
+    It has no `__name__`, on purpose: MLflow's DSPy autolog logs a named metric's return value,
+    DSPy's 0-1 scale, as a trace assessment. Ours are logged by `tracking.log_assessments`, every
+    metric once, on 0-100.
+    """
+
+    def __init__(self, scoring: Scoring, judge: JudgedF1 | None = None):
+        if JUDGED in scoring.metrics and judge is None:
+            raise ValueError("semantic_f1 needs a judge")
+        self.scoring = scoring
+        self.judge = judge
+
+    def __call__(self, example, prediction, trace=None) -> float:
+        """The primary metric on DSPy's 0-1 scale (pass/fail for SemanticF1 while bootstrapping demos)."""
+        return self.score(example, prediction, (self.scoring.primary,), trace).values[self.scoring.primary] / 100
+
+    def score(self, example, prediction, metrics: tuple[str, ...], trace=None) -> Scored:
+        if not prediction.get("response"):
+            return Scored({m: 0.0 for m in metrics})
+        scored = Scored({})
+        for metric in metrics:
+            if metric == JUDGED:
+                judged = self.judge(example, prediction, trace)
+                scored.values[metric] = tidy(100 * float(judged.score))
+                scored.rationales[metric] = judged.feedback
+            elif metric == RECALL:
+                gold = set(example.get("gold_doc_ids") or [])
+                if gold:  # no gold ids, no recall: the example is left out of its mean
+                    hits = len(gold & set(prediction.get("doc_ids") or []))
+                    scored.values[metric] = tidy(100 * hits / len(gold))
+                    scored.rationales[metric] = f"{hits} of {len(gold)} gold documents retrieved"
+            else:
+                scored.values[metric] = LEXICAL[metric](prediction.response, example.response)
+        return scored
+
+
+class _Collector:
+    """The metric of one `dspy.Evaluate` call: every metric of each example, kept for its row.
+
+    Like the Scorer, it has no `__name__`, so autolog adds no 0-1 copy of the primary to the traces.
+    """
+
+    def __init__(self, scorer: Scorer, trace_id: Callable[[], str | None] | None):
+        self.scorer = scorer
+        self.trace_id = trace_id
+        self.scored: dict[int, Scored] = {}
+
+    def __call__(self, example, prediction, trace=None) -> float:
+        # First: the metric runs in the thread that just ran the program, before a traced judge
+        # starts a trace of its own.
+        trace_id = self.trace_id() if self.trace_id else None
+        metrics = self.scorer.scoring.metrics + ((RECALL,) if "doc_ids" in prediction else ())
+        scored = self.scorer.score(example, prediction, metrics)
+        scored.trace_id = trace_id
+        self.scored[id(example)] = scored
+        return scored.values[self.scorer.scoring.primary] / 100
+
+
 @dataclass
 class EvalResult:
-    score: float  # 0-100, as the tutorial reports it
-    rows: list[dict] = field(default_factory=list)
-    failed: int = 0
+    rows: list[dict]
+    estimates: dict[str, Estimate]  # per metric: mean over examples (0-100) and its interval
+    primary: str
     judge_failures: int = 0
+    judge: str | None = None  # the judge LM, source of the semantic_f1 assessments
+
+    @classmethod
+    def from_rows(cls, rows: list[dict], scoring: Scoring, judge_failures: int = 0,
+                  judge: str | None = None) -> EvalResult:
+        names = [m for m in (*scoring.metrics, RECALL) if any(r.get(m) is not None for r in rows)]
+        estimates = {m: scoring.interval([r[m] for r in rows if r.get(m) is not None]) for m in names}
+        return cls(rows=rows, estimates=estimates, primary=scoring.primary, judge_failures=judge_failures,
+                   judge=judge)
+
+    @property
+    def score(self) -> float:
+        return self.estimates[self.primary].value
 
     @property
     def num_examples(self) -> int:
         return len(self.rows)
 
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.rows if r.get("error"))
 
-def recall_at_k(retrieved: list, gold: list | None) -> float | None:
-    if not gold or retrieved is None:
-        return None
-    return len(set(retrieved) & set(gold)) / len(set(gold))
+    def headline(self) -> str:
+        """`SemanticF1 = 46.3 ± 18.2 (95% CI, n=6)`."""
+        return f"{LABELS[self.primary]} = {self.estimates[self.primary].describe()}"
+
+    def summary(self) -> str:
+        """Every metric, primary first: `SemanticF1 = 46.3 ± 18.2, token F1 = 20.5 ± 2.0 (95% CI, n=6)`."""
+        first = self.estimates[self.primary]
+        names = [self.primary, *(m for m in self.estimates if m != self.primary)]
+        scores = ", ".join(f"{LABELS[m]} = {self.estimates[m]}" for m in names)
+        return f"{scores} ({first.no_interval_reason or f'{first.confidence:.0%} CI, n={first.n}'})"
 
 
-def evaluate(program, examples: list[dspy.Example], metric: JudgedF1, num_threads: int,
-             progress: bool = True) -> EvalResult:
-    """Score `program` on `examples`. Failed examples score 0, are counted, and never stop the run."""
-    failures_before = metric.failures
-    evaluator = dspy.Evaluate(devset=examples, metric=metric, num_threads=num_threads,
+def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads: int, progress: bool = True,
+             trace_id: Callable[[], str | None] | None = None) -> EvalResult:
+    """Score `program` on `examples`. Failed examples score 0, are counted, and never stop the run.
+
+    `trace_id` returns the trace of the program call that just finished in this thread (see
+    `tracking.last_trace_id`); each row keeps it so its metrics can be attached to that trace.
+    """
+    def judge_failures() -> int:
+        return scorer.judge.failures if scorer.judge else 0
+
+    failures_before = judge_failures()
+    collector = _Collector(scorer, trace_id)
+    evaluator = dspy.Evaluate(devset=examples, metric=collector, num_threads=num_threads,
                               display_progress=progress, max_errors=len(examples) + 1,
                               failure_score=0.0, provide_traceback=False)
     # Our own table is the record; autolog's duplicate eval run is only wanted inside compile.
     result = evaluator(program, callback_metadata={"disable_logging": True})
-    rows = [result_row(ex, pred, score) for ex, pred, score in result.results]
-    return EvalResult(score=float(result.score), rows=rows,
-                      failed=sum(1 for r in rows if r["error"]),
-                      judge_failures=metric.failures - failures_before)
+    retrieves = any("doc_ids" in pred for _, pred, _ in result.results)
+    rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring.metrics, retrieves)
+            for ex, pred, _ in result.results]
+    judge = scorer.judge.judge_lm.model if scorer.judge and scorer.judge.judge_lm else None
+    return EvalResult.from_rows(rows, scorer.scoring, judge=judge, judge_failures=judge_failures() - failures_before)
 
 
-def result_row(example, prediction, score) -> dict:
+def result_row(example, prediction, scored: Scored | None, metrics: tuple[str, ...], retrieves: bool) -> dict:
     pred = dict(prediction.items()) if prediction is not None else {}
+    failed = not pred.get("response")
     row = {
         "question": example.question,
         "gold": example.response,
         "reasoning": pred.get("reasoning", ""),
         "prediction": pred.get("response", ""),
-        "score": float(score or 0.0),
-        "error": "" if pred.get("response") else "no prediction: LM call or output parsing failed",
+        "error": NO_PREDICTION if failed else "",
     }
-    if "doc_ids" in pred:
+    names = metrics + ((RECALL,) if retrieves else ())
+    for name in names:
+        if failed:  # a failed example counts 0 wherever it would have been scored
+            value = 0.0 if name != RECALL or example.get("gold_doc_ids") else None
+        else:
+            value = scored.values.get(name) if scored else None
+        row[name] = value
+        if name in (JUDGED, RECALL):
+            row[f"{name}_rationale"] = row["error"] or (scored.rationales.get(name, "") if scored else "")
+    row["trace_id"] = scored.trace_id if scored else None
+    if retrieves:
         row["passages"] = "\n\n---\n\n".join(pred.get("context") or [])
-        row["retrieved_doc_ids"] = list(pred["doc_ids"])
-        row["recall_at_k"] = recall_at_k(pred["doc_ids"], example.get("gold_doc_ids"))
+        row["retrieved_doc_ids"] = list(pred.get("doc_ids") or [])
     return row
 
 
-def mean_recall(rows: list[dict]) -> float | None:
-    values = [r["recall_at_k"] for r in rows if r.get("recall_at_k") is not None]
-    return sum(values) / len(values) if values else None
+def paired_scores(new_rows: list[dict], old_rows: list[dict], metric: str) -> tuple[list[float], list[float]]:
+    """One metric's per-example scores of two result tables, paired by question."""
+    old = {r["question"]: r.get(metric) for r in old_rows}
+    pairs = [(r[metric], old[r["question"]]) for r in new_rows
+             if r.get(metric) is not None and old.get(r["question"]) is not None]
+    return [n for n, _ in pairs], [o for _, o in pairs]
+
+
+def compare(new: EvalResult, old: EvalResult, scoring: Scoring) -> dict[str, Comparison]:
+    """new - old on every metric both have, over the examples both scored."""
+    comparisons = {}
+    for metric in new.estimates:
+        if metric in old.estimates:
+            a, b = paired_scores(new.rows, old.rows, metric)
+            if a:
+                comparisons[metric] = scoring.paired(a, b)
+    return comparisons

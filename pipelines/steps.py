@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -12,12 +13,21 @@ import dspy
 import mlflow
 
 from pipelines import tracking
+from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
-from pipelines.lm import (LMServerError, build_adapter, build_lm, check_credentials, ensure_reachable, healthy,
-                          merged_judge_cfg)
+from pipelines.lm import (
+    LMServerError,
+    build_adapter,
+    build_lm,
+    check_credentials,
+    ensure_reachable,
+    healthy,
+    merged_judge_cfg,
+)
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
-from pipelines.scoring import EvalResult, JudgedF1, evaluate
+from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
+from pipelines.stats import Estimate, tidy
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +36,13 @@ log = logging.getLogger(__name__)
 class StepResult:
     name: str
     run_id: str
-    score: float
+    result: EvalResult  # the step's final evaluation: estimates and per-example rows
     model_uri: str | None = None
     version: str | None = None
+
+    @property
+    def score(self) -> float:
+        return self.result.score
 
 
 @dataclass
@@ -39,11 +53,16 @@ class Session:
     lm: dspy.LM
     judge: dspy.LM
     adapter: dspy.Adapter
-    metric: JudgedF1
+    scorer: Scorer
     splits: Splits
+
+    @property
+    def scoring(self) -> Scoring:
+        return self.scorer.scoring
 
 
 def prepare(cfg) -> Session:
+    scoring = Scoring.from_cfg(cfg.scoring)
     check_credentials(cfg.lm)
     judge_cfg = merged_judge_cfg(cfg)
     check_credentials(judge_cfg)
@@ -57,7 +76,8 @@ def prepare(cfg) -> Session:
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
     tracking.setup(cfg)
-    return Session(cfg, lm, judge, adapter, JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)), splits)
+    judged = JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)) if JUDGED in scoring.metrics else None
+    return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
 
 
 def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
@@ -67,17 +87,23 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
                                 Path(cfg.paths.cache) / "index",
                                 brute_force_threshold=int(cfg.program.brute_force_threshold))
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
-            "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids}
+            "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
+            "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string"}
     return Retriever(built.index, embedder, k=int(cfg.program.k)), info
 
 
-def _score(session: Session, program, examples, prefix: str, split: str) -> EvalResult:
-    """Evaluate, log table and metrics, then fail loudly if the LM server died underneath us."""
+def _score(session: Session, program, examples, prefix: str, split: str, model, dataset=None,
+           **trace_tags: str) -> EvalResult:
+    """Evaluate `program` (the LoggedModel `model`) on `examples`: traces linked to the model and
+    tagged; metrics, table and assessments logged; then fail loudly if the LM server died underneath us."""
     tracing = session.cfg.tracking
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
-    with tracking.watch_traces(len(examples) * traces_per_example, prefix):
-        result = evaluate(program, examples, session.metric, int(session.cfg.num_threads))
-    tracking.log_evaluation(result, split, prefix=prefix)
+    with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
+            tracking.evaluating(model, split=split, **trace_tags):
+        result = evaluate(program, examples, session.scorer, int(session.cfg.num_threads),
+                          trace_id=tracking.last_trace_id if tracing.log_traces else None)
+    tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
+    log.info("%s %s%s: %s", mlflow.active_run().info.run_name, prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
@@ -85,12 +111,15 @@ def _score(session: Session, program, examples, prefix: str, split: str) -> Eval
     return result
 
 
-def _log_and_register(session: Session, program, score: float, variant: str) -> tuple[str, str | None]:
-    info = tracking.log_program(program, session.lm, session.adapter)
+def _log_and_register(session: Session, program, result: EvalResult, variant: str, model,
+                      index_info: dict[str, Any] | None) -> tuple[str, str | None]:
+    signature = tracking.program_signature(retrieves=index_info is not None,
+                                           doc_id_type=(index_info or {}).get("doc_id_type", "long"))
+    info = tracking.log_program(program, session.lm, session.adapter, model, signature)
     version = None
     if session.cfg.tracking.get("registered_model"):
-        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, score,
-                                    examples_hash(session.splits.dev), variant)["version"]
+        version = tracking.register(info.model_uri, session.cfg.tracking.registered_model, result,
+                                    examples_hash(session.splits.dev), variant, session.scoring)["version"]
     return info.model_uri, version
 
 
@@ -110,16 +139,17 @@ def run_variant(cfg) -> StepResult:
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
     with tracking.run(variant, cfg, tags={"variant": variant}) as active:
-        tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                              source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
+                                         source=str(cfg.data.examples), name=cfg.data.name)
         if index_info:
             tracking.log_index(index_info["path"], index_info)
         program = build_program(cfg.program, cfg.lm, retriever)
+        model = tracking.new_model(variant, variant)
         marks = _usage_marks(session)
-        result = _score(session, program, session.splits.dev, "", "dev")
+        result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant)
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, program, result.score, variant)
-        return StepResult(variant, active.info.run_id, result.score, model_uri, version)
+        model_uri, version = _log_and_register(session, program, result, variant, model, index_info)
+        return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
 def build_optimizer(opt, metric) -> dspy.MIPROv2:
@@ -129,51 +159,66 @@ def build_optimizer(opt, metric) -> dspy.MIPROv2:
                         init_temperature=float(opt.init_temperature))
 
 
+OPTIMIZED_VARIANT = "rag-mipro"
+
+
 def run_optimize(cfg) -> StepResult:
     """Compile RAG with MIPROv2 on train; score baseline and optimized on dev; log, register, promote."""
     session = prepare(cfg)
     retriever, index_info = build_retriever(cfg)
     opt = cfg.optimizer
-    with tracking.run("optimize", cfg, tags={"variant": "rag_mipro"}) as active:
-        tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                              source=str(cfg.data.examples), name=cfg.data.name)
+    variant = OPTIMIZED_VARIANT
+    with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
+                                         source=str(cfg.data.examples), name=cfg.data.name)
         tracking.log_index(index_info["path"], index_info)
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
-        base = _score(session, baseline, session.splits.dev, "baseline_", "dev")
-        optimizer = build_optimizer(opt, session.metric)
+        base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
+                      tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
+        optimizer = build_optimizer(opt, session.scorer)
         compile_kwargs = {"num_trials": opt.num_trials} if opt.num_trials else {}
         # MIPROv2 holds out 80% of train as its valset and refuses a larger minibatch.
         valset_size = max(1, int(len(session.splits.train) * 0.8))
         minibatch = bool(opt.minibatch) and int(opt.minibatch_size) < valset_size
         optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train, minibatch=minibatch,
                                       minibatch_size=int(opt.minibatch_size), **compile_kwargs)
-        best = _score(session, optimized, session.splits.dev, "", "dev")
-        mlflow.log_metric("semantic_f1_delta", best.score - base.score)
+        tracking.log_optimizer_trials(optimized)
+        model = tracking.new_model(variant, variant)
+        best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
+                      phase="optimized")
+        comparisons = compare(best, base, session.scoring)
+        mlflow.log_metrics(tracking.comparison_metrics(comparisons))
+        primary = session.scoring.primary
+        log.info("optimized - baseline: %s %s", LABELS[primary], comparisons[primary].describe())
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
         mlflow.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
-        model_uri, version = _log_and_register(session, optimized, best.score, "rag_mipro")
-        return StepResult("optimize", active.info.run_id, best.score, model_uri, version)
+        model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
+        return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
 
 def run_evaluate(cfg) -> StepResult:
     """Score any logged or registered program (`model_uri`) on a chosen split, in a new run."""
     if not cfg.get("model_uri"):
-        raise ValueError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
+        raise ConfigError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
     session = prepare(cfg)
     program = load_program(cfg.model_uri)
     split = cfg.split
     with tracking.run(f"evaluate-{split}", cfg, tags={"model_uri": cfg.model_uri}) as active:
         mlflow.log_param("model_uri", cfg.model_uri)
-        tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples),
+                                         name=cfg.data.name)
+        model = tracking.logged_model_of(cfg.model_uri)
+        variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         marks = _usage_marks(session)
-        result = _score(session, program, session.splits.get(split), "", split)
-        mlflow.log_metric(f"{split}_semantic_f1", result.score)
+        result = _score(session, program, session.splits.get(split), "", split, model, datasets[split], **variant)
+        scores = tracking.estimate_metrics(result.estimates, f"{split}_")
+        mlflow.log_metrics(scores, model_id=model.model_id if model else None, dataset=datasets[split])
         _log_usage(session, marks)
-        tracking.tag_version_score(cfg.model_uri, f"{split}_semantic_f1", result.score)
-        return StepResult(f"evaluate-{split}", active.info.run_id, result.score, cfg.model_uri)
+        tracking.tag_version_scores(cfg.model_uri, scores)
+        return StepResult(f"evaluate-{split}", active.info.run_id, result, cfg.model_uri)
 
 
 def load_program(model_uri: str) -> dspy.Module:
@@ -183,15 +228,19 @@ def load_program(model_uri: str) -> dspy.Module:
     os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
     try:
         return mlflow.dspy.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
     except (ModuleNotFoundError, AttributeError, ImportError) as e:
-        raise RuntimeError(f"{model_uri} was logged by an incompatible version of this project "
-                           f"({type(e).__name__}: {e}); re-run the step that logged it") from None
+        raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
+                          f"({type(e).__name__}: {e}); re-run the step that logged it") from None
 
 
 def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
+    """Both answers to each dev question with their primary scores (same examples, same order)."""
+    metric = best.primary
     return [{"question": b["question"], "gold": b["gold"], "baseline_answer": b["prediction"],
-             "baseline_score": b["score"], "optimized_answer": o["prediction"], "optimized_score": o["score"],
-             "delta": o["score"] - b["score"]} for b, o in zip(base.rows, best.rows)]
+             f"baseline_{metric}": b[metric], "optimized_answer": o["prediction"], f"optimized_{metric}": o[metric],
+             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows, strict=True)]
 
 
 def describe_program(program: dspy.Module) -> str:
@@ -208,39 +257,68 @@ STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimi
 
 
 def run_pipeline(cfg, overrides=()) -> StepResult:
-    """One parent run; each step composed from its own config with the same overrides, as a child."""
+    """One parent run; each step composed from its own config with the same overrides, as a child.
+
+    The steps score the same dev set, so every pair is compared example by example, on each metric.
+    """
     from pipelines.config import compose
 
     unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
     if unknown:
-        raise ValueError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
-    prepare(cfg)  # fail on bad input before the parent run opens
+        raise ConfigError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
+    session = prepare(cfg)  # fail on bad input before the parent run opens
+    scoring = session.scoring
     results = []
     with tracking.run("main", cfg) as parent:
         for step in cfg.steps:
             results.append(STEP_FUNCTIONS[step](compose(step, overrides)))
-        rows = [{"variant": r.name, "semantic_f1": r.score, "run_id": r.run_id, "model_uri": r.model_uri,
-                 "registered_version": r.version} for r in results]
+        metrics, rows = {}, []
+        for r in results:
+            log.info("%s: %s", r.name, r.result.headline())
+            metrics.update(tracking.estimate_metrics(r.result.estimates, f"{r.name}_"))
+            rows.append({"variant": r.name, **comparison_row(r.result.estimates[scoring.primary], scoring.primary),
+                         "run_id": r.run_id, "model_uri": r.model_uri,
+                         "registered_version": str(r.version) if r.version else None})
+        for old, new in itertools.combinations(results, 2):
+            comparisons = compare(new.result, old.result, scoring)
+            metrics.update(tracking.comparison_metrics(comparisons, f"{new.name}_vs_{old.name}_"))
+            if scoring.primary in comparisons:
+                comparison = comparisons[scoring.primary]
+                rows.append({"variant": f"{new.name} - {old.name}",
+                             **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
+                log.info("%s - %s: %s %s", new.name, old.name, LABELS[scoring.primary], comparison.describe())
+        mlflow.log_metrics(metrics)
         tracking.log_table(rows, "comparison.json")
-        mlflow.log_metrics({f"{r.name}_semantic_f1": r.score for r in results})
-        tracking.log_figure(comparison_chart(rows), "comparison.png")
+        tracking.log_figure(comparison_chart(rows[: len(results)], scoring), "comparison.png")
         best = max(results, key=lambda r: r.score)
         mlflow.set_tag("best_variant", best.name)
-        return StepResult("main", parent.info.run_id, best.score, best.model_uri, best.version)
+        log.info("best variant by point score: %s", best.name)
+        return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
 
 
-def comparison_chart(rows: list[dict]):
+def comparison_row(estimate, metric: str) -> dict[str, Any]:
+    """A score (or a paired difference) with its interval, as columns of `comparison.json`."""
+    return {metric: estimate.value, "ci_low": estimate.low, "ci_high": estimate.high, "n": estimate.n}
+
+
+def comparison_chart(rows: list[dict], scoring: Scoring):
+    """One bar per variant, its confidence interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metric = scoring.primary
     fig, ax = plt.subplots(figsize=(6, 4))
-    names = [r["variant"] for r in rows]
-    scores = [r["semantic_f1"] for r in rows]
-    bars = ax.bar(names, scores, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
-    ax.bar_label(bars, fmt="%.1f")
-    ax.set_ylabel("SemanticF1 (dev)")
+    # Score ± half-width under each name, clear of the error bars.
+    names = [f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
+             for r in rows]
+    scores = [r[metric] for r in rows]
+    yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
+    if all(r["ci_low"] is not None for r in rows):
+        yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
+    ax.bar(names, scores, yerr=yerr, capsize=6, color=["#9aa5b1", "#5b8def", "#2f6f4f"][: len(rows)])
+    ax.set_ylabel(f"{LABELS[metric]} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
     ax.set_ylim(0, 100)
     ax.set_title("CoT -> RAG -> RAG + MIPROv2")
     fig.tight_layout()

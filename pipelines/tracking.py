@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import dspy
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel, LoggedModelStatus
 from mlflow.models import ModelSignature
+from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, Schema
+from mlflow.types.schema import Array
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
-from pipelines.config import PROJECT_ROOT, flatten, to_container
-from pipelines.scoring import EvalResult, mean_recall
+from pipelines.config import PROJECT_ROOT, flatten, is_secret, to_container
+from pipelines.scoring import JUDGED, LABELS, RECALL, EvalResult, Scoring, paired_scores
+from pipelines.stats import Comparison, Estimate
 
 log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000
+DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
 
 
 def setup(cfg) -> None:
@@ -43,6 +52,7 @@ def setup(cfg) -> None:
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # created concurrently
                 mlflow.create_experiment(name, artifact_location=Path(cfg.tracking.artifact_location).as_uri())
         mlflow.set_experiment(name)
+    mlflow.tracing.configure(span_processors=[_tag_trace])
     mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
                         log_evals=bool(cfg.tracking.log_compiles), silent=True)
@@ -84,22 +94,48 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         active = mlflow.start_run(run_name=name, nested=True)
     elif os.environ.get("MLFLOW_RUN_ID"):
         active = mlflow.start_run()
+        MlflowClient().update_run(active.info.run_id, name=name)  # not the random name `mlflow run` gave it
     else:
         active = mlflow.start_run(run_name=name)
     try:
-        mlflow.set_tags({"step": name, **(tags or {})})
+        mlflow.set_tags({"step": name, "overrides": command_line_overrides(), **(tags or {})})
         log_config(cfg)
         yield active
     except KeyboardInterrupt:
+        _fail_pending_models(active.info.run_id)
         mlflow.end_run("KILLED")
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+        _fail_pending_models(active.info.run_id)
         mlflow.end_run("FAILED")
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def command_line_overrides() -> str:
+    """What the user changed on the command line (Hydra's task overrides), secrets masked, so runs
+    can be filtered by it (`tags.overrides LIKE '%k=3%'`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return ""
+    masked = [f"{o.split('=', 1)[0]}=***" if is_secret(o.split("=", 1)[0].split(".")[-1].lstrip("+~"))
+              else o for o in HydraConfig.get().overrides.task]
+    return " ".join(masked)
+
+
+def _fail_pending_models(run_id: str) -> None:
+    """A model whose run failed before its program was logged ends FAILED, not PENDING forever."""
+    with contextlib.suppress(Exception):
+        client = MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        for model in client.search_logged_models(experiment_ids=[experiment_id],
+                                                 filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 def log_config(cfg) -> None:
@@ -118,7 +154,44 @@ def log_config(cfg) -> None:
     mlflow.log_params(params)
 
 
-def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> None:
+# Tags for every trace of the evaluation in progress (one at a time per process).
+_trace_tags: dict[str, str] = {}
+
+
+def _tag_trace(span) -> None:
+    """Span processor: a root span carries the evaluation's tags into its trace before export."""
+    if span.parent_id is None and _trace_tags:
+        with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+            if trace is not None:
+                trace.info.tags.update(_trace_tags)
+
+
+@contextlib.contextmanager
+def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
+    """Traces made inside link to `model` (its Traces tab) and carry `tags` (variant, phase, split).
+
+    The run is marked as an evaluation run, as `mlflow.genai.evaluate` marks its own, so the UI lists
+    it with its traces and assessments."""
+    mlflow.set_tag(MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE)
+    _trace_tags.update(tags)
+    try:
+        with mlflow.set_active_model(model_id=model.model_id) if model else contextlib.nullcontext():
+            yield
+    finally:
+        _trace_tags.clear()
+
+
+def new_model(name: str, variant: str, external: bool = False) -> LoggedModel:
+    """The LoggedModel of a program version, created before its evaluation so traces and metrics
+    link to it; `log_program` then fills it. `external`: a program measured here but logged by
+    another run (the baseline inside `optimize`)."""
+    create = mlflow.create_external_model if external else mlflow.initialize_logged_model
+    return create(name=name, model_type="agent", tags={"variant": variant})
+
+
+def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> dict[str, Any]:
+    """Log each split as a run input; returns the datasets, to link metrics computed on them."""
+    datasets = {}
     for split, examples in splits.items():
         if not examples:
             continue
@@ -126,23 +199,53 @@ def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) 
                                "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
         dataset = mlflow.data.from_pandas(frame, source=source, name=f"{name}-{split}", targets="response")
         mlflow.log_input(dataset, context=split)
+        datasets[split] = dataset
+    return datasets
 
 
-def log_evaluation(result: EvalResult, split: str, prefix: str = "") -> dict[str, float]:
-    """Metrics and the per-example table, with the same names for every entry point."""
+def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}` with `_ci_low` and `_ci_high` beside it when there is an interval."""
+    metrics = {}
+    for name, estimate in estimates.items():
+        metrics[f"{prefix}{name}"] = estimate.value
+        if estimate.half_width is not None:
+            metrics[f"{prefix}{name}_ci_low"] = estimate.low
+            metrics[f"{prefix}{name}_ci_high"] = estimate.high
+    return metrics
+
+
+def comparison_metrics(comparisons: dict[str, Comparison], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}_delta` with its `_ci_low`, `_ci_high` and `_p_value`."""
+    metrics = {}
+    for name, comparison in comparisons.items():
+        metrics.update(estimate_metrics({f"{name}_delta": comparison.delta}, prefix))
+        if comparison.p_value is not None:
+            metrics[f"{prefix}{name}_delta_p_value"] = comparison.p_value
+    return metrics
+
+
+def log_evaluation(result: EvalResult, split: str, prefix: str = "", model: LoggedModel | None = None,
+                   dataset=None) -> dict[str, float]:
+    """Metrics with intervals (linked to the evaluated model and dataset), the per-example table and
+    trace assessments, named alike for every entry point."""
     metrics = {
-        f"{prefix}semantic_f1": result.score,
+        **estimate_metrics(result.estimates, prefix),
         f"{prefix}failed_examples": result.failed,
         f"{prefix}judge_failures": result.judge_failures,
         f"{prefix}num_examples": result.num_examples,
     }
-    recall = mean_recall(result.rows)
-    if recall is not None:
-        metrics[f"{prefix}recall_at_k"] = 100 * recall
-    elif any("retrieved_doc_ids" in r for r in result.rows):
+    missing = [e.no_interval_reason for e in result.estimates.values() if e.no_interval_reason]
+    if missing:
+        log.warning("%s%s scores have %s", prefix, split, missing[0])
+        mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
+    if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
-    mlflow.log_metrics(metrics)
+    # A model still PENDING is logged by this run: `log_model` then links the run's metrics to it
+    # itself (and fails on metrics already linked). Others (external, or logged earlier) link here.
+    linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
+    mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
+    log_assessments(result)
     return metrics
 
 
@@ -196,6 +299,29 @@ def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
         mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
 
 
+def last_trace_id() -> str | None:
+    """The trace this thread finished last: inside a `dspy.Evaluate` metric, the example's program call."""
+    return mlflow.get_last_active_trace_id(thread_local=True)
+
+
+def log_assessments(result: EvalResult) -> None:
+    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by."""
+    if not any(row.get("trace_id") for row in result.rows):
+        return
+    mlflow.flush_trace_async_logging()  # with async export a trace may not be stored yet
+    judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
+    for row in result.rows:
+        if not row.get("trace_id"):
+            continue
+        for name in result.estimates:
+            if row.get(name) is None:
+                continue
+            source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
+                                                                   source_id=f"pipelines.scoring.{name}")
+            mlflow.log_feedback(trace_id=row["trace_id"], name=name, value=row[name], source=source,
+                                rationale=row.get(f"{name}_rationale") or row.get("error") or None)
+
+
 def log_table(rows: list[dict], artifact_file: str) -> None:
     if rows:
         mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
@@ -214,19 +340,26 @@ def log_usage(lm: dspy.LM, since: int = 0, prefix: str = "") -> None:
                         f"{prefix}cost_usd": cost})
 
 
-PROGRAM_SIGNATURE = ModelSignature(inputs=Schema([ColSpec("string", "question")]))
+def program_signature(retrieves: bool, doc_id_type: str = "long") -> ModelSignature:
+    """A question in; the answer, its reasoning, and for RAG the passages and their doc ids out."""
+    outputs = [ColSpec("string", "reasoning"), ColSpec("string", "response")]
+    if retrieves:
+        outputs += [ColSpec(Array("string"), "context"), ColSpec(Array(doc_id_type), "doc_ids")]
+    return ModelSignature(inputs=Schema([ColSpec("string", "question")]), outputs=Schema(outputs))
 
 
-def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, name: str = "program"):
-    """Log the program with `mlflow.dspy.log_model`, with exactly the settings it needs at load time.
+def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, model: LoggedModel,
+                signature: ModelSignature):
+    """Log the program into `model` with `mlflow.dspy.log_model`, with exactly the settings it needs
+    at load time.
 
     The saved settings are pinned here: a fresh copy of the LM (no call history, no key) and no
     callbacks, so nothing from this process leaks into the pickle.
     """
     with dspy.context(lm=lm.copy(), adapter=adapter, callbacks=[]):
         return mlflow.dspy.log_model(
-            program, name=name, code_paths=[str(PROJECT_ROOT / "pipelines")],
-            signature=PROGRAM_SIGNATURE, pip_requirements=str(PROJECT_ROOT / "requirements.txt"),
+            program, name=model.name, model_id=model.model_id, code_paths=[str(PROJECT_ROOT / "pipelines")],
+            signature=signature, pip_requirements=str(PROJECT_ROOT / "requirements.txt"),
         )
 
 
@@ -238,54 +371,131 @@ def log_program_json(program: dspy.Module, artifact_path: str = "program") -> No
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def register(model_uri: str, registered_model: str, score: float, dev_hash: str, variant: str) -> dict[str, Any]:
-    """Register a version, record its dev score, and move `champion` to it only if it is better.
+def register(model_uri: str, registered_model: str, result: EvalResult, dev_hash: str, variant: str,
+             scoring: Scoring) -> dict[str, Any]:
+    """Register a version, record its dev scores, and move `champion` to it if `scoring.promotion` says so.
 
-    Scores are compared only when both were measured on the same dev set (by content hash).
+    Versions are compared only when both were scored on the same dev set (by content hash); the
+    champion's per-example scores come from its run's `eval/dev_results.json`, paired by question.
     """
     client = MlflowClient()
     version = mlflow.register_model(model_uri, registered_model).version
-    tags = {"dev_semantic_f1": f"{score:.4f}", "dev_set": dev_hash, "variant": variant}
-    for key, value in tags.items():
-        client.set_model_version_tag(registered_model, version, key, value)
+    tags = {**score_tags(estimate_metrics(result.estimates, "dev_")), "dev_set": dev_hash, "variant": variant,
+            "primary_metric": scoring.primary}
+    tag_version(registered_model, version, tags)  # before any alias points here: a champion always has scores
     try:
         current = client.get_model_version_by_alias(registered_model, CHAMPION)
     except mlflow.exceptions.MlflowException:
         current = None
-    promoted, reason = decide_promotion(current.tags if current else None, score, dev_hash)
-    if promoted:
+    champion_rows = None
+    if current is not None and current.tags.get("dev_set") == dev_hash:
+        champion_rows = load_table(current.run_id, DEV_TABLE)
+    decision = decide_promotion(current.tags if current else None, result, dev_hash, scoring, champion_rows)
+    if decision.promoted:
         client.set_registered_model_alias(registered_model, CHAMPION, version)
+    tags = {"promotion_rule": scoring.promotion, "promotion": decision.reason}
     if current is not None:
-        client.set_model_version_tag(registered_model, version, "champion_dev_semantic_f1_at_registration",
-                                     current.tags.get("dev_semantic_f1", "unknown"))
-    log.info("Registered %s version %s (dev SemanticF1 %.1f): %s", registered_model, version, score, reason)
+        key = f"dev_{scoring.primary}"
+        tags.update({"champion_version_at_registration": str(current.version),
+                     f"champion_{key}_at_registration": current.tags.get(key, "unknown")})
+    if decision.comparison is not None:
+        tags.update(score_tags(comparison_metrics({f"dev_{scoring.primary}": decision.comparison}, "vs_champion_")))
+    tag_version(registered_model, version, tags)
+    log.info("Registered %s version %s (dev %s): %s", registered_model, version, result.headline(), decision.reason)
+    # Which version is champion now is the registry's alias, not a run tag that would go stale.
     mlflow.set_tags({"registered_model": registered_model, "registered_version": version,
-                     "champion": str(promoted).lower(), "promotion": reason})
-    return {"version": version, "promoted": promoted, "reason": reason}
+                     "promotion_at_registration": decision.reason})
+    return {"version": version, "promoted": decision.promoted, "reason": decision.reason}
 
 
-def decide_promotion(champion_tags: dict[str, str] | None, score: float, dev_hash: str) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+    comparison: Comparison | None = None  # new - champion on the primary metric, when they pair
+
+
+def decide_promotion(champion_tags: dict[str, str] | None, result: EvalResult, dev_hash: str, scoring: Scoring,
+                     champion_rows: list[dict] | None = None) -> Promotion:
     if champion_tags is None:
-        return True, "first registered version becomes champion"
+        return Promotion(True, "first registered version becomes champion")
     if champion_tags.get("dev_set") != dev_hash:
-        return False, (f"champion was scored on another dev set ({champion_tags.get('dev_set')}); "
-                       "not comparable, champion unchanged")
-    best = float(champion_tags.get("dev_semantic_f1", "-inf"))
-    if score > best:
-        return True, f"beats champion ({score:.1f} > {best:.1f})"
-    return False, f"does not beat champion ({score:.1f} <= {best:.1f})"
+        return Promotion(False, f"champion was scored on another dev set ({champion_tags.get('dev_set')}); "
+                                "not comparable, champion unchanged")
+    metric, label = scoring.primary, LABELS[scoring.primary]
+    comparison = None
+    if champion_rows is not None:
+        new, old = paired_scores(result.rows, champion_rows, metric)
+        comparison = scoring.paired(new, old) if new else None
+    if scoring.promotion == "better":
+        best = champion_tags.get(f"dev_{metric}")
+        if best is None:
+            return Promotion(False, f"champion has no dev {label} score; not comparable, champion unchanged",
+                             comparison)
+        if result.score > float(best):
+            return Promotion(True, f"beats champion on {label} ({result.score:.1f} > {float(best):.1f})", comparison)
+        return Promotion(False, f"does not beat champion on {label} ({result.score:.1f} <= {float(best):.1f})",
+                         comparison)
+    if comparison is None:
+        return Promotion(False, f"cannot pair with the champion's per-example {label} scores (its {DEV_TABLE} is "
+                                "missing or has no such column); champion unchanged")
+    if comparison.p_value is None:
+        return Promotion(False, f"{label} {comparison.describe()}: too few paired examples; champion unchanged",
+                         comparison)
+    if comparison.above_zero:
+        return Promotion(True, f"beats champion beyond noise: {label} {comparison.describe()}", comparison)
+    return Promotion(False, f"not better than champion beyond noise: {label} {comparison.describe()}; "
+                            "champion unchanged", comparison)
 
 
-def tag_version_score(model_uri: str, key: str, score: float) -> None:
-    """Record a score on the registry version behind a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
+def score_tags(metrics: dict[str, float]) -> dict[str, str]:
+    return {key: f"{value:.4f}" for key, value in metrics.items()}
+
+
+def tag_version(registered_model: str, version: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+
+
+def load_table(run_id: str, artifact_file: str) -> list[dict] | None:
+    """Rows of a table logged with `log_table`, or None if the run has no such artifact."""
+    try:
+        table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_file}"))
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return None
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+
+
+def tag_version_scores(model_uri: str, metrics: dict[str, float]) -> None:
+    """Record scores on the registry version behind a `models:/NAME/VERSION` or `models:/NAME@ALIAS` URI."""
     match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(\w+))", model_uri)
     if not match:
         return
     name, version, alias = match.groups()
-    client = MlflowClient()
     if alias:
-        version = client.get_model_version_by_alias(name, alias).version
-    client.set_model_version_tag(name, version, key, f"{score:.4f}")
+        version = MlflowClient().get_model_version_by_alias(name, alias).version
+    tag_version(name, version, score_tags(metrics))
+
+
+def logged_model_of(model_uri: str) -> LoggedModel | None:
+    """The LoggedModel behind a `models:/` or `runs:/` URI, so an evaluation links to it."""
+    from mlflow.models import get_model_info
+
+    model_id = get_model_info(model_uri).model_id
+    return mlflow.get_logged_model(model_id) if model_id else None
+
+
+def log_optimizer_trials(program: dspy.Module) -> None:
+    """MIPROv2's trial scores as step metrics (steps = trial numbers), and the best one."""
+    trials = getattr(program, "trial_logs", None) or {}
+    for trial, entry in sorted(trials.items()):
+        if entry.get("full_eval_score") is not None:
+            mlflow.log_metric("mipro_trial_score", float(entry["full_eval_score"]), step=int(trial))
+        if entry.get("mb_score") is not None:
+            mlflow.log_metric("mipro_minibatch_score", float(entry["mb_score"]), step=int(trial))
+    if getattr(program, "score", None) is not None:
+        mlflow.log_metric("mipro_best_score", float(program.score))
 
 
 def log_index(path: Path, build_info: dict[str, Any]) -> None:

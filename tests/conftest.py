@@ -26,13 +26,14 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def isolated_globals():
-    """Undo what a job does to process-wide state (env vars, DSPy settings, autolog) after each test."""
+    """Undo what a job does to process-wide state (env vars, DSPy settings, autolog, active model) after each test."""
     environ = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(environ)
     dspy.configure(lm=None, adapter=None)
     mlflow.dspy.autolog(disable=True)
+    mlflow.clear_active_model()  # loading a model makes it the active one, in a store that is gone
 
 
 @pytest.fixture

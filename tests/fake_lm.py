@@ -158,7 +158,7 @@ class FakeLM:
         return {"object": "list", "data": data, "model": request.get("model", "fake"),
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    def start(self) -> "FakeLM":
+    def start(self) -> FakeLM:
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
         return self

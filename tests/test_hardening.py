@@ -1,17 +1,19 @@
 """Faults: a dying LM server, concurrent writers, stale models. Each test fails if the behaviour breaks."""
 
 import json
-import pickle
 import sys
 
 import dspy
 import mlflow
 import pytest
+from mlflow.entities import LoggedModelStatus
+
+from pipelines.config import ConfigError
+from pipelines.lm import LMServerError
+from pipelines.steps import load_program, run_variant
 
 from conftest import ROOT, run_cli, smoke
 from fake_lm import FakeLM
-from pipelines.lm import LMServerError
-from pipelines.steps import load_program, run_variant
 
 
 def fake_overrides(fake: FakeLM):
@@ -27,10 +29,12 @@ def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(sto
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == "FAILED" and "stopped answering" in run.data.tags["error"]
     table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/eval/dev_results.json"))
-    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     assert len(rows) == 3
     assert sum(1 for r in rows if not r["error"]) == 1 and rows[0]["prediction"] == "fake response"
     assert run.data.metrics["failed_examples"] == 2
+    (model,) = mlflow.MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.name == "cot" and model.status.to_int() == LoggedModelStatus.FAILED.to_int()  # not PENDING
 
 
 def test_garbage_from_the_lm_is_counted_and_the_run_completes(store):
@@ -77,11 +81,12 @@ def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypa
         with dspy.context(lm=None, callbacks=[]):
             info = mlflow.dspy.log_model(Retired(), name="program", code_paths=[str(ROOT / "pipelines")])
     monkeypatch.delattr(programs, "Retired")  # the newer code no longer has it
-    with pytest.raises(RuntimeError, match="incompatible version of this project"):
+    with pytest.raises(ConfigError, match="incompatible version of this project"):
         load_program(info.model_uri)
 
 
-@pytest.mark.parametrize("error, status", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
+@pytest.mark.parametrize("error, status",
+                         [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
 def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status):
     from pipelines import steps
 
@@ -97,3 +102,32 @@ def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, mon
     assert run.info.status == status
     assert "baseline_semantic_f1" in run.data.metrics  # work done before the fault is kept
     assert mlflow.MlflowClient().search_model_versions("name='ragqa-tech-smoke'") == []
+    models = mlflow.MlflowClient().search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert models and all(m.status.to_int() != LoggedModelStatus.PENDING.to_int() for m in models)
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("evaluate", [], "error: evaluate needs model_uri="),
+    ("evaluate", ["model_uri=models:/no-such-model@champion"], "error: cannot load models:/no-such-model@champion"),
+    ("main", ["steps=[cot,nope]"], "error: unknown steps ['nope']"),
+])
+def test_user_errors_are_one_line_and_exit_non_zero(store, module, args, message):
+    with FakeLM() as fake:
+        overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts"]
+        proc = run_cli([sys.executable, "-m", f"pipelines.{module}", *overrides, *args], cwd=ROOT)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_runs_record_the_command_line_overrides_with_secrets_masked(store):
+    canary = "sk-canary-overrides-0123"
+    with FakeLM() as fake:
+        overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts", "experiment=smoke",
+                     f"+lm.api_key={canary}"]
+        proc = run_cli([sys.executable, "-m", "pipelines.cot", *overrides], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    recorded = run.data.tags["overrides"].split()
+    assert "experiment=smoke" in recorded and "+lm.api_key=***" in recorded
+    assert canary not in run.data.tags["overrides"] and canary not in str(run.data.params)

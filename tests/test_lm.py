@@ -1,8 +1,10 @@
 """The embedded LM: schema-constrained decoding, server lifecycle, and clear errors."""
 
+import json
+import re
+
 import dspy
 import pytest
-from omegaconf import OmegaConf
 
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
@@ -17,6 +19,17 @@ def test_output_schema_bounds_strings_to_share_the_token_budget():
     assert schema["properties"]["confidence"]["type"] == "number"
     assert schema["properties"]["response"]["maxLength"] == 250  # 200 tokens * 2.5 chars / 2 strings
     assert output_schema(sig, 100, None)["properties"]["reasoning"]["maxLength"] == 100
+
+
+@pytest.mark.parametrize("max_field_chars", [3, None])
+def test_grammar_from_the_schema_forbids_empty_strings(max_field_chars):
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    schema = output_schema(dspy.Signature("question -> response"), max_field_chars)
+    assert schema["properties"]["response"]["minLength"] == 1
+    rules = dict(line.split(" ::= ", 1) for line in json_schema_to_gbnf(json.dumps(schema)).splitlines() if line)
+    # A required `char` (`char ...` or `char+`) right after the opening quote: `""` does not parse.
+    assert re.match(r'"\\"" char[ +]', rules["response"]), rules["response"]
 
 
 def test_openai_without_key_fails_before_any_work(monkeypatch):

@@ -5,15 +5,17 @@ better with demos, so the optimizers keep them."""
 import dspy
 import mlflow
 import pytest
+from mlflow.entities import LoggedModelStatus, SpanType
 
-from conftest import smoke
-from fake_lm import FakeLM
 from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1
 from pipelines.steps import build_optimizer, load_program, run_optimize
+
+from conftest import smoke
+from fake_lm import FakeLM
 
 
 class WordRetriever:
@@ -73,9 +75,32 @@ def test_optimized_rag_with_demos_logs_registers_and_loads_back(store):
         assert fake.embedding_calls > 0
         run = mlflow.get_run(result.run_id)
         assert run.info.status == "FINISHED" and run.data.metrics["semantic_f1"] == 100.0
+        assert run.info.run_name == "optimize"
+        check_models_and_traces(run)
         loaded = load_program(f"models:/{cfg.tracking.registered_model}/{result.version}")
         demos = loaded.respond.predict.demos
         assert any(d.get("augmented") for d in demos), demos
         with dspy.context(lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm)):
             answer = loaded(question="how do I undo my last git commit?")
     assert answer.response and len(answer.doc_ids) == cfg.program.k
+
+
+def check_models_and_traces(run):
+    """What the MLflow UI shows for an optimize run: one model per program, traces linked and tagged,
+    retrieval visible as a RETRIEVER span with its passages as documents."""
+    client = mlflow.MlflowClient()
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert sorted(m.name for m in models) == ["rag", "rag-mipro"]
+    assert all(m.status.to_int() == LoggedModelStatus.READY.to_int() for m in models), [m.status for m in models]
+    by_id = {m.model_id: m.name for m in models}
+    traces = mlflow.search_traces(run_id=run.info.run_id, return_type="list")
+    assert len(traces) == 2 * int(run.data.metrics["num_examples"])
+    phases = {}
+    for trace in traces:
+        model_name = by_id[trace.info.trace_metadata["mlflow.modelId"]]
+        phases.setdefault(trace.info.tags["phase"], set()).add((model_name, trace.info.tags["variant"]))
+        (retrieval,) = [s for s in trace.data.spans if s.span_type == SpanType.RETRIEVER]
+        documents = retrieval.outputs
+        assert len(documents) == 5 and all(d["page_content"] and "doc_id" in d["metadata"] for d in documents)
+    assert phases == {"baseline": {("rag", "rag")}, "optimized": {("rag-mipro", "rag-mipro")}}

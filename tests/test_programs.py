@@ -1,7 +1,6 @@
 """The RAG module: retrieval feeds the prompt, passages shrink to fit a small context window."""
 
 import dspy
-import pytest
 from dspy.utils import DummyLM
 
 from pipelines.programs import RAG, context_char_budget, fit_passages

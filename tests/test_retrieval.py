@@ -67,7 +67,8 @@ def test_any_changed_input_misses_the_cache(tmp_path, change):
     elif change == "max_characters":
         other = cache_key(corpus.path, 100, embedder_identity(emb_cfg()))
     else:
-        other = cache_key(corpus.path, 6000, embedder_identity(emb_cfg(**{change: "other" if change == "model" else 32})))
+        changed = emb_cfg(**{change: "other" if change == "model" else 32})
+        other = cache_key(corpus.path, 6000, embedder_identity(changed))
     assert other != key
 
 
@@ -109,7 +110,7 @@ def test_faiss_above_threshold_agrees_with_brute_force():
     ivf = Index(vectors, passages, ids, meta={}, brute_force_threshold=1000)
     assert brute.faiss_index is None and ivf.faiss_index is not None
     queries = vectors[:50] + 0.01 * rng.normal(size=(50, 64)).astype(np.float32)
-    agree = sum(b[0][0] == f[0][0] for b, f in zip(brute.search(queries, 5), ivf.search(queries, 5)))
+    agree = sum(b[0][0] == f[0][0] for b, f in zip(brute.search(queries, 5), ivf.search(queries, 5), strict=True))
     assert agree >= 48  # IVF-PQ finds the true nearest neighbour for (nearly) every query
     restored = pickle.loads(pickle.dumps(ivf))
     assert restored.search(queries[:5], 5) == ivf.search(queries[:5], 5)

@@ -5,20 +5,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipelines import tracking
+from pipelines.config import compose
+from pipelines.scoring import EvalResult, Scoring
 
 
 def cfg_for(store):
     return OmegaConf.create({"lm": {"model": "m", "api_key": "sk-secret", "api_key_env": "X"},
                              "tracking": {"uri": mlflow.get_tracking_uri(), "experiment": "t"}})
-
-
-def test_promotion_rules():
-    assert tracking.decide_promotion(None, 10.0, "dev1")[0]
-    champion = {"dev_semantic_f1": "50.0", "dev_set": "dev1"}
-    assert tracking.decide_promotion(champion, 60.0, "dev1")[0]
-    assert not tracking.decide_promotion(champion, 50.0, "dev1")[0]
-    promoted, reason = tracking.decide_promotion(champion, 99.0, "dev2")
-    assert not promoted and "another dev set" in reason
 
 
 def test_run_finishes_and_logs_config_without_secrets(store):
@@ -49,18 +42,94 @@ def test_nested_runs_become_children(store):
     assert mlflow.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def test_register_moves_champion_only_on_improvement(store):
-    def logged_model(score):
-        with mlflow.start_run():
-            info = mlflow.pyfunc.log_model(name="m", python_model=lambda inputs: inputs,
-                                           input_example=["x"], pip_requirements=[])
-            return tracking.register(info.model_uri, "reg", score, "dev1", "v")
+def scoring(rule="significant"):
+    return Scoring.from_cfg(compose("cot", [f"scoring.promotion={rule}"]).scoring)
 
-    assert logged_model(40.0)["promoted"]
-    assert not logged_model(30.0)["promoted"]
-    third = logged_model(55.0)
-    assert third["promoted"]
-    client = mlflow.MlflowClient()
-    champion = client.get_model_version_by_alias("reg", tracking.CHAMPION)
-    assert champion.version == third["version"] and champion.tags["dev_semantic_f1"] == "55.0000"
-    assert champion.tags["champion_dev_semantic_f1_at_registration"] == "40.0000"
+
+def dev_result(scores, rule="significant"):
+    """A dev evaluation with these per-example SemanticF1 scores (0-100), one question each."""
+    rows = [{"question": f"q{i}", "semantic_f1": float(s), "error": ""} for i, s in enumerate(scores)]
+    return EvalResult.from_rows(rows, scoring(rule))
+
+
+def register_scores(scores, rule="significant", model="reg", dev_set="dev1", log_table=True):
+    """Log a run with the dev table and a model, as a step does, and register it."""
+    result = dev_result(scores, rule)
+    with mlflow.start_run():
+        if log_table:
+            tracking.log_evaluation(result, "dev")
+        info = mlflow.pyfunc.log_model(name="m", python_model=lambda inputs: inputs, input_example=["x"],
+                                       pip_requirements=[])
+        return tracking.register(info.model_uri, model, result, dev_set, "v", scoring(rule))
+
+
+def champion(model="reg"):
+    return mlflow.MlflowClient().get_model_version_by_alias(model, tracking.CHAMPION)
+
+
+# 20 examples judged mostly 0 or 100, as a small judge does; NOISE flips two up and one down: +5 on average.
+CHAMPION_SCORES = [0, 100] * 10
+NOISE = [100, 100, 100, 100, 0, 0] + [0, 100] * 7
+CLEAR = [min(100, s + 60) for s in CHAMPION_SCORES]
+
+
+def test_noise_only_difference_moves_the_champion_under_better_but_not_under_significant(store):
+    assert sum(NOISE) - sum(CHAMPION_SCORES) == 100  # +5 points over 20 examples
+    for rule, promoted in (("better", True), ("significant", False)):
+        model = f"reg-{rule}"
+        assert register_scores(CHAMPION_SCORES, rule, model)["promoted"]  # first version
+        second = register_scores(NOISE, rule, model)
+        assert second["promoted"] is promoted
+        tags = mlflow.MlflowClient().get_model_version(model, second["version"]).tags
+        assert tags["promotion_rule"] == rule and tags["promotion"] == second["reason"]
+        assert float(tags["vs_champion_dev_semantic_f1_delta"]) == 5.0
+        low, high = float(tags["vs_champion_dev_semantic_f1_delta_ci_low"]), float(
+            tags["vs_champion_dev_semantic_f1_delta_ci_high"])
+        assert low < 0 < high and 0 < float(tags["vs_champion_dev_semantic_f1_delta_p_value"]) <= 1
+        assert str(champion(model).version) == str(second["version"] if promoted else 1)
+
+
+def test_clear_per_example_improvement_is_promoted_under_significant(store):
+    register_scores(CHAMPION_SCORES)
+    assert not register_scores(NOISE)["promoted"]
+    third = register_scores(CLEAR)
+    assert third["promoted"] and "beyond noise" in third["reason"]
+    current = champion()
+    assert current.version == third["version"] and float(current.tags["vs_champion_dev_semantic_f1_delta_ci_low"]) > 0
+    assert current.tags["champion_dev_semantic_f1_at_registration"] == "50.0000"
+    assert current.tags["dev_semantic_f1"] == "80.0000" and "dev_semantic_f1_ci_low" in current.tags
+
+
+def test_champion_stays_when_scores_cannot_be_paired(store):
+    register_scores(CHAMPION_SCORES, log_table=False)  # e.g. registered by an older version of the project
+    second = register_scores(CLEAR)
+    assert not second["promoted"] and "cannot pair" in second["reason"]
+    other_dev = register_scores(CLEAR, dev_set="dev2")
+    assert not other_dev["promoted"] and "another dev set" in other_dev["reason"]
+    assert str(champion().version) == "1"
+
+
+def test_better_keeps_the_strict_point_comparison(store):
+    assert register_scores([40, 40], "better")["promoted"]
+    assert not register_scores([30, 30], "better")["promoted"]
+    assert not register_scores([40, 40], "better")["promoted"]  # a tie does not move it
+    third = register_scores([55, 55], "better")
+    assert third["promoted"] and champion().version == third["version"]
+
+
+def test_decide_promotion_without_champion_or_on_another_dev_set():
+    result = dev_result([50, 60])
+    assert tracking.decide_promotion(None, result, "dev1", scoring()).promoted
+    decision = tracking.decide_promotion({"dev_set": "dev0", "dev_semantic_f1": "1.0"}, result, "dev1", scoring())
+    assert not decision.promoted and "another dev set" in decision.reason
+
+
+def test_one_example_logs_the_score_without_an_interval(store):
+    with mlflow.start_run() as run:
+        tracking.log_evaluation(dev_result([70]), "dev")
+    logged = mlflow.get_run(run.info.run_id).data
+    assert logged.metrics["semantic_f1"] == 70.0 and "semantic_f1_ci_low" not in logged.metrics
+    assert "1 example" in logged.tags["confidence_intervals"]
+    decision = tracking.decide_promotion({"dev_set": "d", "dev_semantic_f1": "0"}, dev_result([70]), "d", scoring(),
+                                         champion_rows=[{"question": "q0", "semantic_f1": 0.0}])
+    assert not decision.promoted and "too few paired examples" in decision.reason

@@ -1,0 +1,101 @@
+"""Screenshots of the MLflow UI for the README, taken from a real store with headless Chromium.
+
+Run the README's main job first, then (Chromium from Debian's `chromium` package):
+
+    .venv/bin/python docs/screenshots.py                      # the project's sqlite:///mlflow.db
+    .venv/bin/python docs/screenshots.py --store /path/to/dir  # a store elsewhere (mlflow.db inside)
+
+It starts `mlflow ui` on a free loopback port, finds the experiment, a RAG trace and the registered
+model, and writes docs/runs.png, docs/trace.png and docs/model-versions.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"error: the MLflow UI did not answer at {url} within {timeout:.0f} s") from None
+            time.sleep(1)
+
+
+def screenshot(chromium: str, url: str, out: Path, size: str = "1600,1000") -> None:
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=20000", url],
+                   check=True, capture_output=True, timeout=180)
+    print(f"wrote {out}")
+
+
+def targets(uri: str, experiment: str) -> dict[str, str]:
+    """URL fragments of the three views, found through the API."""
+    from mlflow.entities import SpanType
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise SystemExit(f"error: no experiment {experiment!r} in {uri}; run the README's main job first")
+    traces = client.search_traces(locations=[exp.experiment_id], filter_string="tags.variant = 'rag'",
+                                  max_results=20)
+    rag = next((t for t in traces if any(s.span_type == SpanType.RETRIEVER for s in t.data.spans)), None)
+    if rag is None:
+        raise SystemExit("error: no RAG trace with a retrieval span in the store")
+    model = client.search_registered_models(max_results=1)[0].name
+    return {"runs": f"#/experiments/{exp.experiment_id}/runs",
+            "trace": f"#/experiments/{exp.experiment_id}/traces?selectedEvaluationId={rag.info.trace_id}",
+            "model-versions": f"#/models/{model}"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, default=ROOT, help="directory holding mlflow.db")
+    parser.add_argument("--experiment", default="ragqa-arena-tech")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs")
+    args = parser.parse_args()
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        raise SystemExit("error: chromium not found; install it (apt-get install chromium)")
+    uri = f"sqlite:///{args.store.resolve()}/mlflow.db"
+    pages = targets(uri, args.experiment)
+    port = free_port()
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}  # no price-list download offline
+    ui = subprocess.Popen([str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}/"
+        wait_for(f"{base}health")
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, fragment in pages.items():
+            screenshot(chromium, base + fragment, args.out / f"{name}.png")
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
