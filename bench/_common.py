@@ -56,6 +56,18 @@ def mlflow_run_env(store: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def log_time(path: Path, text: str) -> float | None:
+    """Epoch time of the first Hydra log line containing `text` ("[%Y-%m-%d %H:%M:%S,%f][...")."""
+    if not path.exists():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        if text in line and line.startswith("["):
+            stamp = line[1:line.index("]")]
+            seconds, millis = stamp.split(",")
+            return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+    return None
+
+
 def machine() -> str:
     cpu = "unknown"
     try:

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import EXPERIMENT, ROOT, VENV_BIN, create_experiment, machine, mlflow_run_env, scratch, table
+from _common import EXPERIMENT, ROOT, VENV_BIN, create_experiment, log_time, machine, mlflow_run_env, scratch, table
 
 
 def existing_server() -> str | None:
@@ -120,18 +120,6 @@ def phases(store: Path) -> list[list]:
     rows.append(["main: comparison + shutdown", previous_end, job["end"] - t0])
     rows.append(["total", 0.0, job["end"] - t0])
     return [[name, f"{a:.1f}", f"{b:.1f}", f"{b - a:.1f}"] for name, a, b in rows]
-
-
-def log_time(path: Path, text: str) -> float | None:
-    """Epoch time of the first Hydra log line containing `text` ("[%Y-%m-%d %H:%M:%S,%f][...")."""
-    if not path.exists():
-        return None
-    for line in path.read_text(errors="replace").splitlines():
-        if text in line and line.startswith("["):
-            stamp = line[1:line.index("]")]
-            seconds, millis = stamp.split(",")
-            return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
-    return None
 
 
 def main(args) -> None:

@@ -193,7 +193,7 @@ def run_phase(phase: str, store: Path, fake: FakeLMProcess, args) -> dict:
         bare = store / "bare.json"
         record["bare"] = json.loads(bare.read_text()) if bare.exists() else None
     else:
-        record["runs"] = describe_runs(store, start, end)
+        record["runs"] = describe_runs(store, start, end, store / f"hydra-{phase}")
     print(f"[{time.strftime('%H:%M:%S')}] {phase}: exit {rc}, {wall:.0f} s, {rss:.0f} MiB, "
           f"{record['chat_calls']} chat / {record['embedding_calls']} embedding calls", file=sys.stderr, flush=True)
     return record
@@ -216,9 +216,53 @@ def metric_time(client, run_id: str, key: str) -> float | None:
     return max(m.timestamp for m in history) / 1000 if history else None
 
 
-def describe_runs(store: Path, since: float, until: float) -> list[dict]:
-    """The project's runs started between `since` and `until`, split into phases by metric timestamps. MIPROv2's own
-    trial runs (autolog's eval_* children) are summed in one row; the last one's end marks compile's end."""
+# Each run's timeline, mark by mark: (column, when it ends). An evaluation ends when the project counts its
+# traces (`traces_logged`; `semantic_f1` with traces off); its results (table, one assessment per trace and
+# metric) are logged by the next "<run name> <prefix>dev: ..." log line; MIPROv2's compile ends when its
+# trial scores are logged (`mipro_*` metrics), or at its last trial run's end with tracking.log_compiles.
+SPANS = ("until_eval_s", "eval_s", "eval_logged_s", "compile_s", "optimized_eval_s", "optimized_logged_s",
+         "model_and_register_s")
+
+
+def timeline(client, run, trials: list, log_lines: list[str]) -> dict[str, float]:
+    rid = run.info.run_id
+
+    def metric(*keys):
+        return next((t for t in (metric_time(client, rid, k) for k in keys) if t), None)
+
+    def logged(prefix, after):
+        # Matched by time, not run name: `mlflow run` names the run only after these lines are written.
+        times = [log_time_of(ln) for ln in log_lines if f" {prefix}dev: " in ln]
+        return next((t for t in times if after and t >= after - 0.001), None)
+
+    marks = [("until_eval_s", metric("index_passages"))]
+    if metric("baseline_semantic_f1"):
+        trial_ends = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
+        base, best = metric("baseline_traces_logged", "baseline_semantic_f1"), metric("traces_logged", "semantic_f1")
+        marks += [("eval_s", base), ("eval_logged_s", logged("baseline_", base)),
+                  ("compile_s", metric("mipro_best_score", "mipro_trial_score") or max(trial_ends, default=None)),
+                  ("optimized_eval_s", best), ("optimized_logged_s", logged("", best))]
+    else:
+        scored = metric("traces_logged", "semantic_f1")
+        marks += [("eval_s", scored), ("eval_logged_s", logged("", scored))]
+    marks.append(("model_and_register_s", run.info.end_time / 1000 if run.info.end_time else None))
+    spans, previous = {}, run.info.start_time / 1000
+    for key, when in marks:
+        if when is not None:  # a missing mark folds its span into the next one
+            spans[key], previous = when - previous, when
+    return spans
+
+
+def log_time_of(line: str) -> float:
+    """Epoch time of a Hydra log line ("[%Y-%m-%d %H:%M:%S,%f][...")."""
+    stamp = line[1:line.index("]")]
+    seconds, millis = stamp.split(",")
+    return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> list[dict]:
+    """The project's runs started between `since` and `until`, with their timelines. MIPROv2's own trial
+    runs (autolog's eval_* children) are summed in one row."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
@@ -226,29 +270,23 @@ def describe_runs(store: Path, since: float, until: float) -> list[dict]:
     window = f"attributes.start_time >= {int(since * 1000)} and attributes.start_time <= {int(until * 1000)}"
     runs = client.search_runs([exp.experiment_id], window, max_results=1000, order_by=["attributes.start_time ASC"])
     trials = [r for r in runs if "step" not in r.data.tags]
+    log_lines = [ln for f in sorted(log_dir.glob("*.log")) for ln in f.read_text(errors="replace").splitlines()
+                 if ln.startswith("[") and "[pipelines.steps]" in ln]
     out = []
     for run in runs:
         if run in trials:
             continue
         metrics, rid = run.data.metrics, run.info.run_id
-        start, end = run.info.start_time / 1000, (run.info.end_time or 0) / 1000 or None
-        eval_start = metric_time(client, rid, "index_passages") or start
-        base, scored = metric_time(client, rid, "baseline_semantic_f1"), metric_time(client, rid, "semantic_f1")
-        row = {"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
-               "run_s": end - start if end else None, "until_eval_s": eval_start - start,
-               "after_eval_s": end - scored if end and scored else None,
-               "traces": count_traces(client, exp.experiment_id, rid),
-               "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
-               "semantic_f1": metrics.get("semantic_f1"), "registered_version": run.data.tags.get("registered_version"),
-               "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k},
-               "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}}
-        children = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
-        if base and scored and children:
-            row |= {"eval_s": base - eval_start, "compile_s": max(children) - base,
-                    "optimized_eval_s": scored - max(children)}
-        elif scored:
-            row["eval_s"] = (base or scored) - eval_start
-        out.append(row)
+        end = run.info.end_time
+        out.append({"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
+                    "run_s": (end - run.info.start_time) / 1000 if end else None,
+                    **timeline(client, run, trials, log_lines),
+                    "traces": count_traces(client, exp.experiment_id, rid),
+                    "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
+                    "semantic_f1": metrics.get("semantic_f1"),
+                    "registered_version": run.data.tags.get("registered_version"),
+                    "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k},
+                    "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}})
     if trials:
         out.append({"step": "(MIPROv2 trial runs)", "runs": len(trials),
                     "traces": sum(count_traces(client, exp.experiment_id, r.info.run_id) for r in trials)})
@@ -264,8 +302,9 @@ def registered_demos(store: Path) -> list[dict]:
     uri = f"sqlite:///{store}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     out = []
-    for mv in MlflowClient(tracking_uri=uri).search_model_versions():
-        if mv.tags.get("variant") != "rag_mipro":
+    client = MlflowClient(tracking_uri=uri)
+    for mv in client.search_model_versions():
+        if client.get_run(mv.run_id).data.tags.get("step") != "optimize":
             continue
         program = mlflow.dspy.load_model(f"models:/{mv.name}/{mv.version}")
         out.append({"model": f"{mv.name}/{mv.version}", "run_id": mv.run_id,
@@ -293,14 +332,13 @@ def report(results: dict) -> str:
     for p in results["phases"]:
         for r in p.get("runs", []):
             if "run_id" not in r:
-                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * 8, r["traces"]])
+                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * (len(SPANS) + 3), r["traces"]])
                 continue
-            rows.append([p["phase"], r["step"], r["status"], *(seconds(r.get(k)) for k in (
-                "run_s", "until_eval_s", "eval_s", "compile_s", "optimized_eval_s", "after_eval_s")),
-                r["examples"] or "—", r["traces"]])
+            rows.append([p["phase"], r["step"], r["status"], seconds(r["run_s"]),
+                         *(seconds(r.get(k)) for k in SPANS), r["examples"] or "—", r["traces"]])
     lines += ["", table(["phase", "run", "status", "run s", "until eval s", "eval s (optimize: baseline)",
-                         "MIPROv2 compile s", "optimized eval s", "log + register s", "examples evaluated",
-                         "traces logged"], rows)]
+                         "results logged s", "MIPROv2 compile s", "optimized eval s", "results logged s",
+                         "model + register s", "examples evaluated", "traces logged"], rows)]
     missing = [f"- {p['phase']} / {r['step']}: " + v[:200].replace("\n", " ")
                for p in results["phases"] for r in p.get("runs", []) for v in r.get("traces_missing", {}).values()]
     if missing:
@@ -340,7 +378,8 @@ def main(args) -> None:
         results = json.loads((Path(args.analyze) / "results.json").read_text())
         for phase in results["phases"]:
             if "runs" in phase:
-                phase["runs"] = describe_runs(Path(results["store"]), phase["start"], phase["end"])
+                store = Path(results["store"])
+                phase["runs"] = describe_runs(store, phase["start"], phase["end"], store / f"hydra-{phase['phase']}")
         print(report(results))
         return
     store = Path(args.scratch) if args.scratch else scratch("scale")
