@@ -21,7 +21,7 @@ before the first evaluation, `baseline_semantic_f1` / `semantic_f1` right after 
 evaluated and traces logged. Then the demos of every registered MIPROv2 program, loaded back.
 Prints Markdown tables and writes results.json to the scratch dir.
 
-    .venv/bin/python bench/scale.py                          # 30-60+ min on 2 cores
+    .venv/bin/python bench/scale.py                          # 15-30 min on 2 cores
     .venv/bin/python bench/scale.py --docs 2000 --auto light --phases rag optimize   # a quick look
     .venv/bin/python bench/scale.py --analyze /work/scratch/bench-scale-XXXX        # tables again
 """
