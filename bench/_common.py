@@ -25,9 +25,9 @@ def scratch(name: str) -> Path:
 
 def fake_overrides(api_base: str, artifacts: Path, *extra: str) -> list[str]:
     """Point the project at the fake LM server, uncached, schema-constrained, no retries."""
-    return ["lm=openai", f"lm.api_base={api_base}", "lm.api_key_env=null", "lm.model=openai/fake-bench",
-            "lm.cache=false", "lm.adapter=json_schema", "lm.num_retries=0",
-            f"tracking.artifact_location={artifacts}", *extra]
+    from helpers import fake_lm_overrides
+
+    return [*fake_lm_overrides(api_base, model="openai/fake-bench"), f"tracking.artifact_location={artifacts}", *extra]
 
 
 def isolate_mlflow(store: Path) -> None:

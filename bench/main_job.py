@@ -7,7 +7,7 @@ embedded llama.cpp server and that start is part of the measured time. Nothing i
 repo: the experiment is pre-created with its artifacts in the temp store, and
 `-P overrides=hydra.run.dir=<temp>` moves Hydra's output dir (its main.log dates the phases). (A server already running
 in the shared default state dir is reported: it is not reused, but it would compete for CPU.)
-The embedded server start is also timed on its own first, through `pipelines.lm.ensure_server`
+The embedded server start is also timed on its own first, through `pipelines.server.ensure_server`
 with a temporary state dir.
 
 Phases come from the MLflow runs (start/end times, metric timestamps) and the server's state dir:
@@ -37,21 +37,15 @@ from _common import EXPERIMENT, ROOT, VENV_BIN, create_experiment, log_time, mac
 
 def existing_server() -> str | None:
     """A live embedded server in the shared default state dir, if any."""
-    from pipelines.lm import _pid_alive, default_state_dir
+    from pipelines.server import running_servers
 
-    for state in Path(default_state_dir()).glob("*.json"):
-        try:
-            info = json.loads(state.read_text())
-        except ValueError:
-            continue
-        if _pid_alive(info.get("pid", -1)):
-            return f"pid {info['pid']} at {info['api_base']}"
-    return None
+    live = running_servers()
+    return f"pid {live[0]['pid']} at {live[0]['api_base']}" if live else None
 
 
 def time_server_start(state_dir: Path) -> float:
     from pipelines.config import compose
-    from pipelines.lm import ensure_server, stop_owned_servers
+    from pipelines.server import ensure_server, stop_owned_servers
 
     t = time.perf_counter()
     ensure_server({**compose("config").lm.server, "state_dir": str(state_dir)})

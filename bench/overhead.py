@@ -152,7 +152,7 @@ class LocalServer:
 
     def __init__(self, state_dir):
         from pipelines.config import compose
-        from pipelines.lm import ensure_server
+        from pipelines.server import ensure_server
 
         self.api_base = ensure_server({**compose("config").lm.server, "state_dir": str(state_dir)})
 
@@ -160,7 +160,7 @@ class LocalServer:
         return self
 
     def __exit__(self, *exc):
-        from pipelines.lm import stop_owned_servers
+        from pipelines.server import stop_owned_servers
 
         stop_owned_servers()
 

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipelines.config import CONFIG_DIR, ConfigError
-from pipelines.lm import LMServerError
+from pipelines.server import LMServerError
 
 
 def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[], None]:

@@ -10,23 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import mlflow
 
 from pipelines import tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
-from pipelines.lm import (
-    LMServerError,
-    build_adapter,
-    build_lm,
-    check_credentials,
-    ensure_reachable,
-    healthy,
-    merged_judge_cfg,
-)
+from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
 from pipelines.programs import build_program
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
+from pipelines.server import LMServerError, healthy
 from pipelines.stats import Estimate, tidy
 
 log = logging.getLogger(__name__)
@@ -103,7 +95,7 @@ def _score(session: Session, program, examples, prefix: str, split: str, model, 
         result = evaluate(program, examples, session.scorer, int(session.cfg.num_threads),
                           trace_id=tracking.last_trace_id if tracing.log_traces else None)
     tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
-    log.info("%s %s%s: %s", mlflow.active_run().info.run_name, prefix, split, result.summary())
+    log.info("%s %s%s: %s", tracking.run_name(), prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
@@ -139,8 +131,7 @@ def run_variant(cfg) -> StepResult:
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
     with tracking.run(variant, cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                                         source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
         if index_info:
             tracking.log_index(index_info["path"], index_info)
         program = build_program(cfg.program, cfg.lm, retriever)
@@ -169,8 +160,7 @@ def run_optimize(cfg) -> StepResult:
     opt = cfg.optimizer
     variant = OPTIMIZED_VARIANT
     with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
-                                         source=str(cfg.data.examples), name=cfg.data.name)
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
         tracking.log_index(index_info["path"], index_info)
         baseline = build_program(cfg.program, cfg.lm, retriever)
         marks = _usage_marks(session)
@@ -188,12 +178,12 @@ def run_optimize(cfg) -> StepResult:
         best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
                       phase="optimized")
         comparisons = compare(best, base, session.scoring)
-        mlflow.log_metrics(tracking.comparison_metrics(comparisons))
+        tracking.log_metrics(tracking.comparison_metrics(comparisons))
         primary = session.scoring.primary
         log.info("optimized - baseline: %s %s", LABELS[primary], comparisons[primary].describe())
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
-        mlflow.log_text(describe_program(optimized), "program/learned_prompt.md")
+        tracking.log_text(describe_program(optimized), "program/learned_prompt.md")
         _log_usage(session, marks)
         model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
@@ -204,35 +194,19 @@ def run_evaluate(cfg) -> StepResult:
     if not cfg.get("model_uri"):
         raise ConfigError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
     session = prepare(cfg)
-    program = load_program(cfg.model_uri)
+    program = tracking.load_program(cfg.model_uri)
     split = cfg.split
     with tracking.run(f"evaluate-{split}", cfg, tags={"model_uri": cfg.model_uri}) as active:
-        mlflow.log_param("model_uri", cfg.model_uri)
-        datasets = tracking.log_datasets({split: session.splits.get(split)}, source=str(cfg.data.examples),
-                                         name=cfg.data.name)
+        datasets = tracking.log_datasets({split: session.splits.get(split)}, cfg.data)
         model = tracking.logged_model_of(cfg.model_uri)
         variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         marks = _usage_marks(session)
         result = _score(session, program, session.splits.get(split), "", split, model, datasets[split], **variant)
         scores = tracking.estimate_metrics(result.estimates, f"{split}_")
-        mlflow.log_metrics(scores, model_id=model.model_id if model else None, dataset=datasets[split])
+        tracking.log_metrics(scores, model, datasets[split])
         _log_usage(session, marks)
         tracking.tag_version_scores(cfg.model_uri, scores)
         return StepResult(f"evaluate-{split}", active.info.run_id, result, cfg.model_uri)
-
-
-def load_program(model_uri: str) -> dspy.Module:
-    """Load a logged program. Our own models are pickles that we wrote, so pickle loading is allowed."""
-    import os
-
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    try:
-        return mlflow.dspy.load_model(model_uri)
-    except mlflow.exceptions.MlflowException as e:
-        raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
-    except (ModuleNotFoundError, AttributeError, ImportError) as e:
-        raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
-                          f"({type(e).__name__}: {e}); re-run the step that logged it") from None
 
 
 def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
@@ -287,11 +261,11 @@ def run_pipeline(cfg, overrides=()) -> StepResult:
                 rows.append({"variant": f"{new.name} - {old.name}",
                              **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
                 log.info("%s - %s: %s %s", new.name, old.name, LABELS[scoring.primary], comparison.describe())
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         tracking.log_table(rows, "comparison.json")
         tracking.log_figure(comparison_chart(rows[: len(results)], scoring), "comparison.png")
         best = max(results, key=lambda r: r.score)
-        mlflow.set_tag("best_variant", best.name)
+        tracking.set_tags({"best_variant": best.name})
         log.info("best variant by point score: %s", best.name)
         return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
 

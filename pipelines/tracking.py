@@ -26,7 +26,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
-from pipelines.config import PROJECT_ROOT, flatten, is_secret, to_container
+from pipelines.config import PROJECT_ROOT, ConfigError, flatten, is_secret, to_container
 from pipelines.scoring import JUDGED, LABELS, RECALL, EvalResult, Scoring, paired_scores
 from pipelines.stats import Comparison, Estimate
 
@@ -189,18 +189,57 @@ def new_model(name: str, variant: str, external: bool = False) -> LoggedModel:
     return create(name=name, model_type="agent", tags={"variant": variant})
 
 
-def log_datasets(splits: dict[str, list[dspy.Example]], source: str, name: str) -> dict[str, Any]:
+def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg) -> dict[str, Any]:
     """Log each split as a run input; returns the datasets, to link metrics computed on them."""
+    source = dataset_source(data_cfg)
     datasets = {}
     for split, examples in splits.items():
         if not examples:
             continue
         frame = pd.DataFrame([{"question": e.question, "response": e.response,
                                "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
-        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{name}-{split}", targets="response")
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{data_cfg.name}-{split}", targets="response")
         mlflow.log_input(dataset, context=split)
         datasets[split] = dataset
     return datasets
+
+
+def dataset_source(data_cfg):
+    """Where the examples came from: their download URL, else the local file as a `file://` URI.
+
+    Given a bare path, MLflow finds two identical local-file source types registered (one per URI
+    scheme) and warns on every split; naming the type here leaves nothing to guess.
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if data_cfg.get("examples_url"):
+        return HTTPDatasetSource(data_cfg.examples_url)
+    local = next(s for s in FileSystemDatasetSource.__subclasses__() if s.__name__ == "LocalArtifactDatasetSource")
+    return resolve_dataset_source(Path(data_cfg.examples).resolve().as_uri(), candidate_sources=[local])
+
+
+def run_name() -> str:
+    return mlflow.active_run().info.run_name
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_metrics(metrics: dict[str, float], model: LoggedModel | None = None, dataset=None) -> None:
+    """Metrics of the active run, linked to the model they measure and the dataset they were computed on.
+
+    A model still PENDING is logged by this run: `log_model` then links the run's metrics to it itself
+    (and fails on metrics already linked). Others (external, or logged earlier) are linked here.
+    """
+    linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
+    mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
 
 
 def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
@@ -240,10 +279,7 @@ def log_evaluation(result: EvalResult, split: str, prefix: str = "", model: Logg
         mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
     if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
-    # A model still PENDING is logged by this run: `log_model` then links the run's metrics to it
-    # itself (and fails on metrics already linked). Others (external, or logged earlier) link here.
-    linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
-    mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
+    log_metrics(metrics, model, dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
     log_assessments(result)
     return metrics
@@ -476,6 +512,18 @@ def tag_version_scores(model_uri: str, metrics: dict[str, float]) -> None:
     if alias:
         version = MlflowClient().get_model_version_by_alias(name, alias).version
     tag_version(name, version, score_tags(metrics))
+
+
+def load_program(model_uri: str) -> dspy.Module:
+    """Load a logged program. Our own models are pickles that we wrote, so pickle loading is allowed."""
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    try:
+        return mlflow.dspy.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
+    except (ModuleNotFoundError, AttributeError, ImportError) as e:
+        raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
+                          f"({type(e).__name__}: {e}); re-run the step that logged it") from None
 
 
 def logged_model_of(model_uri: str) -> LoggedModel | None:

@@ -10,10 +10,9 @@ import time
 import urllib.request
 
 import pytest
+from helpers import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, user_env
 from mlflow.entities import LoggedModelStatus, SpanType
 from mlflow.tracking import MlflowClient
-
-from conftest import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, user_env
 
 pytestmark = [pytest.mark.lm, pytest.mark.e2e]
 MODEL = "ragqa-tech-smoke"

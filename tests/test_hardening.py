@@ -6,19 +6,19 @@ import sys
 import dspy
 import mlflow
 import pytest
+from helpers import ROOT, fake_lm_overrides, run_cli, smoke
 from mlflow.entities import LoggedModelStatus
 
 from pipelines.config import ConfigError
-from pipelines.lm import LMServerError
-from pipelines.steps import load_program, run_variant
+from pipelines.server import LMServerError
+from pipelines.steps import run_variant
+from pipelines.tracking import load_program
 
-from conftest import ROOT, run_cli, smoke
 from fake_lm import FakeLM
 
 
-def fake_overrides(fake: FakeLM):
-    return ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", f"lm.model=openai/fake-{fake.mode}",
-            "lm.cache=false", "lm.adapter=json_schema", "lm.num_retries=0", "num_threads=1"]
+def fake_overrides(fake: FakeLM) -> list[str]:
+    return fake_lm_overrides(fake.api_base, model=f"openai/fake-{fake.mode}", threads=1)
 
 
 def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(store):

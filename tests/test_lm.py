@@ -8,8 +8,9 @@ import pytest
 
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
-from pipelines.lm import LMServerError, build_adapter, build_lm, ensure_reachable, ensure_server, output_schema
+from pipelines.lm import build_adapter, build_lm, ensure_reachable, output_schema
 from pipelines.scoring import JudgedF1
+from pipelines.server import LMServerError, ensure_server
 
 
 def test_output_schema_bounds_strings_to_share_the_token_budget():
@@ -80,3 +81,15 @@ def test_constrained_local_lm_parses_cot_and_semantic_f1_on_two_examples(local_s
     assert lm.kwargs["api_base"] == local_server
     sent = lm.history[-1]["kwargs"]["response_format"]
     assert sent["type"] == "json_object" and "recall" in sent["schema"]["properties"]
+
+
+def test_running_servers_lists_only_live_processes(tmp_path):
+    import json
+    import os
+
+    from pipelines.server import running_servers
+
+    (tmp_path / "live.json").write_text(json.dumps({"pid": os.getpid(), "api_base": "http://127.0.0.1:1/v1"}))
+    (tmp_path / "dead.json").write_text(json.dumps({"pid": 2**22 + 12345, "api_base": "http://127.0.0.1:2/v1"}))
+    (tmp_path / "torn.json").write_text("{not json")
+    assert [s["api_base"] for s in running_servers(tmp_path)] == ["http://127.0.0.1:1/v1"]

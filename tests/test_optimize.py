@@ -5,6 +5,7 @@ better with demos, so the optimizers keep them."""
 import dspy
 import mlflow
 import pytest
+from helpers import fake_lm_overrides, smoke
 from mlflow.entities import LoggedModelStatus, SpanType
 
 from pipelines.config import compose
@@ -12,9 +13,9 @@ from pipelines.data import load_splits
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1
-from pipelines.steps import build_optimizer, load_program, run_optimize
+from pipelines.steps import build_optimizer, run_optimize
+from pipelines.tracking import load_program
 
-from conftest import smoke
 from fake_lm import FakeLM
 
 
@@ -31,8 +32,7 @@ class WordRetriever:
 
 
 def passing_lm(fake: FakeLM, adapter: str = "chat") -> list[str]:
-    return ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", "lm.model=openai/fake-capable",
-            "lm.cache=false", f"lm.adapter={adapter}", "lm.num_retries=0"]
+    return fake_lm_overrides(fake.api_base, model="openai/fake-capable", adapter=adapter)
 
 
 def rag_output_keys(demo) -> set[str]:

@@ -3,13 +3,13 @@
 import json
 
 import mlflow
+from helpers import smoke
 from test_hardening import fake_overrides
 
 from pipelines.config import compose
 from pipelines.scoring import Scoring
 from pipelines.steps import comparison_chart, run_optimize, run_pipeline
 
-from conftest import smoke
 from fake_lm import FakeLM
 
 

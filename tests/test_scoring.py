@@ -6,6 +6,7 @@ import dspy
 import mlflow
 import pytest
 from dspy.utils import DummyLM
+from helpers import fake_lm_overrides
 
 from pipelines import tracking
 from pipelines.config import ConfigError, compose
@@ -25,9 +26,7 @@ def scorer_for(lm, *overrides, traced=False):
 
 
 def fake_session(fake: FakeLM):
-    cfg = compose("cot", ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null",
-                          f"lm.model=openai/fake-{fake.mode}", "lm.cache=false", "lm.adapter=json_schema",
-                          "lm.num_retries=0"])
+    cfg = compose("cot", fake_lm_overrides(fake.api_base, model=f"openai/fake-{fake.mode}"))
     return build_lm(cfg.lm), build_adapter(cfg.lm), load_splits(cfg.data).dev[:3]
 
 
@@ -182,8 +181,7 @@ def traced_evaluation(store, n: int, threads: int):
     from pipelines.steps import _score, prepare
 
     fake = FakeLM().start()
-    cfg = compose("cot", ["lm=openai", f"lm.api_base={fake.api_base}", "lm.api_key_env=null", "lm.model=openai/fake",
-                          "lm.cache=false", "lm.adapter=json_schema", f"num_threads={threads}",
+    cfg = compose("cot", [*fake_lm_overrides(fake.api_base, threads=threads),
                           f"tracking.artifact_location={store}/artifacts"])
     session = prepare(cfg)
     examples = (session.splits.train + session.splits.dev + session.splits.test)[:n]

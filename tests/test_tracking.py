@@ -133,3 +133,18 @@ def test_one_example_logs_the_score_without_an_interval(store):
     decision = tracking.decide_promotion({"dev_set": "d", "dev_semantic_f1": "0"}, dev_result([70]), "d", scoring(),
                                          champion_rows=[{"question": "q0", "semantic_f1": 0.0}])
     assert not decision.promoted and "too few paired examples" in decision.reason
+
+
+def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
+    from pipelines.config import compose
+    from pipelines.data import load_splits
+
+    cfg = compose("cot", ["experiment=smoke", f"tracking.artifact_location={store}/artifacts"])
+    with mlflow.start_run() as active:
+        datasets = tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+    assert not [w for w in recwarn if "interpreted in multiple ways" in str(w.message)]
+    (logged,) = mlflow.get_run(active.info.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "sample-dev" and logged.dataset.source_type == "local"
+    assert datasets["dev"].source.uri.endswith("ragqa_arena_tech_examples.jsonl")
+    tutorial = compose("cot", ["data=ragqa_arena_tech"]).data
+    assert tracking.dataset_source(tutorial).url == tutorial.examples_url

@@ -1,0 +1,49 @@
+"""What tests (and bench scripts) share: paths, the fake-LM overrides, composing the smoke preset, running
+commands as a user would. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipelines.config import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+FAKE_KEY = "sk-fake-0123456789-DO-NOT-LEAK"
+
+
+def fake_lm_overrides(api_base: str, *, model: str = "openai/fake", adapter: str = "json_schema",
+                      threads: int | None = None) -> list[str]:
+    """Point the project's LM (and judge) at a fake OpenAI-compatible server: no key, no cache, no retries."""
+    overrides = ["lm=openai", f"lm.api_base={api_base}", "lm.api_key_env=null", f"lm.model={model}",
+                 "lm.cache=false", f"lm.adapter={adapter}", "lm.num_retries=0"]
+    return overrides + ([f"num_threads={threads}"] if threads else [])
+
+
+def smoke(name: str, store_path: Path, *overrides: str):
+    """The smoke preset of an entry point's config, with artifacts inside the test's store."""
+    return compose(name, ["experiment=smoke", f"tracking.artifact_location={store_path}/artifacts", *overrides])
+
+
+def user_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a user whose venv is active (entry points run `python -m`, serving runs uvicorn)."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **(env or {})}
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 1800):
+    """Run a command the way a user would; returns the CompletedProcess (output captured)."""
+    return subprocess.run(args, cwd=cwd, env=user_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_run(entry: str, store_path: Path, overrides: str = "experiment=smoke", extra: list[str] = (),
+               env: dict[str, str] | None = None):
+    """`mlflow run ROOT -e ENTRY --env-manager local -P overrides=...` against the test's store."""
+    args = [MLFLOW, "run", str(ROOT), "-e", entry, "--env-manager", "local",
+            "-P", f"overrides={overrides}", *extra]
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store_path}/mlflow.db",
+           "RAGQA_CACHE_DIR": str(store_path / "cache"), **(env or {})}
+    return run_cli(args, cwd=store_path, env=env)
