@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/work/scratch"))
+VENV_BIN = Path(sys.executable).parent
+EXPERIMENT = "ragqa-arena-tech"
 
 
 def scratch(name: str) -> Path:
@@ -34,6 +36,36 @@ def isolate_mlflow(store: Path) -> None:
     os.environ["RAGQA_CACHE_DIR"] = str(store / "cache")
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+
+
+def create_experiment(store: Path, name: str = EXPERIMENT) -> None:
+    """Create the experiment with its artifacts in the store: `mlflow run --experiment-name` would
+    otherwise create it with artifacts under the working directory (the repo)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db").create_experiment(
+        name, artifact_location=(store / "artifacts").as_uri())
+
+
+def mlflow_run_env(store: Path, **extra: str) -> dict[str, str]:
+    """Environment of an `mlflow run --env-manager local` job on the store's tracking URI and caches:
+    the venv first on PATH (MLproject commands call `python`), no run inherited from an outer one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db",
+               RAGQA_CACHE_DIR=str(store / "cache"), PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
+def log_time(path: Path, text: str) -> float | None:
+    """Epoch time of the first Hydra log line containing `text` ("[%Y-%m-%d %H:%M:%S,%f][...")."""
+    if not path.exists():
+        return None
+    for line in path.read_text(errors="replace").splitlines():
+        if text in line and line.startswith("["):
+            stamp = line[1:line.index("]")]
+            seconds, millis = stamp.split(",")
+            return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+    return None
 
 
 def machine() -> str:
@@ -63,32 +95,41 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _serve_fake(conn, latency: float, mode: str) -> None:
+def _serve_fake(conn, latency: float, mode: str, options: dict) -> None:
     from fake_lm import FakeLM
 
-    with FakeLM(latency=latency, mode=mode) as fake:
+    with FakeLM(latency=latency, mode=mode, **options) as fake:
         conn.send(fake.api_base)
-        while conn.recv() != "stop":  # any other message asks for the call count
-            conn.send(fake.calls)
+        while conn.recv() != "stop":  # any other message asks for the call counters
+            conn.send((fake.calls, fake.embedding_calls))
 
 
 class FakeLMProcess:
     """tests/fake_lm.py FakeLM in its own process, so the server's Python work does not compete
-    with the benchmarked client for the GIL. `calls` reads the server's FakeLM.calls counter."""
+    with the benchmarked client for the GIL. `options` go to FakeLM (score, demo_score, ...);
+    `calls` and `embedding_calls` read the server's counters of chat and embedding requests."""
 
-    def __init__(self, latency: float, mode: str = "ok"):
+    def __init__(self, latency: float, mode: str = "ok", **options):
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve_fake, args=(child, latency, mode), daemon=True)
+        self._proc = ctx.Process(target=_serve_fake, args=(child, latency, mode, options), daemon=True)
         self._proc.start()
         self.api_base = self._conn.recv()
 
+    def counts(self) -> tuple[int, int]:
+        """(chat completions, embedding requests) served so far."""
+        self._conn.send("counts")
+        return self._conn.recv()
+
     @property
     def calls(self) -> int:
-        self._conn.send("calls")
-        return self._conn.recv()
+        return self.counts()[0]
+
+    @property
+    def embedding_calls(self) -> int:
+        return self.counts()[1]
 
     def stop(self) -> None:
         self._conn.send("stop")

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, scratch, table
-
-VENV_BIN = Path(sys.executable).parent
+from _common import EXPERIMENT, ROOT, VENV_BIN, create_experiment, log_time, machine, mlflow_run_env, scratch, table
 
 
 def existing_server() -> str | None:
@@ -58,18 +55,10 @@ def time_server_start(state_dir: Path) -> float:
 
 
 def run_job(store: Path) -> tuple[float, float, int]:
-    from mlflow.tracking import MlflowClient
-
-    # Created here with its artifacts in the store: `mlflow run --experiment-name` would otherwise
-    # create it with artifacts under the working directory (the repo).
-    MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db").create_experiment(
-        "ragqa-arena-tech", artifact_location=(store / "artifacts").as_uri())
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=f"sqlite:///{store}/mlflow.db",
-               RAGQA_CACHE_DIR=str(store / "cache"), RAGQA_SERVER_DIR=str(store / "server"),
-               PYTHONDONTWRITEBYTECODE="1")
+    create_experiment(store)
+    env = mlflow_run_env(store, RAGQA_SERVER_DIR=str(store / "server"))
     # hydra.run.dir keeps Hydra's outputs/ (config, main.log) out of the repo too.
-    cmd = [str(VENV_BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "ragqa-arena-tech",
+    cmd = [str(VENV_BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
            "-P", f"overrides=hydra.run.dir={store}/hydra"]
     start = time.time()
     with open(store / "job.log", "w") as log:
@@ -84,7 +73,7 @@ def phases(store: Path) -> list[list]:
 
     job = json.loads((store / "job.json").read_text())
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
-    exp = client.get_experiment_by_name("ragqa-arena-tech")
+    exp = client.get_experiment_by_name(EXPERIMENT)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     by_step = {}
     for r in runs:
@@ -125,18 +114,6 @@ def phases(store: Path) -> list[list]:
     rows.append(["main: comparison + shutdown", previous_end, job["end"] - t0])
     rows.append(["total", 0.0, job["end"] - t0])
     return [[name, f"{a:.1f}", f"{b:.1f}", f"{b - a:.1f}"] for name, a, b in rows]
-
-
-def log_time(path: Path, text: str) -> float | None:
-    """Epoch time of the first Hydra log line containing `text` ("[%Y-%m-%d %H:%M:%S,%f][...")."""
-    if not path.exists():
-        return None
-    for line in path.read_text(errors="replace").splitlines():
-        if text in line and line.startswith("["):
-            stamp = line[1:line.index("]")]
-            seconds, millis = stamp.split(",")
-            return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
-    return None
 
 
 def main(args) -> None:

@@ -1,0 +1,417 @@
+"""Scale check: the tutorial preset at full size through `mlflow run`, against a fake OpenAI-compatible server.
+
+Writes a synthetic corpus (28,436 documents) and 1,200 examples in the tutorial's JSONL format, from a
+seeded vocabulary, where `data=ragqa_arena_tech` expects them (RAGQA_CACHE_DIR/data, so nothing is
+downloaded), starts tests/fake_lm.py in its own process for chat and embeddings (judge score 0.7, and
+1.0 for answers given with demos, so bootstrapped demos pass the metric and help), and runs these
+phases in order, each `experiment=tutorial` (gpt-4o-mini and text-embedding-3-small by name, 24
+threads, MIPROv2 auto=medium) with both api_bases on the fake, one sqlite store and one cache:
+
+  rag           `mlflow run -e rag`: corpus embeddings + index, dev evaluation; cold caches
+  optimize      `mlflow run -e optimize`: baseline eval, MIPROv2 compile, optimized eval
+  main          `mlflow run -e main`: cot, rag, optimize as child runs of one parent
+  rag-cached    `rag` again: everything answered from DSPy's cache, traces on (the default)
+  rag-untraced  the same with tracking.log_traces=false
+  bare          bench/tutorial_bare.py, the tutorial's own script without MLflow, its own cold DSPy cache
+
+Per phase: wall time, peak RSS (os.wait4 on `mlflow run`, which covers the job it waits for), chat and
+embedding requests served by the fake, store size (mlflow.db + artifacts) afterwards. Per MLflow run:
+its duration, evaluation windows from metric timestamps (the `index_passages` metric is logged just
+before the first evaluation, `baseline_semantic_f1` / `semantic_f1` right after each), examples
+evaluated and traces logged. Then the demos of every registered MIPROv2 program, loaded back.
+Prints Markdown tables and writes results.json to the scratch dir.
+
+    .venv/bin/python bench/scale.py                          # 15-30 min on 2 cores
+    .venv/bin/python bench/scale.py --docs 2000 --auto light --phases rag optimize   # a quick look
+    .venv/bin/python bench/scale.py --analyze /work/scratch/bench-scale-XXXX        # tables again
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import (
+    EXPERIMENT,
+    ROOT,
+    VENV_BIN,
+    FakeLMProcess,
+    create_experiment,
+    machine,
+    mlflow_run_env,
+    scratch,
+    table,
+)
+
+PHASES = ("rag", "optimize", "main", "rag-cached", "rag-untraced", "bare")
+ENTRY = {"rag": "rag", "optimize": "optimize", "main": "main", "rag-cached": "rag", "rag-untraced": "rag"}
+PHASE_OVERRIDES = {"rag-untraced": ["tracking.log_traces=false"]}
+FAKE_ENV = {
+    "OPENAI_API_KEY": "sk-fake-bench",  # never sent anywhere but the loopback fake
+    # LiteLLM otherwise retries fetching its price list from the internet at every start (seconds offline).
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+}
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic data in the tutorial's format
+
+TERMS = """kernel socket thread mutex buffer cache proxy daemon shell script config cluster container volume image
+registry branch commit merge rebase remote origin upstream patch diff stash index packet route gateway
+subnet firewall port tunnel certificate cipher hash salt token session cookie header query schema table
+column join cursor transaction lock replica shard partition backup snapshot journal compiler linker loader
+library module package dependency version release build artifact pipeline runner stack heap pointer
+closure iterator generator coroutine callback promise event loop signal process service timer cron log
+archive mount filesystem inode driver firmware boot display keyboard printer network interface address
+resolver domain mail relay queue broker topic consumer producer array vector matrix string integer object
+class method field decorator permission user group sudo password terminal editor plugin extension browser
+server client request response endpoint latency timeout retry quota memory swap disk cpu core scheduler"""
+FUNCTION_WORDS = "the a of to in and is that for it with as on be this you can or by not are if from"
+VERBS = "configure install remove update restart debug fix enable disable mount share sync migrate deploy"
+ONSETS, VOWELS, CODAS = "b c d f g k l m n p r s t v z br tr st pl gr", "a e i o u ai eo", ", , n, x, r, s, th, ck"
+
+
+def vocabulary(rng: random.Random, size: int = 6000) -> list[str]:
+    """Function words first, then technical terms, then made-up words: rank order for Zipf weights."""
+    onsets, vowels, codas = ONSETS.split(), VOWELS.split(), CODAS.split(", ")
+    function_words, terms = FUNCTION_WORDS.split(), TERMS.split()
+    rng.shuffle(terms)
+    made_up: set[str] = set()
+    while len(made_up) < size - len(function_words) - len(terms):
+        made_up.add("".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(2, 3)))
+                    + rng.choice(codas))
+    return function_words + terms + sorted(made_up)
+
+
+class TextMaker:
+    """Words drawn with Zipf weights, cut into capitalized sentences of 6-20 words."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.words = vocabulary(rng)
+        self.cum_weights, total = [], 0.0
+        for rank in range(1, len(self.words) + 1):
+            total += 1.0 / rank
+            self.cum_weights.append(total)
+
+    def text(self, n_words: int, seed_words: tuple[str, ...] = ()) -> str:
+        words = self.rng.choices(self.words, cum_weights=self.cum_weights, k=n_words)
+        for w in seed_words:  # topic words, so a question's gold documents share words with it
+            words[self.rng.randrange(n_words)] = w
+        sentences, i = [], 0
+        while i < n_words:
+            n = self.rng.randint(6, 20)
+            sentence = " ".join(words[i:i + n])
+            sentences.append(sentence[:1].upper() + sentence[1:] + ".")
+            i += n
+        return " ".join(sentences)
+
+    def name(self) -> str:
+        return " ".join(w.capitalize() for w in self.rng.sample(self.words[-3000:], 2))
+
+
+def generate(data_dir: Path, n_docs: int, n_examples: int, seed: int) -> dict[str, Path]:
+    """Write ragqa_arena_tech_{corpus,examples}.jsonl (deterministic for a seed); skip files already there."""
+    paths = {kind: data_dir / f"ragqa_arena_tech_{kind}.jsonl" for kind in ("corpus", "examples")}
+    if all(p.exists() for p in paths.values()):
+        return paths
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    maker = TextMaker(rng)
+    doc_ids = rng.sample(range(1, 10 * n_docs), n_docs)
+    first_term = len(FUNCTION_WORDS.split())
+    topics = {}  # doc_id -> a few of its words, reused by the questions it answers
+    with open(paths["corpus"], "w") as f:
+        for doc_id in doc_ids:
+            # Log-normal length: median ~150 words (~1 kB), about 2% past the tutorial's 6000-char cut.
+            n_words = min(1400, max(15, int(rng.lognormvariate(math.log(150), 0.8))))
+            topic = rng.sample(maker.words[first_term:first_term + 600], 4)
+            topics[doc_id] = topic
+            f.write(json.dumps({"doc_id": doc_id, "author": maker.name(),
+                                "text": maker.text(n_words, tuple(topic) * 3)}) + "\n")
+    verbs = VERBS.split()
+    with open(paths["examples"], "w") as f:
+        for _ in range(n_examples):
+            gold = rng.sample(doc_ids, rng.randint(1, 3))
+            topic = topics[gold[0]]
+            question = f"how do i {rng.choice(verbs)} the {topic[0]} {topic[1]} with {topic[2]}?"
+            response = maker.text(rng.randint(100, 300), tuple(topic) * 2)
+            f.write(json.dumps({"question": question, "response": response, "gold_doc_ids": gold}) + "\n")
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and measuring the phases
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float, float]:
+    """(exit code, wall s, peak RSS MiB of the process and every descendant it waited for)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def phase_command(phase: str, store: Path, api_base: str, args) -> list[str]:
+    if phase == "bare":
+        return [sys.executable, str(ROOT / "bench" / "tutorial_bare.py"), "--data-dir", str(store / "cache" / "data"),
+                "--api-base", api_base, "--cache-dir", str(store / "bare-dspy-cache"), "--threads", str(args.threads),
+                "--auto", args.auto, "--out", str(store / "bare.json")]
+    overrides = ["experiment=tutorial", f"lm.api_base={api_base}", f"embedder.api_base={api_base}",
+                 f"num_threads={args.threads}", f"optimizer.auto={args.auto}", f"hydra.run.dir={store}/hydra-{phase}",
+                 *PHASE_OVERRIDES.get(phase, []), *args.extra]
+    return [str(VENV_BIN / "mlflow"), "run", str(ROOT), "-e", ENTRY[phase], "--env-manager", "local",
+            "--experiment-name", EXPERIMENT, "-P", f"overrides={' '.join(overrides)}"]
+
+
+def store_mib(store: Path) -> float:
+    files = [store / "mlflow.db", *(p for p in (store / "artifacts").rglob("*") if p.is_file())]
+    return sum(p.stat().st_size for p in files if p.exists()) / 2**20
+
+
+def run_phase(phase: str, store: Path, fake: FakeLMProcess, args) -> dict:
+    cmd = phase_command(phase, store, fake.api_base, args)
+    env = mlflow_run_env(store, **FAKE_ENV)
+    chat0, emb0 = fake.counts()
+    start = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {phase}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    rc, wall, rss = run_measured(cmd, env, store / f"{phase}.log")
+    chat1, emb1 = fake.counts()
+    end = time.time()
+    record = {"phase": phase, "cmd": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss,
+              "chat_calls": chat1 - chat0, "embedding_calls": emb1 - emb0, "start": start, "end": end,
+              "store_mib": store_mib(store), "log": str(store / f"{phase}.log")}
+    if phase == "bare":
+        bare = store / "bare.json"
+        record["bare"] = json.loads(bare.read_text()) if bare.exists() else None
+    else:
+        record["runs"] = describe_runs(store, start, end, store / f"hydra-{phase}")
+    print(f"[{time.strftime('%H:%M:%S')}] {phase}: exit {rc}, {wall:.0f} s, {rss:.0f} MiB, "
+          f"{record['chat_calls']} chat / {record['embedding_calls']} embedding calls", file=sys.stderr, flush=True)
+    return record
+
+
+def count_traces(client, experiment_id: str, run_id: str) -> int:
+    n, token = 0, None
+    while True:
+        page = client.search_traces(locations=[experiment_id], run_id=run_id, include_spans=False,
+                                    max_results=500, page_token=token)
+        n += len(page)
+        token = page.token
+        if not token:
+            return n
+
+
+def metric_time(client, run_id: str, key: str) -> float | None:
+    """Epoch seconds of the last logged value of a metric."""
+    history = client.get_metric_history(run_id, key)
+    return max(m.timestamp for m in history) / 1000 if history else None
+
+
+# Each run's timeline, mark by mark: (column, when it ends). An evaluation ends when the project counts its
+# traces (`traces_logged`; `semantic_f1` with traces off); its results (table, one assessment per trace and
+# metric) are logged by the next "<run name> <prefix>dev: ..." log line; MIPROv2's compile ends when its
+# trial scores are logged (`mipro_*` metrics), or at its last trial run's end with tracking.log_compiles.
+SPANS = ("until_eval_s", "eval_s", "eval_logged_s", "compile_s", "optimized_eval_s", "optimized_logged_s",
+         "model_and_register_s")
+
+
+def timeline(client, run, trials: list, log_lines: list[str]) -> dict[str, float]:
+    rid = run.info.run_id
+
+    def metric(*keys):
+        return next((t for t in (metric_time(client, rid, k) for k in keys) if t), None)
+
+    def logged(prefix, after):
+        # Matched by time, not run name: `mlflow run` names the run only after these lines are written.
+        times = [log_time_of(ln) for ln in log_lines if f" {prefix}dev: " in ln]
+        return next((t for t in times if after and t >= after - 0.001), None)
+
+    marks = [("until_eval_s", metric("index_passages"))]
+    if metric("baseline_semantic_f1"):
+        trial_ends = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
+        base, best = metric("baseline_traces_logged", "baseline_semantic_f1"), metric("traces_logged", "semantic_f1")
+        marks += [("eval_s", base), ("eval_logged_s", logged("baseline_", base)),
+                  ("compile_s", metric("mipro_best_score", "mipro_trial_score") or max(trial_ends, default=None)),
+                  ("optimized_eval_s", best), ("optimized_logged_s", logged("", best))]
+    else:
+        scored = metric("traces_logged", "semantic_f1")
+        marks += [("eval_s", scored), ("eval_logged_s", logged("", scored))]
+    if not dict(marks).get("eval_s"):  # the parent of `main` evaluates nothing itself
+        return {}
+    marks.append(("model_and_register_s", run.info.end_time / 1000 if run.info.end_time else None))
+    spans, previous = {}, run.info.start_time / 1000
+    for key, when in marks:
+        if when is not None:  # a missing mark folds its span into the next one
+            spans[key], previous = when - previous, when
+    return spans
+
+
+def log_time_of(line: str) -> float:
+    """Epoch time of a Hydra log line ("[%Y-%m-%d %H:%M:%S,%f][...")."""
+    stamp = line[1:line.index("]")]
+    seconds, millis = stamp.split(",")
+    return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> list[dict]:
+    """The project's runs started between `since` and `until`, with their timelines. MIPROv2's own trial
+    runs (autolog's eval_* children) are summed in one row."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    window = f"attributes.start_time >= {int(since * 1000)} and attributes.start_time <= {int(until * 1000)}"
+    runs = client.search_runs([exp.experiment_id], window, max_results=1000, order_by=["attributes.start_time ASC"])
+    trials = [r for r in runs if "step" not in r.data.tags]
+    log_lines = [ln for f in sorted(log_dir.glob("*.log")) for ln in f.read_text(errors="replace").splitlines()
+                 if ln.startswith("[") and "[pipelines.steps]" in ln]
+    out = []
+    for run in runs:
+        if run in trials:
+            continue
+        metrics, rid = run.data.metrics, run.info.run_id
+        end = run.info.end_time
+        out.append({"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
+                    "run_s": (end - run.info.start_time) / 1000 if end else None,
+                    **timeline(client, run, trials, log_lines),
+                    "traces": count_traces(client, exp.experiment_id, rid),
+                    "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
+                    "semantic_f1": metrics.get("semantic_f1"),
+                    "registered_version": run.data.tags.get("registered_version"),
+                    "trace_metrics": {k: v for k, v in metrics.items() if "trace" in k},
+                    "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}})
+    if trials:
+        out.append({"step": "(MIPROv2 trial runs)", "runs": len(trials),
+                    "traces": sum(count_traces(client, exp.experiment_id, r.info.run_id) for r in trials)})
+    return out
+
+
+def registered_demos(store: Path) -> list[dict]:
+    """Demos per predictor of each registered MIPROv2 program, loaded back as a user would."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"  # our own pickles
+    uri = f"sqlite:///{store}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    out = []
+    client = MlflowClient(tracking_uri=uri)
+    for mv in client.search_model_versions():
+        if client.get_run(mv.run_id).data.tags.get("step") != "optimize":
+            continue
+        program = mlflow.dspy.load_model(f"models:/{mv.name}/{mv.version}")
+        out.append({"model": f"{mv.name}/{mv.version}", "run_id": mv.run_id,
+                    "demos": {n: len(p.demos) for n, p in program.named_predictors()},
+                    "bootstrapped": {n: sum(1 for d in p.demos if d.get("augmented"))
+                                     for n, p in program.named_predictors()}})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def seconds(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def report(results: dict) -> str:
+    phases = {p["phase"]: p for p in results["phases"]}
+    lines = [f"Machine: {results['machine']}", f"Scratch: {results['store']}", ""]
+    lines.append(table(["phase", "exit", "wall s", "peak RSS MiB", "chat calls", "embedding calls", "store MiB after"],
+                       [[p["phase"], p["rc"], seconds(p["wall_s"]), f"{p['peak_rss_mib']:.0f}", p["chat_calls"],
+                         p["embedding_calls"], f"{p['store_mib']:.1f}"] for p in results["phases"]]))
+    rows = []
+    for p in results["phases"]:
+        for r in p.get("runs", []):
+            if "run_id" not in r:
+                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * (len(SPANS) + 3), r["traces"]])
+                continue
+            rows.append([p["phase"], r["step"], r["status"], seconds(r["run_s"]),
+                         *(seconds(r.get(k)) for k in SPANS), r["examples"] or "—", r["traces"]])
+    lines += ["", table(["phase", "run", "status", "run s", "until eval s", "eval s (optimize: baseline)",
+                         "results logged s", "MIPROv2 compile s", "optimized eval s", "results logged s",
+                         "model + register s", "examples evaluated", "traces logged"], rows)]
+    missing = [f"- {p['phase']} / {r['step']}: " + v[:200].replace("\n", " ")
+               for p in results["phases"] for r in p.get("runs", []) for v in r.get("traces_missing", {}).values()]
+    if missing:
+        lines += ["", "Traces the project reported missing (tag `*traces_missing`):", *missing]
+    traced, untraced = (_first_run(phases.get(k)) for k in ("rag-cached", "rag-untraced"))
+    if traced and untraced and traced.get("eval_s") and untraced.get("eval_s"):
+        moved = [f"{k}: {phases[k]['chat_calls']} chat / {phases[k]['embedding_calls']} embedding"
+                 for k in ("rag-cached", "rag-untraced")]
+        lines += ["", ("Cached re-evaluation of dev, 300 examples (target traced <= 1.5x untraced, every example "
+                       "traced):"), table(["traces", "eval s", "traces logged", "examples"],
+                                    [["on", seconds(traced["eval_s"]), traced["traces"], traced["examples"]],
+                                     ["off", seconds(untraced["eval_s"]), untraced["traces"], untraced["examples"]]]),
+                  f"ratio {traced['eval_s'] / untraced['eval_s']:.2f}x; requests to the fake: {'; '.join(moved)}"]
+    if "optimize" in phases and "bare" in phases:
+        opt, bare = phases["optimize"], phases["bare"]
+        lines += ["", "LM calls of `optimize` against the bare tutorial script (same fake server):",
+                  table(["", "chat calls", "embedding calls", "wall s"],
+                        [["project `optimize`", opt["chat_calls"], opt["embedding_calls"], seconds(opt["wall_s"])],
+                         ["bare tutorial script", bare["chat_calls"], bare["embedding_calls"],
+                          seconds(bare["wall_s"])]])]
+        if bare.get("bare"):
+            lines.append("bare script: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in bare["bare"].items()))
+    lines += ["", "Registered MIPROv2 programs, loaded back:"]
+    lines += [f"- {d['model']}: demos {d['demos']}, bootstrapped {d['bootstrapped']}" for d in results["demos"]] \
+        or ["- none"]
+    return "\n".join(lines)
+
+
+def _first_run(phase: dict | None) -> dict | None:
+    runs = [r for r in (phase or {}).get("runs", []) if "run_id" in r]
+    return runs[0] if runs else None
+
+
+def main(args) -> None:
+    if args.analyze:  # the runs are read from the store again
+        results = json.loads((Path(args.analyze) / "results.json").read_text())
+        for phase in results["phases"]:
+            if "runs" in phase:
+                store = Path(results["store"])
+                phase["runs"] = describe_runs(store, phase["start"], phase["end"], store / f"hydra-{phase['phase']}")
+        print(report(results))
+        return
+    store = Path(args.scratch) if args.scratch else scratch("scale")
+    t = time.perf_counter()
+    generate(store / "cache" / "data", args.docs, args.examples, args.seed)
+    print(f"data in {store / 'cache' / 'data'} ({time.perf_counter() - t:.1f} s)", file=sys.stderr)
+    if not (store / "mlflow.db").exists():
+        create_experiment(store)
+    results = {"store": str(store), "args": vars(args), "phases": [], "demos": []}
+    with FakeLMProcess(latency=args.latency, score=0.7, demo_score=1.0) as fake:
+        for phase in (p for p in args.phases if not (args.skip_bare and p == "bare")):
+            results["phases"].append(run_phase(phase, store, fake, args))
+            (store / "results.json").write_text(json.dumps(results, indent=2))
+    results["demos"] = registered_demos(store)
+    results["machine"] = machine()
+    (store / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=28_436, help="corpus documents")
+    parser.add_argument("--examples", type=int, default=1_200, help="QA examples (the splits take 1,000)")
+    parser.add_argument("--seed", type=int, default=0, help="data generator seed")
+    parser.add_argument("--latency", type=float, default=0.0, help="fake server seconds per chat request")
+    parser.add_argument("--threads", type=int, default=24, help="num_threads (evaluation and MIPROv2)")
+    parser.add_argument("--auto", default="medium", choices=["light", "medium", "heavy"], help="MIPROv2 auto")
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="in this order")
+    parser.add_argument("--skip-bare", action="store_true", help="leave out the bare tutorial script")
+    parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's phases")
+    parser.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
+    parser.add_argument("--analyze", help="only print the tables of an earlier run in this dir")
+    main(parser.parse_args())
