@@ -5,7 +5,7 @@ the venv's bin first on PATH, a temporary MLFLOW_TRACKING_URI and RAGQA_CACHE_DI
 cache), and RAGQA_SERVER_DIR pointing at a fresh temporary state dir, so the job starts its own
 embedded llama.cpp server and that start is part of the measured time. Nothing is written to the
 repo: the experiment is pre-created with its artifacts in the temp store, and
-`-P overrides=hydra.run.dir=<temp>` moves Hydra's output dir (its main.log dates the phases). (A server already running
+`-P overrides=hydra.run.dir=<temp>` moves Hydra's output dir (its cli.log dates the phases). (A server already running
 in the shared default state dir is reported: it is not reused, but it would compete for CPU.)
 The embedded server start is also timed on its own first, through `pipelines.server.ensure_server`
 with a temporary state dir.
@@ -57,7 +57,7 @@ def time_server_start(state_dir: Path) -> float:
 def run_job(store: Path) -> tuple[float, float, int]:
     create_experiment(store)
     env = mlflow_run_env(store, RAGQA_SERVER_DIR=str(store / "server"))
-    # hydra.run.dir keeps Hydra's outputs/ (config, main.log) out of the repo too.
+    # hydra.run.dir keeps Hydra's outputs/ (config, cli.log) out of the repo too.
     cmd = [str(VENV_BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
            "-P", f"overrides=hydra.run.dir={store}/hydra"]
     start = time.time()
@@ -85,7 +85,7 @@ def phases(store: Path) -> list[list]:
     rows = []
     main = by_step["main"]
     rows.append(["startup (CLI, imports, server, store)", 0.0, rel(main.info.start_time)])
-    started = log_time(store / "hydra" / "main.log", "Starting embedded LM server")
+    started = log_time(store / "hydra" / "cli.log", "Starting embedded LM server")
     states = sorted((store / "server").glob("*.json"))
     if started and states:  # the state file is written once the server answers
         rows.append(["  of which embedded server start", started - t0, states[0].stat().st_mtime - t0])
