@@ -7,15 +7,13 @@ every trace is in the store), process CPU per example, SQL statements and time i
 (SQLAlchemy cursor events), and traces logged per evaluation. Settings:
   * no-mlflow:  MLflow never imported;
   * traces-off: `pipelines.tracking.setup` + run with tracking.log_traces=false;
-  * sync:       the project default (autolog traces of the program, MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false);
-  * sync+judge: same, plus traces of the SemanticF1 judge's calls (tracking.trace_judge=true);
-  * sync+wal:   same as sync on a store switched to sqlite's WAL journal;
-  * async:      MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true (MLflow's batch span processor and 10 writer
-                threads), timed up to `mlflow.flush_trace_async_logging()`; the eval phase alone in brackets;
-  * async-1:    same with a single writer thread (MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS=1).
-Async export is not the project default: MLflow logs each example's metric as feedback on its trace
-right after the metric call, and under async export that trace is usually not in the store yet.
-
+  * default:    the project's default: traces exported off the evaluation threads by one writer
+                (MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true, MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS=1),
+                timed up to `mlflow.flush_trace_async_logging()`; the evaluation alone in brackets;
+  * default+judge: same, plus traces of the SemanticF1 judge's calls (tracking.trace_judge=true);
+  * sync:       every evaluation thread writes its own traces (MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false);
+  * sync+wal:   same, on a store switched to sqlite's WAL journal;
+  * async-10:   MLflow's own async default, 10 writer threads.
     .venv/bin/python bench/trace_cost.py                                   # 16 examples, 50 ms, 2 threads
     .venv/bin/python bench/trace_cost.py --cached --examples 300 --threads 24 --latency 0 --evals 2
 The second is the cached re-evaluation of issue 13: every LM call answered from DSPy's cache
@@ -35,7 +33,7 @@ import time
 
 from _common import ROOT, FakeLMProcess, fake_overrides, isolate_mlflow, machine, median, scratch, table
 
-SETTINGS = ("no-mlflow", "traces-off", "sync", "sync+judge", "sync+wal", "async", "async-1")
+SETTINGS = ("no-mlflow", "traces-off", "default", "default+judge", "sync", "sync+wal", "async-10")
 
 
 def sql_counter():
@@ -61,10 +59,10 @@ def worker(args) -> dict:
 
     store = scratch("trace-cost")
     isolate_mlflow(store)
-    if args.worker.startswith("async"):
-        os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "true"
-    if args.worker == "async-1":
-        os.environ["MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS"] = "1"
+    if args.worker.startswith("sync"):
+        os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
+    if args.worker == "async-10":
+        os.environ["MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS"] = "10"
     import dspy
 
     from pipelines.config import compose
@@ -78,11 +76,12 @@ def worker(args) -> dict:
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
     dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
     dspy.configure(lm=lm, adapter=adapter)
-    judge = JudgedF1(lm, traced=args.worker == "sync+judge")
+    judge = JudgedF1(lm, traced=args.worker == "default+judge")
     metric = Scorer(Scoring.from_cfg(cfg.scoring), judge)
     program, devset = dspy.ChainOfThought("question -> response"), examples(args.examples)
     warm_up = devset if args.cached else devset[:4]  # imports LiteLLM etc.; --cached: fills the cache
     stats, walls, evals, cpus, sql, traces = collections.Counter(), [], [], [], [], []
+    traced = args.worker not in ("no-mlflow", "traces-off")
     harness = {}  # with MLflow: each example's trace id, and the logging of its metrics on that trace
 
     def count_traces(run_id):
@@ -100,7 +99,7 @@ def worker(args) -> dict:
         evals.append(time.perf_counter() - wall)
         if "assess" in harness:
             harness["assess"](result)
-        if args.worker.startswith("async"):
+        if traced:
             mlflow.flush_trace_async_logging()
         walls.append(time.perf_counter() - wall)
         cpus.append((time.process_time() - cpu) / len(devset))
@@ -128,9 +127,7 @@ def worker(args) -> dict:
         with tracking.run("bench-trace-cost", cfg) as active:
             evaluate(program, warm_up, metric, args.threads, progress=False,
                      trace_id=harness.get("trace_id"))  # first traces
-            if args.worker.startswith("async"):
-                mlflow.flush_trace_async_logging()
-            traced = args.worker != "traces-off"
+            mlflow.flush_trace_async_logging()
             for _ in range(args.evals):
                 once(active.info.run_id if traced else None)
     return {"wall": median(walls), "eval": median(evals), "cpu": median(cpus), "stmts": median([s[0] for s in sql]),
@@ -149,7 +146,8 @@ def main(args) -> None:
                 raise RuntimeError(proc.stderr[-3000:])
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             base = r["wall"] if setting == "traces-off" else base
-            wall = f"{r['wall']:.2f}" + (f" ({r['eval']:.2f})" if setting.startswith("async") else "")
+            background = setting in ("default", "default+judge", "async-10")
+            wall = f"{r['wall']:.2f}" + (f" ({r['eval']:.2f})" if background else "")
             rows.append([setting, wall, f"{r['wall'] / base:.2f}x" if base else "-", f"{r['cpu'] * 1000:.0f}",
                          f"{r['stmts']:.0f}", f"{r['sql_s'] * 1000:.0f}",
                          f"{r['traces']}/{args.examples}" if setting not in ("no-mlflow", "traces-off") else "-"])

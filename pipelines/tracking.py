@@ -39,8 +39,15 @@ DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a r
 
 def setup(cfg) -> None:
     """Point MLflow at the configured store and turn on DSPy autologging."""
-    # Synchronous trace export keeps metric feedback attached to traces.
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    # Traces are exported off the evaluation threads, so an evaluation never waits on the store; the
+    # queue holds a whole evaluation, and each evaluation flushes it before counting its traces and
+    # adding the metrics to them (`watch_traces`, `log_assessments`).
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "true")
+    os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE", "100000")
+    if str(cfg.tracking.uri).startswith("sqlite:"):
+        # One writer: sqlite takes one at a time anyway, and concurrent exporters burn CPU on lock
+        # contention and lose traces to "database is locked".
+        os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
     size_connection_pool(max(int(cfg.num_threads), int(cfg.optimizer.get("num_threads") or 0)))
     mlflow.set_tracking_uri(cfg.tracking.uri)
     _init_store(str(cfg.tracking.uri))
@@ -61,7 +68,8 @@ def setup(cfg) -> None:
 def size_connection_pool(threads: int) -> None:
     """Give every exporting thread the two store connections it may hold at once.
 
-    Each evaluation thread exports its own traces, and MLflow's `start_trace` holds one pooled
+    With synchronous export (MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false) each evaluation thread exports
+    its own traces, and MLflow's `start_trace` holds one pooled
     connection while it checks out a second; with more threads than the pool (5 + 10 overflow by
     default) they wait on each other until the pool's 30 s timeout, and the timed-out traces are
     dropped. Must run before the store's engine exists; a user's own setting wins.
@@ -324,6 +332,7 @@ def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
     before = count_traces(run_id)
     try:
         yield
+        mlflow.flush_trace_async_logging()
     finally:
         exporter_log.removeHandler(failures)
     logged = count_traces(run_id) - before
