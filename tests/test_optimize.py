@@ -151,7 +151,7 @@ def test_gepa_run_is_tracked_like_mipro_and_its_prompt_loads_from_the_registry(s
     assert {"eval/dev_side_by_side.json", "program/program.json", "program/learned_prompt.md",
             "optimizer/gepa_candidates.json"} <= artifacts
     assert str(result.version) == "1"
-    assert client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version == "1"
+    assert str(client.get_model_version_by_alias(cfg.tracking.registered_model, "champion").version) == "1"
     assert not hasattr(loaded, "detailed_results")  # GEPA's candidates are logged, not pickled
     name = f"{cfg.tracking.registered_model}.respond.predict"
     prompt = mlflow.genai.load_prompt(f"prompts:/{name}@champion")
@@ -200,4 +200,4 @@ def test_main_compiles_with_mipro_and_gepa_side_by_side(store):
     assert sorted(c.data.tags["variant"] for c in children) == ["rag-gepa", "rag-mipro"]
     assert {"optimize_semantic_f1", "gepa_semantic_f1"} <= set(parent.data.metrics)
     table = mlflow.load_table("comparison.json", run_ids=[result.run_id])
-    assert list(table["variant"]) == ["optimize", "gepa"]
+    assert list(table["variant"]) == ["optimize", "gepa", "gepa - optimize"]  # the variants, then the pair
