@@ -5,8 +5,8 @@ Run the README's main job first, then (Chromium from Debian's `chromium` package
     .venv/bin/python docs/screenshots.py                      # the project's sqlite:///mlflow.db
     .venv/bin/python docs/screenshots.py --store /path/to/dir  # a store elsewhere (mlflow.db inside)
 
-It starts `mlflow ui` on a free loopback port, finds the experiment, a RAG trace and the registered
-model, and writes docs/runs.png, docs/trace.png and docs/model-versions.png.
+It starts `mlflow ui` on a free loopback port, finds the experiment and the registered
+model, and writes docs/runs.png, docs/models.png, docs/traces.png and docs/model-versions.png.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def wait_for(url: str, timeout: float = 120) -> None:
             time.sleep(1)
 
 
-def screenshot(chromium: str, url: str, out: Path, size: str = "1600,1000") -> None:
+def screenshot(chromium: str, url: str, out: Path, size: str = "1920,1080") -> None:
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                     f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=20000", url],
                    check=True, capture_output=True, timeout=180)
@@ -52,21 +52,16 @@ def screenshot(chromium: str, url: str, out: Path, size: str = "1600,1000") -> N
 
 def targets(uri: str, experiment: str) -> dict[str, str]:
     """URL fragments of the three views, found through the API."""
-    from mlflow.entities import SpanType
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"error: no experiment {experiment!r} in {uri}; run the README's main job first")
-    traces = client.search_traces(locations=[exp.experiment_id], filter_string="tags.variant = 'rag'",
-                                  max_results=20)
-    rag = next((t for t in traces if any(s.span_type == SpanType.RETRIEVER for s in t.data.spans)), None)
-    if rag is None:
-        raise SystemExit("error: no RAG trace with a retrieval span in the store")
     model = client.search_registered_models(max_results=1)[0].name
     return {"runs": f"#/experiments/{exp.experiment_id}/runs",
-            "trace": f"#/experiments/{exp.experiment_id}/traces?selectedEvaluationId={rag.info.trace_id}",
+            "models": f"#/experiments/{exp.experiment_id}/models",
+            "traces": f"#/experiments/{exp.experiment_id}/traces",
             "model-versions": f"#/models/{model}"}
 
 
