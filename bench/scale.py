@@ -199,17 +199,6 @@ def run_phase(phase: str, store: Path, fake: FakeLMProcess, args) -> dict:
     return record
 
 
-def count_traces(client, experiment_id: str, run_id: str) -> int:
-    n, token = 0, None
-    while True:
-        page = client.search_traces(locations=[experiment_id], run_id=run_id, include_spans=False,
-                                    max_results=500, page_token=token)
-        n += len(page)
-        token = page.token
-        if not token:
-            return n
-
-
 def metric_time(client, run_id: str, key: str) -> float | None:
     """Epoch seconds of the last logged value of a metric."""
     history = client.get_metric_history(run_id, key)
@@ -267,6 +256,8 @@ def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> lis
     runs (autolog's eval_* children) are summed in one row."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines.tracking import count_traces
+
     client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
     exp = client.get_experiment_by_name(EXPERIMENT)
     window = f"attributes.start_time >= {int(since * 1000)} and attributes.start_time <= {int(until * 1000)}"
@@ -283,7 +274,7 @@ def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> lis
         out.append({"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
                     "run_s": (end - run.info.start_time) / 1000 if end else None,
                     **timeline(client, run, trials, log_lines),
-                    "traces": count_traces(client, exp.experiment_id, rid),
+                    "traces": count_traces(rid, client),
                     "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
                     "semantic_f1": metrics.get("semantic_f1"),
                     "registered_version": run.data.tags.get("registered_version"),
@@ -291,7 +282,7 @@ def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> lis
                     "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}})
     if trials:
         out.append({"step": "(MIPROv2 trial runs)", "runs": len(trials),
-                    "traces": sum(count_traces(client, exp.experiment_id, r.info.run_id) for r in trials)})
+                    "traces": sum(count_traces(r.info.run_id, client) for r in trials)})
     return out
 
 

@@ -302,8 +302,9 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def count_traces(run_id: str) -> int:
-    client, count, token = MlflowClient(), 0, None
+def count_traces(run_id: str, client: MlflowClient | None = None) -> int:
+    """Traces logged in a run (through `client`'s store, else the current one)."""
+    client, count, token = client or MlflowClient(), 0, None
     experiment_id = client.get_run(run_id).info.experiment_id
     while True:
         page = client.search_traces(locations=[experiment_id], run_id=run_id, include_spans=False,
