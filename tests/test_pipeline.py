@@ -3,14 +3,14 @@
 import json
 
 import mlflow
-from test_hardening import fake_overrides
 
 from pipelines.config import compose
+from pipelines.report import comparison_chart
 from pipelines.scoring import Scoring
-from pipelines.steps import comparison_chart, run_optimize, run_pipeline
+from pipelines.steps import run_optimize, run_pipeline
 
 from fake_lm import FakeLM
-from helpers import smoke
+from helpers import fake_overrides, smoke
 
 
 def table(run_id, path):
