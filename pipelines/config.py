@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipelines import schema
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
@@ -17,6 +19,8 @@ NO_KEY = "no-key"
 
 # Keys whose values are never logged, whatever their nesting.
 _SECRET_MARKERS = ("api_key", "token", "secret", "password")
+
+schema.register()
 
 if not OmegaConf.has_resolver("project_root"):
     # Paths in conf/ are anchored here so `data=` works from any working directory.

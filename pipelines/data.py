@@ -127,11 +127,11 @@ def load_examples(data_cfg) -> list[dspy.Example]:
 def load_splits(data_cfg) -> Splits:
     """Shuffle with `random.Random(seed)` and cut train/dev/test in that order, as the tutorial does."""
     examples = load_examples(data_cfg)
-    sizes = (int(data_cfg.train_size), int(data_cfg.dev_size), int(data_cfg.test_size))
+    sizes = (data_cfg.train_size, data_cfg.dev_size, data_cfg.test_size)
     if sum(sizes) > len(examples):
         raise DataError(f"data splits train={sizes[0]} + dev={sizes[1]} + test={sizes[2]} = {sum(sizes)} "
                         f"exceed the {len(examples)} examples in {data_cfg.examples}")
-    random.Random(int(data_cfg.shuffle_seed)).shuffle(examples)
+    random.Random(data_cfg.shuffle_seed).shuffle(examples)
     a, b = sizes[0], sizes[0] + sizes[1]
     return Splits(train=examples[:a], dev=examples[a:b], test=examples[b:b + sizes[2]])
 

@@ -96,9 +96,9 @@ class SchemaJSONAdapter(dspy.JSONAdapter):
 
 
 def build_adapter(lm_cfg) -> dspy.Adapter:
-    kind = lm_cfg.get("adapter", "chat")
+    kind = lm_cfg.adapter
     if kind == "json_schema":
-        return SchemaJSONAdapter(max_field_chars=lm_cfg.get("max_field_chars"))
+        return SchemaJSONAdapter(max_field_chars=lm_cfg.max_field_chars)
     if kind == "json":
         return dspy.JSONAdapter()
     if kind == "chat":
@@ -107,27 +107,21 @@ def build_adapter(lm_cfg) -> dspy.Adapter:
 
 
 def check_credentials(lm_cfg) -> None:
-    require_env(lm_cfg.get("api_key_env"), f"lm.model={lm_cfg.model}")
+    require_env(lm_cfg.api_key_env, f"lm.model={lm_cfg.model}")
 
 
 def build_lm(lm_cfg) -> ProjectLM:
     """A `ProjectLM` from an `lm/` config. Keys are left to LiteLLM, which reads them from the env."""
     check_credentials(lm_cfg)
-    kwargs: dict[str, Any] = {
-        "temperature": lm_cfg.get("temperature"),
-        "max_tokens": lm_cfg.get("max_tokens"),
-        "cache": bool(lm_cfg.get("cache", True)),
-        "num_retries": int(lm_cfg.get("num_retries", 3)),
-    }
-    server = None
-    if lm_cfg.get("server"):
-        server = dict(lm_cfg.server)
-        server.setdefault("n_ctx", lm_cfg.get("context_window") or 8192)
-    if lm_cfg.get("api_base"):
+    kwargs: dict[str, Any] = {"temperature": lm_cfg.temperature, "max_tokens": lm_cfg.max_tokens,
+                              "cache": lm_cfg.cache, "num_retries": lm_cfg.num_retries}
+    # A plain dict: the LM is pickled with it and starts the server again wherever it is loaded.
+    server = dict(lm_cfg.server) if lm_cfg.server else None
+    if lm_cfg.api_base:
         kwargs["api_base"] = lm_cfg.api_base
-    if (server or lm_cfg.get("api_base")) and not lm_cfg.get("api_key_env"):
+    if (server or lm_cfg.api_base) and not lm_cfg.api_key_env:
         kwargs["api_key"] = NO_KEY
-    if lm_cfg.get("timeout"):
+    if lm_cfg.timeout:
         kwargs["timeout"] = lm_cfg.timeout
     return ProjectLM(lm_cfg.model, server=server, **kwargs)
 

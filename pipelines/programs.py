@@ -73,6 +73,6 @@ def build_program(program_cfg, lm_cfg, retriever=None) -> dspy.Module:
     if program_cfg.name == "rag":
         if retriever is None:
             raise ConfigError("the rag program needs a retriever")
-        return RAG(retriever, k=int(program_cfg.k), context_window=lm_cfg.get("context_window"),
-                   max_tokens=lm_cfg.get("max_tokens"), reserve_tokens=int(program_cfg.reserve_tokens))
+        return RAG(retriever, k=program_cfg.k, context_window=lm_cfg.context_window,
+                   max_tokens=lm_cfg.max_tokens, reserve_tokens=program_cfg.reserve_tokens)
     raise ConfigError(f"program.name must be cot or rag, not {program_cfg.name!r}")

@@ -94,21 +94,21 @@ class HostedEmbedder(dspy.Embedder):
 def build_embedder(emb_cfg) -> dspy.Embedder:
     """A `dspy.Embedder`: hosted models through LiteLLM, or the local model as its callable."""
     if emb_cfg.kind == "local":
-        local = LocalEmbedder(package=emb_cfg.package, batch_size=int(emb_cfg.batch_size))
-        return dspy.Embedder(local, batch_size=int(emb_cfg.batch_size), caching=False)
+        local = LocalEmbedder(package=emb_cfg.package, batch_size=emb_cfg.batch_size)
+        return dspy.Embedder(local, batch_size=emb_cfg.batch_size, caching=False)
     if emb_cfg.kind == "litellm":
-        require_env(emb_cfg.get("api_key_env"), f"embedder.model={emb_cfg.model}")
-        kwargs = {"dimensions": int(emb_cfg.dimensions)} if emb_cfg.get("dimensions") else {}
-        if emb_cfg.get("api_base"):
+        require_env(emb_cfg.api_key_env, f"embedder.model={emb_cfg.model}")
+        kwargs = {"dimensions": emb_cfg.dimensions} if emb_cfg.dimensions else {}
+        if emb_cfg.api_base:
             kwargs["api_base"] = emb_cfg.api_base
-        return HostedEmbedder(emb_cfg.model, api_key_env=emb_cfg.get("api_key_env"),
-                              batch_size=int(emb_cfg.batch_size), **kwargs)
+        return HostedEmbedder(emb_cfg.model, api_key_env=emb_cfg.api_key_env, batch_size=emb_cfg.batch_size,
+                              **kwargs)
     raise ConfigError(f"embedder.kind must be local or litellm, not {emb_cfg.kind!r}")
 
 
 def embedder_identity(emb_cfg) -> dict[str, Any]:
     """What makes two embedders interchangeable; part of the index cache key."""
-    return {"kind": emb_cfg.kind, "model": emb_cfg.model, "dimensions": emb_cfg.get("dimensions")}
+    return {"kind": emb_cfg.kind, "model": emb_cfg.model, "dimensions": emb_cfg.dimensions}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int |
             log.warning("Index cache at %s is unusable (%s); rebuilding it", path, e)
             shutil.rmtree(path, ignore_errors=True)
     passages = [t[:max_characters] if max_characters else t for t in corpus.texts]
-    vectors = embed_all(embedder, passages, batch_size=int(emb_cfg.batch_size))
+    vectors = embed_all(embedder, passages, batch_size=emb_cfg.batch_size)
     index = Index(normalize(vectors), passages, list(corpus.doc_ids),
                   meta={"key": key, "embedder": identity, "max_characters": max_characters,
                         "corpus": str(corpus.path), "format": INDEX_FORMAT},

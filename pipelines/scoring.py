@@ -54,10 +54,10 @@ class Scoring:
             raise ConfigError(f"scoring.primary={cfg.primary} must be one of scoring.metrics={list(metrics)}")
         if cfg.promotion not in PROMOTION_RULES:
             raise ConfigError(f"scoring.promotion must be one of {list(PROMOTION_RULES)}, not {cfg.promotion!r}")
-        if not 0 < float(cfg.confidence) < 1 or int(cfg.n_resamples) < 1:
+        if not 0 < cfg.confidence < 1 or cfg.n_resamples < 1:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
-        return cls(metrics=metrics, primary=str(cfg.primary), confidence=float(cfg.confidence),
-                   n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), promotion=str(cfg.promotion))
+        return cls(metrics=metrics, primary=cfg.primary, confidence=cfg.confidence, n_resamples=cfg.n_resamples,
+                   seed=cfg.seed, promotion=cfg.promotion)
 
     def interval(self, values: list[float]) -> Estimate:
         return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)

@@ -23,8 +23,11 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from pipelines.schema import ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +92,16 @@ _owned: dict[str, subprocess.Popen] = {}
 _owned_lock = threading.Lock()
 
 
-def ensure_server(server: dict[str, Any]) -> str:
+def ensure_server(settings: Mapping[str, Any]) -> str:
     """Return the api_base of a healthy embedded server, reusing one or starting it.
 
-    `server` holds: gguf, n_ctx, host, port (None = free port), n_threads, startup_timeout, state_dir.
+    `settings` are `lm.server`'s keys (`pipelines.schema.ServerConfig`); missing ones take its defaults.
     """
-    gguf = resolve_gguf(server["gguf"])
-    state_dir = Path(server.get("state_dir") or default_state_dir())
+    server = ServerConfig(**settings)
+    gguf = resolve_gguf(server.gguf)
+    state_dir = Path(server.state_dir or default_state_dir())
     state_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{gguf}|{server['n_ctx']}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf}|{server.n_ctx}".encode()).hexdigest()[:16]
     state_file = state_dir / f"{key}.json"
     with open(state_dir / f"{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time across processes
@@ -105,26 +109,26 @@ def ensure_server(server: dict[str, Any]) -> str:
             state = json.loads(state_file.read_text())
             if _pid_alive(state["pid"]):
                 # A busy llama.cpp server answers nothing until its current request is done: wait.
-                if _wait_healthy(state["api_base"], float(server.get("startup_timeout", 120))):
+                if _wait_healthy(state["api_base"], server.startup_timeout):
                     log.info("Reusing embedded LM server at %s (log: %s)", state["api_base"], state["log"])
                     return state["api_base"]
                 raise LMServerError(f"embedded LM server (pid {state['pid']}) at {state['api_base']} does not "
                                     f"answer; see {state['log']}")
-        host = server.get("host") or "127.0.0.1"
-        port = server.get("port") or _free_port(host)
+        host = server.host
+        port = server.port or _free_port(host)
         api_base = f"http://{host}:{port}/v1"
         if healthy(api_base):
             return api_base  # something else already serves this fixed port
         log_path = state_dir / f"{key}-{port}.log"
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", host,
-               "--port", str(port), "--n_ctx", str(server["n_ctx"])]
+               "--port", str(port), "--n_ctx", str(server.n_ctx)]
         # llama-cpp-python generates on half the cores by default; all of them is ~1.3x faster here.
-        cmd += ["--n_threads", str(server.get("n_threads") or os.cpu_count() or 1)]
+        cmd += ["--n_threads", str(server.n_threads or os.cpu_count() or 1)]
         log.info("Starting embedded LM server on %s (log: %s)", api_base, log_path)
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
-        deadline = time.monotonic() + float(server.get("startup_timeout", 120))
+        deadline = time.monotonic() + server.startup_timeout
         while not healthy(api_base, timeout=1.0):
             if proc.poll() is not None:
                 raise LMServerError(f"embedded LM server exited with code {proc.returncode} before it "
@@ -132,7 +136,7 @@ def ensure_server(server: dict[str, Any]) -> str:
             if time.monotonic() > deadline:
                 proc.kill()
                 raise LMServerError(f"embedded LM server did not answer at {api_base} within "
-                                    f"{server.get('startup_timeout', 120)} s; see {log_path}")
+                                    f"{server.startup_timeout:g} s; see {log_path}")
             time.sleep(0.5)
         state_file.write_text(json.dumps({"pid": proc.pid, "api_base": api_base, "log": str(log_path)}))
         with _owned_lock:

@@ -3,6 +3,7 @@
 import inspect
 
 import pytest
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from pipelines.config import CONFIG_DIR, compose, flatten, is_secret, to_container
@@ -128,3 +129,17 @@ def test_main_runs_gepa_as_the_optimize_step_with_its_preset():
     for overrides, auto in (([], None), (["experiment=tutorial"], "light")):
         step = step_config(compose("main", overrides), "gepa", overrides)
         assert step.program.name == "rag" and step.optimizer.name == "gepa" and step.optimizer.auto == auto
+
+
+@pytest.mark.parametrize("override, message", [("lm.max_tokens=lots", "lm.max_tokens"),
+                                               ("data.dev_size=3.5", "data.dev_size"),
+                                               ("tracking.log_traces=maybe", "tracking.log_traces")])
+def test_schema_refuses_bad_values_and_unknown_keys_at_composition(override, message):
+    with pytest.raises(ConfigCompositionException, match=message):
+        compose("rag", [override])
+
+
+def test_schema_converts_values_once():
+    cfg = compose("rag", ["program.k=3", "data.dev_size=4", "scoring.confidence=0.9", "lm.cache=false"])
+    assert (cfg.program.k, cfg.data.dev_size, cfg.scoring.confidence, cfg.lm.cache) == (3, 4, 0.9, False)
+    assert compose("rag", ["experiment=tutorial"]).lm.server is None  # hosted LMs have no server block

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from pipelines.config import ConfigError, compose
 from pipelines.data import Corpus, load_corpus
 from pipelines.retrieval import Index, LocalEmbedder, Retriever, cache_key, embedder_identity, load_or_build_index
+from pipelines.schema import EmbedderConfig
 
 
 class CountingEmbedder:
@@ -31,7 +32,7 @@ class CountingEmbedder:
 
 def emb_cfg(**kw):
     base = {"kind": "local", "model": "counting", "dimensions": 64, "batch_size": 8, "package": "x"}
-    return OmegaConf.create({**base, **kw})
+    return OmegaConf.merge(OmegaConf.structured(EmbedderConfig), {**base, **kw})
 
 
 def make_corpus(tmp_path, n=30, name="corpus.jsonl"):

@@ -1,0 +1,128 @@
+"""The config's schema: every group typed, so a composed config is validated and converted once.
+
+Registered in Hydra's ConfigStore as `schema` (the first entry of conf/config.yaml's defaults): a wrong
+type (`lm.max_tokens=lots`) or an unknown key (`program.kk=3`) fails at composition, before anything
+runs, and code reads `cfg.program.k` as an int without casting. The optimizer group stays free-form:
+its keys are the optimizer class's own arguments (`_target_`), checked by the class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ServerConfig:
+    """The embedded llama.cpp server (lm=local). Also what `pipelines.server.ensure_server` takes."""
+
+    gguf: str = MISSING          # package/file inside an installed package, or a path
+    n_ctx: int = 8192
+    host: str = "127.0.0.1"
+    port: int | None = None      # None: a free port
+    n_threads: int | None = None  # None: all cores
+    startup_timeout: float = 120.0
+    state_dir: str | None = None  # None: ~/.cache/ragqa-dspy/llama-server, shared by all jobs
+
+
+@dataclass
+class LMConfig:
+    model: str = MISSING
+    api_base: str | None = None      # None with `server`: start (or reuse) the embedded server
+    api_key_env: str | None = None   # the key's environment variable; keys never live in config
+    temperature: float | None = None
+    max_tokens: int | None = None
+    num_retries: int = 3
+    timeout: float | None = None
+    cache: bool = True
+    adapter: str = "chat"            # chat | json | json_schema
+    max_field_chars: int | None = None
+    context_window: int | None = None
+    server: ServerConfig | None = None
+
+
+@dataclass
+class EmbedderConfig:
+    kind: str = MISSING              # local | litellm
+    model: str = MISSING
+    package: str | None = None       # local: the installed package holding the model files
+    api_base: str | None = None
+    api_key_env: str | None = None
+    dimensions: int | None = None
+    batch_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    examples: str = MISSING
+    corpus: str = MISSING
+    examples_url: str | None = None
+    corpus_url: str | None = None
+    shuffle_seed: int = 0
+    train_size: int = MISSING
+    dev_size: int = MISSING
+    test_size: int = MISSING
+
+
+@dataclass
+class ProgramConfig:
+    name: str = MISSING              # cot | rag
+    signature: str | None = None     # cot
+    k: int = 5                       # rag: passages per question
+    max_characters: int | None = None
+    brute_force_threshold: int = 20000
+    reserve_tokens: int = 1024
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = MISSING
+    experiment: str = MISSING
+    registered_model: str | None = None
+    log_traces: bool = True
+    trace_judge: bool = False
+    log_compiles: bool = False
+    artifact_location: str | None = None
+
+
+@dataclass
+class ScoringConfig:
+    metrics: list[str] = field(default_factory=lambda: ["semantic_f1"])
+    primary: str = "semantic_f1"
+    confidence: float = 0.95
+    n_resamples: int = 2000
+    seed: int = 0
+    promotion: str = "significant"
+
+
+@dataclass
+class PathsConfig:
+    root: str = MISSING
+    cache: str = MISSING
+    outputs: str = MISSING
+
+
+@dataclass
+class Config:
+    lm: LMConfig = MISSING
+    embedder: EmbedderConfig = MISSING
+    data: DataConfig = MISSING
+    program: ProgramConfig = MISSING
+    optimizer: dict[str, Any] = MISSING
+    tracking: TrackingConfig = MISSING
+    scoring: ScoringConfig = MISSING
+    paths: PathsConfig = MISSING
+    num_threads: int = 2
+    split: str = "dev"
+    model_uri: str | None = None
+    judge: dict[str, Any] = field(default_factory=dict)
+    gepa_optimizer: str = "gepa_quick"
+    steps: list[str] | None = None   # main only
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="schema", node=Config)
