@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
@@ -20,10 +21,13 @@ from pipelines.feedback import FeedbackF1
 from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
 from pipelines.optimizers import build_optimizer, check_reflection, compile_kwargs, gepa_candidates, reflective
 from pipelines.programs import build_program
+from pipelines.report import comparison_chart, comparison_row, describe_program, side_by_side
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
 from pipelines.server import LMServerError, healthy
-from pipelines.stats import Estimate, tidy
+
+if TYPE_CHECKING:
+    from mlflow import ActiveRun
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ def prepare(cfg) -> Session:
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
     tracking.setup(cfg)
-    judged = JudgedF1(judge, traced=bool(cfg.tracking.trace_judge)) if JUDGED in scoring.metrics else None
+    judged = JudgedF1(judge, traced=cfg.tracking.trace_judge) if JUDGED in scoring.metrics else None
     return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
 
 
@@ -81,11 +85,11 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
     embedder = build_embedder(cfg.embedder)
     built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.get("max_characters"),
                                 Path(cfg.paths.cache) / "index",
-                                brute_force_threshold=int(cfg.program.brute_force_threshold))
+                                brute_force_threshold=cfg.program.brute_force_threshold)
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
             "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
             "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string"}
-    return Retriever(built.index, embedder, k=int(cfg.program.k)), info
+    return Retriever(built.index, embedder, k=cfg.program.k), info
 
 
 def _score(session: Session, program, examples, prefix: str, split: str, model, dataset=None,
@@ -96,7 +100,7 @@ def _score(session: Session, program, examples, prefix: str, split: str, model, 
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
     with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
             tracking.evaluating(model, split=split, **trace_tags):
-        result = evaluate(program, examples, session.scorer, int(session.cfg.num_threads),
+        result = evaluate(program, examples, session.scorer, session.cfg.num_threads,
                           trace_id=tracking.last_trace_id if tracing.log_traces else None)
     tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
     log.info("%s %s%s: %s", tracking.run_name(), prefix, split, result.summary())
@@ -125,14 +129,16 @@ def _log_and_register(session: Session, program, result: EvalResult, variant: st
     return info.model_uri, version
 
 
-def _usage_marks(session: Session) -> dict[int, int]:
-    return {id(lm): len(lm.history) for lm in {session.lm, session.judge}}
-
-
-def _log_usage(session: Session, marks: dict[int, int]) -> None:
-    lms = {id(session.lm): session.lm, id(session.judge): session.judge}
-    for key, lm in lms.items():
-        tracking.log_usage(lm, since=marks[key], prefix="" if lm is session.lm else "judge_")
+@contextlib.contextmanager
+def _step_run(session: Session, name: str, variant: str, index_info: dict[str, Any] | None,
+              ) -> Iterator[tuple[ActiveRun, dict[str, Any]]]:
+    """A step's run with what every training step logs first: the train/dev datasets and the index."""
+    with tracking.run(name, session.cfg, tags={"variant": variant}) as active:
+        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
+                                         session.cfg.data)
+        if index_info:
+            tracking.log_index(index_info["path"], index_info)
+        yield active, datasets
 
 
 def run_variant(cfg) -> StepResult:
@@ -140,15 +146,12 @@ def run_variant(cfg) -> StepResult:
     session = prepare(cfg)
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
-    with tracking.run(variant, cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
-        if index_info:
-            tracking.log_index(index_info["path"], index_info)
+    with _step_run(session, variant, variant, index_info) as (active, datasets):
         program = build_program(cfg.program, cfg.lm, retriever)
         model = tracking.new_model(variant, variant)
-        marks = _usage_marks(session)
-        result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant)
-        _log_usage(session, marks)
+        with tracking.usage(session.lm, judge=session.judge):
+            result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"],
+                            variant=variant)
         model_uri, version = _log_and_register(session, program, result, variant, model, index_info)
         return StepResult(variant, active.info.run_id, result, model_uri, version)
 
@@ -164,7 +167,7 @@ def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
     ensure_reachable(reflection_lm)
     # The reflection LM answers through its own config's adapter: schema-constrained for the embedded LM.
     proposer = InstructionProposer(adapter=build_adapter(reflection_cfg))
-    return build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=bool(cfg.tracking.trace_judge)),
+    return build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=cfg.tracking.trace_judge),
                            reflection_lm=reflection_lm, instruction_proposer=proposer, track_stats=True,
                            gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
 
@@ -176,11 +179,10 @@ def run_optimize(cfg) -> StepResult:
     optimizer = session_optimizer(session)
     retriever, index_info = build_retriever(cfg)
     variant = f"{cfg.program.name}-{cfg.optimizer.name}"  # rag-mipro, rag-gepa: also the model's name
-    with tracking.run("optimize", cfg, tags={"variant": variant}) as active:
-        datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev}, cfg.data)
-        tracking.log_index(index_info["path"], index_info)
+    reflection_lm = getattr(optimizer, "reflection_lm", None)
+    with _step_run(session, "optimize", variant, index_info) as (active, datasets), \
+            tracking.usage(session.lm, judge=session.judge, reflection=reflection_lm):
         baseline = build_program(cfg.program, cfg.lm, retriever)
-        marks = _usage_marks(session)
         base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
                       tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
         optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
@@ -200,10 +202,6 @@ def run_optimize(cfg) -> StepResult:
         tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
         tracking.log_program_json(optimized)
         tracking.log_text(describe_program(optimized), "program/learned_prompt.md")
-        _log_usage(session, marks)
-        reflection_lm = getattr(optimizer, "reflection_lm", None)
-        if reflection_lm is not None and reflection_lm not in (session.lm, session.judge):
-            tracking.log_usage(reflection_lm, prefix="reflection_")
         model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
@@ -219,31 +217,13 @@ def run_evaluate(cfg) -> StepResult:
         datasets = tracking.log_datasets({split: session.splits.get(split)}, cfg.data)
         model = tracking.logged_model_of(cfg.model_uri)
         variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
-        marks = _usage_marks(session)
-        result = _score(session, program, session.splits.get(split), "", split, model, datasets[split], **variant)
+        with tracking.usage(session.lm, judge=session.judge):
+            result = _score(session, program, session.splits.get(split), "", split, model, datasets[split],
+                            **variant)
         scores = tracking.estimate_metrics(result.estimates, f"{split}_")
         tracking.log_metrics(scores, model, datasets[split])
-        _log_usage(session, marks)
         tracking.tag_version_scores(cfg.model_uri, scores)
         return StepResult(f"evaluate-{split}", active.info.run_id, result, cfg.model_uri)
-
-
-def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
-    """Both answers to each dev question with their primary scores (same examples, same order)."""
-    metric = best.primary
-    return [{"question": b["question"], "gold": b["gold"], "baseline_answer": b["prediction"],
-             f"baseline_{metric}": b[metric], "optimized_answer": o["prediction"], f"optimized_{metric}": o[metric],
-             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows, strict=True)]
-
-
-def describe_program(program: dspy.Module) -> str:
-    """Readable instructions and demos of every predictor."""
-    parts = []
-    for name, predictor in program.named_predictors():
-        parts.append(f"## {name}\n\n### Instructions\n\n{predictor.signature.instructions}\n")
-        for i, demo in enumerate(predictor.demos, start=1):
-            parts.append(f"### Demo {i}\n\n```json\n{json.dumps(dict(demo), indent=2, default=str)}\n```\n")
-    return "\n".join(parts)
 
 
 STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}
@@ -299,33 +279,3 @@ def run_pipeline(cfg, overrides=()) -> StepResult:
         tracking.set_tags({"best_variant": best.name})
         log.info("best variant by point score: %s", best.name)
         return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
-
-
-def comparison_row(estimate, metric: str) -> dict[str, Any]:
-    """A score (or a paired difference) with its interval, as columns of `comparison.json`."""
-    return {metric: estimate.value, "ci_low": estimate.low, "ci_high": estimate.high, "n": estimate.n}
-
-
-def comparison_chart(rows: list[dict], scoring: Scoring):
-    """One bar per variant, its confidence interval as an error bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric = scoring.primary
-    fig, ax = plt.subplots(figsize=(6, 4))
-    # Score ± half-width under each name, clear of the error bars.
-    names = [f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
-             for r in rows]
-    scores = [r[metric] for r in rows]
-    yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
-    if all(r["ci_low"] is not None for r in rows):
-        yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
-    palette = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d"]
-    ax.bar(names, scores, yerr=yerr, capsize=6, color=[palette[i % len(palette)] for i in range(len(rows))])
-    ax.set_ylabel(f"{LABELS[metric]} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
-    ax.set_ylim(0, 100)
-    ax.set_title(" -> ".join(r["variant"] for r in rows))
-    fig.tight_layout()
-    return fig

@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow: runs, params, metrics, tables, datasets, models, registry."""
+"""Everything the project logs to MLflow: runs, params, metrics, tables, datasets, models, traces' tags and
+assessments, registry, prompts. (The retriever emits its own span: it travels with the logged model.)"""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def setup(cfg) -> None:
         # One writer: sqlite takes one at a time anyway, and concurrent exporters burn CPU on lock
         # contention and lose traces to "database is locked".
         os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
-    size_connection_pool(max(int(cfg.num_threads), int(cfg.optimizer.get("num_threads") or 0)))
+    size_connection_pool(max(cfg.num_threads, int(cfg.optimizer.get("num_threads") or 0)))
     mlflow.set_tracking_uri(cfg.tracking.uri)
     _init_store(str(cfg.tracking.uri))
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -60,9 +61,9 @@ def setup(cfg) -> None:
                 mlflow.create_experiment(name, artifact_location=Path(cfg.tracking.artifact_location).as_uri())
         mlflow.set_experiment(name)
     mlflow.tracing.configure(span_processors=[_tag_trace])
-    mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
-                        log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
-                        log_evals=bool(cfg.tracking.log_compiles), silent=True)
+    mlflow.dspy.autolog(log_traces=cfg.tracking.log_traces, log_traces_from_eval=True,
+                        log_traces_from_compile=False, log_compiles=cfg.tracking.log_compiles,
+                        log_evals=cfg.tracking.log_compiles, silent=True)
 
 
 def size_connection_pool(threads: int) -> None:
@@ -216,16 +217,17 @@ def dataset_source(data_cfg):
     """Where the examples came from: their download URL, else the local file as a `file://` URI.
 
     Given a bare path, MLflow finds two identical local-file source types registered (one per URI
-    scheme) and warns on every split; naming the type here leaves nothing to guess.
+    scheme, both of type "local") and warns on every split; offering it only the first leaves
+    nothing to guess.
     """
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.filesystem_dataset_source import FileSystemDatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
-    if data_cfg.get("examples_url"):
+    if data_cfg.examples_url:
         return HTTPDatasetSource(data_cfg.examples_url)
-    local = next(s for s in FileSystemDatasetSource.__subclasses__() if s.__name__ == "LocalArtifactDatasetSource")
-    return resolve_dataset_source(Path(data_cfg.examples).resolve().as_uri(), candidate_sources=[local])
+    uri = Path(data_cfg.examples).resolve().as_uri()
+    local = [s for s in get_registered_sources() if s._get_source_type() == "local" and s._can_resolve(uri)]
+    return resolve_dataset_source(uri, candidate_sources=local[:1])
 
 
 def run_name() -> str:
@@ -373,17 +375,45 @@ def log_table(rows: list[dict], artifact_file: str) -> None:
         mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
 
 
-def log_usage(lm: dspy.LM, since: int = 0, prefix: str = "") -> None:
-    """Prompt/completion tokens and cost of the LM calls recorded after history index `since`."""
+@contextlib.contextmanager
+def usage(lm: dspy.LM, **others: dspy.LM | None) -> Iterator[None]:
+    """Log tokens and cost of the calls made inside the block, also when it fails: `lm`'s as
+    `prompt_tokens`, `completion_tokens`, `cost_usd`; each other distinct LM's with its name as prefix
+    (`judge_prompt_tokens`). An LM that is `lm` itself, or None, is skipped."""
+    lms = {"": lm}
+    for name, other in others.items():
+        if other is not None and all(other is not seen for seen in lms.values()):
+            lms[f"{name}_"] = other
+    # The last entry, not an index: DSPy trims each LM's history at settings.max_history_size.
+    marks = {prefix: (model.history[-1] if model.history else None) for prefix, model in lms.items()}
+    try:
+        yield
+    finally:
+        metrics = {}
+        for prefix, model in lms.items():
+            metrics.update(_usage_metrics(_calls_after(model.history, marks[prefix]), prefix))
+        mlflow.log_metrics(metrics)
+
+
+def _calls_after(history: list[dict], mark: dict | None) -> list[dict]:
+    for i in range(len(history) - 1, -1, -1):
+        if history[i] is mark:
+            return history[i + 1:]
+    if mark is not None:
+        log.warning("LM history was trimmed during the run (dspy max_history_size=%d): token counts "
+                    "cover the last %d calls only", dspy.settings.max_history_size, len(history))
+    return history
+
+
+def _usage_metrics(calls: list[dict], prefix: str) -> dict[str, float]:
     prompt = completion = 0
     cost = 0.0
-    for entry in lm.history[since:]:
-        usage = entry.get("usage") or {}
-        prompt += int(usage.get("prompt_tokens") or 0)
-        completion += int(usage.get("completion_tokens") or 0)
+    for entry in calls:
+        counts = entry.get("usage") or {}
+        prompt += int(counts.get("prompt_tokens") or 0)
+        completion += int(counts.get("completion_tokens") or 0)
         cost += float(entry.get("cost") or 0.0)
-    mlflow.log_metrics({f"{prefix}prompt_tokens": prompt, f"{prefix}completion_tokens": completion,
-                        f"{prefix}cost_usd": cost})
+    return {f"{prefix}prompt_tokens": prompt, f"{prefix}completion_tokens": completion, f"{prefix}cost_usd": cost}
 
 
 def program_signature(retrieves: bool, doc_id_type: str = "long") -> ModelSignature:

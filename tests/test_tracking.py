@@ -181,3 +181,35 @@ def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champi
     assert mlflow.genai.load_prompt("prompts:/reg.predict/1").tags["model_version"] == "1"
     rag_champion = mlflow.genai.load_prompt("prompts:/reg.respond.predict@champion")
     assert rag_champion.template[0]["content"] == "Use the context. Jinja { % if %} stays text."
+
+
+class Recorded:
+    """An LM's call history, as DSPy records it (usage and cost per call)."""
+
+    def __init__(self, *tokens):
+        self.history = [self.call(t) for t in tokens]
+
+    @staticmethod
+    def call(tokens, cost=0.5):
+        return {"usage": {"prompt_tokens": tokens, "completion_tokens": 1}, "cost": cost}
+
+
+def test_usage_counts_only_the_block_per_distinct_lm_even_when_it_fails(store):
+    lm, judge = Recorded(1000), Recorded(2000)
+    with pytest.raises(RuntimeError), tracking.run("step", cfg_for(store)) as active, \
+            tracking.usage(lm, judge=judge, again=lm, reflection=None):
+        lm.history += [Recorded.call(10), Recorded.call(20)]
+        judge.history.append(Recorded.call(5, cost=0.25))
+        raise RuntimeError("compile failed")
+    metrics = mlflow.get_run(active.info.run_id).data.metrics
+    assert (metrics["prompt_tokens"], metrics["completion_tokens"], metrics["cost_usd"]) == (30, 2, 1.0)
+    assert (metrics["judge_prompt_tokens"], metrics["judge_cost_usd"]) == (5, 0.25)
+    assert not any(k.startswith(("again_", "reflection_")) for k in metrics)
+
+
+def test_usage_survives_dspy_trimming_the_history(store):
+    lm = Recorded(1000, 1000, 1000)
+    with dspy.context(max_history_size=3), tracking.run("step", cfg_for(store)) as active, tracking.usage(lm):
+        for _ in range(4):  # DSPy drops the oldest entry beyond max_history_size
+            lm.history = [*lm.history[1:], Recorded.call(7)]
+    assert mlflow.get_run(active.info.run_id).data.metrics["prompt_tokens"] == 21  # the 3 calls still known
