@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dspy
+
 from pipelines.config import compose
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +23,21 @@ def fake_lm_overrides(api_base: str, *, model: str = "openai/fake", adapter: str
     overrides = ["lm=openai", f"lm.api_base={api_base}", "lm.api_key_env=null", f"lm.model={model}",
                  "lm.cache=false", f"lm.adapter={adapter}", "lm.num_retries=0"]
     return overrides + ([f"num_threads={threads}"] if threads else [])
+
+
+def fake_overrides(fake) -> list[str]:
+    """`fake_lm_overrides` for one running FakeLM, on one thread so its answers come in order."""
+    return fake_lm_overrides(fake.api_base, model=f"openai/fake-{fake.mode}", threads=1)
+
+
+class FixedRetriever:
+    """A retriever that returns the first k of fixed passages, with their positions as doc ids."""
+
+    def __init__(self, passages):
+        self.passages = passages
+
+    def __call__(self, query, k=None):
+        return dspy.Prediction(passages=self.passages[:k], doc_ids=list(range(len(self.passages)))[:k])
 
 
 def smoke(name: str, store_path: Path, *overrides: str):

@@ -14,11 +14,7 @@ from pipelines.steps import run_variant
 from pipelines.tracking import load_program
 
 from fake_lm import FakeLM
-from helpers import ROOT, fake_lm_overrides, run_cli, smoke
-
-
-def fake_overrides(fake: FakeLM) -> list[str]:
-    return fake_lm_overrides(fake.api_base, model=f"openai/fake-{fake.mode}", threads=1)
+from helpers import ROOT, fake_overrides, run_cli, smoke
 
 
 def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(store):

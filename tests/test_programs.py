@@ -5,13 +5,7 @@ from dspy.utils import DummyLM
 
 from pipelines.programs import RAG, context_char_budget, fit_passages
 
-
-class FixedRetriever:
-    def __init__(self, passages):
-        self.passages = passages
-
-    def __call__(self, query, k=None):
-        return dspy.Prediction(passages=self.passages[:k], doc_ids=list(range(len(self.passages)))[:k])
+from helpers import FixedRetriever
 
 
 def test_fit_passages_leaves_short_context_alone_and_shares_the_budget():

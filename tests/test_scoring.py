@@ -15,8 +15,7 @@ from pipelines.programs import RAG
 from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
 
 from fake_lm import FakeLM
-from helpers import fake_lm_overrides
-from test_programs import FixedRetriever
+from helpers import FixedRetriever, fake_lm_overrides
 
 METRICS = ["semantic_f1", "token_f1", "rouge_l"]
 
@@ -205,10 +204,8 @@ def test_every_example_of_a_many_threaded_evaluation_is_traced(store, monkeypatc
         return original(self, experiment_id)
 
     monkeypatch.setattr(SqlAlchemyStore, "get_experiment", slow_get_experiment)
-    started = time.monotonic()
-    run = traced_evaluation(store, n=24, threads=24)
+    run = traced_evaluation(store, n=24, threads=24)  # starved exports time out after 30 s and are lost
     assert run.data.metrics["traces_logged"] == 24 and "traces_missing" not in run.data.tags
-    assert time.monotonic() - started < 25  # no wait on the pool's 30 s timeout
 
 
 def test_traces_the_store_refuses_are_counted_and_explained(store, monkeypatch, caplog):
