@@ -12,13 +12,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-SCRATCH = Path(os.environ.get("BENCH_SCRATCH", "/work/scratch"))
+SCRATCH = Path(os.environ.get("BENCH_SCRATCH") or Path(tempfile.gettempdir()) / "ragqa-bench")
 VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "ragqa-arena-tech"
 
 
 def scratch(name: str) -> Path:
-    """A fresh directory /work/scratch/bench-NAME-XXXX for stores and caches (never inside the repo)."""
+    """A fresh directory $BENCH_SCRATCH/bench-NAME-XXXX (default under the system temp dir) for stores
+    and caches, never inside the repo."""
     SCRATCH.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=SCRATCH))
 

@@ -20,7 +20,7 @@ Phases come from the MLflow runs (start/end times, metric timestamps) and the se
 Target: total <= 15 min.
 
     .venv/bin/python bench/main_job.py              # ~10-15 min
-    .venv/bin/python bench/main_job.py --analyze /work/scratch/bench-main-XXXX   # re-read a store
+    .venv/bin/python bench/main_job.py --analyze $TMPDIR/ragqa-bench/bench-main-XXXX   # re-read a store
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ Prints Markdown tables and writes results.json to the scratch dir.
 
     .venv/bin/python bench/scale.py                          # 15-30 min on 2 cores
     .venv/bin/python bench/scale.py --docs 2000 --auto light --phases rag optimize   # a quick look
-    .venv/bin/python bench/scale.py --analyze /work/scratch/bench-scale-XXXX        # tables again
+    .venv/bin/python bench/scale.py --analyze $TMPDIR/ragqa-bench/bench-scale-XXXX        # tables again
 """
 
 from __future__ import annotations
