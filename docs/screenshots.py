@@ -6,7 +6,8 @@ Run the README's main job first, then (Chromium from Debian's `chromium` package
     .venv/bin/python docs/screenshots.py --store /path/to/dir  # a store elsewhere (mlflow.db inside)
 
 It starts `mlflow ui` on a free loopback port, finds the experiment and the registered
-model, and writes docs/runs.png, docs/models.png, docs/traces.png and docs/model-versions.png.
+model, and writes docs/runs.png, docs/models.png, docs/traces.png, docs/model-versions.png and
+docs/trace.png (one RAG trace opened: its retrieval span, passages and assessments).
 """
 
 from __future__ import annotations
@@ -59,10 +60,15 @@ def targets(uri: str, experiment: str) -> dict[str, str]:
     if exp is None:
         raise SystemExit(f"error: no experiment {experiment!r} in {uri}; run the README's main job first")
     model = client.search_registered_models(max_results=1)[0].name
-    return {"runs": f"#/experiments/{exp.experiment_id}/runs",
-            "models": f"#/experiments/{exp.experiment_id}/models",
-            "traces": f"#/experiments/{exp.experiment_id}/traces",
-            "model-versions": f"#/models/{model}"}
+    pages = {"runs": f"#/experiments/{exp.experiment_id}/runs",
+             "models": f"#/experiments/{exp.experiment_id}/models",
+             "traces": f"#/experiments/{exp.experiment_id}/traces",
+             "model-versions": f"#/models/{model}"}
+    # One RAG trace opened in the trace view: its `retrieve` span, passages and assessments.
+    rag = client.search_traces(locations=[exp.experiment_id], filter_string="tag.variant = 'rag'", max_results=1)
+    if rag:
+        pages["trace"] = f"#/experiments/{exp.experiment_id}/traces?selectedEvaluationId={rag[0].info.trace_id}"
+    return pages
 
 
 def main() -> None:
