@@ -133,7 +133,8 @@ def test_a_pickled_version_loads_only_when_the_user_opts_in(store, monkeypatch):
     monkeypatch.delenv(PICKLE_VARIABLE, raising=False)
     program = dspy.ChainOfThought("question -> response")
     program.predict.signature = program.predict.signature.with_instructions(LEARNED)
-    with mlflow.start_run(), dspy.context(lm=None, callbacks=[]):
+    experiment = mlflow.create_experiment("pickled", artifact_location=(store / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment), dspy.context(lm=None, callbacks=[]):
         uri = mlflow.dspy.log_model(program, name="program").model_uri  # how older versions logged
     with pytest.raises(ConfigError) as error:
         tracking.load_program(uri)
