@@ -291,7 +291,8 @@ def registered_demos(store: Path) -> list[dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"  # our own pickles
+    from pipelines.tracking import load_program
+
     uri = f"sqlite:///{store}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     out = []
@@ -299,7 +300,7 @@ def registered_demos(store: Path) -> list[dict]:
     for mv in client.search_model_versions():
         if client.get_run(mv.run_id).data.tags.get("step") != "optimize":
             continue
-        program = mlflow.dspy.load_model(f"models:/{mv.name}/{mv.version}")
+        program = load_program(f"models:/{mv.name}/{mv.version}")
         out.append({"model": f"{mv.name}/{mv.version}", "run_id": mv.run_id,
                     "demos": {n: len(p.demos) for n, p in program.named_predictors()},
                     "bootstrapped": {n: sum(1 for d in p.demos if d.get("augmented"))

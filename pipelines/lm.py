@@ -28,7 +28,7 @@ _verify_lock = threading.Lock()
 class ProjectLM(dspy.LM):
     """`dspy.LM` that makes sure its embedded server is up before the first call in a process.
 
-    Only server *settings* are pickled with a logged program, never a key or a live process, so a
+    Only server *settings* are logged with a program, never a key or a live process, so a
     program loaded in a fresh process starts (or finds) its server on first use.
     """
 

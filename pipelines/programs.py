@@ -33,7 +33,7 @@ def fit_passages(passages: list[str], budget: int | None) -> tuple[list[str], bo
 class RAG(dspy.Module):
     """Retrieve `k` passages, then answer with `ChainOfThought('context, question -> response')`.
 
-    The retriever is an attribute, so a pickled program carries its index and needs nothing else.
+    The retriever is an attribute; a logged program carries its index as files (pipelines/packaging.py).
     `context_window` (tokens) is set for small local LMs: passages are trimmed to fit next to the
     instructions and demos, rather than letting the server reject an overlong prompt.
     """

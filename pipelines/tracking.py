@@ -27,6 +27,7 @@ from mlflow.types import ColSpec, Schema
 from mlflow.types.schema import Array
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
+from pipelines import packaging
 from pipelines.config import PROJECT_ROOT, ConfigError, flatten, is_secret, to_container
 from pipelines.scoring import JUDGED, LABELS, RECALL, EvalResult, Scoring, paired_scores
 from pipelines.stats import Comparison, Estimate
@@ -426,17 +427,18 @@ def program_signature(retrieves: bool, doc_id_type: str = "long") -> ModelSignat
 
 def log_program(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, model: LoggedModel,
                 signature: ModelSignature, prompts: list | None = None):
-    """Log the program into `model` with `mlflow.dspy.log_model`, with exactly the settings it needs
-    at load time.
-
-    The saved settings are pinned here: a fresh copy of the LM (no call history, no key) and no
-    callbacks, so nothing from this process leaks into the pickle. `prompts` (registered prompt
-    versions) are linked to the logged model.
+    """Log the program into `model` as MLflow "models from code": `pipelines/model_code.py` rebuilds it
+    from plain files (`pipelines/packaging.py`: its spec, DSPy's JSON state, the RAG index), so loading
+    or serving it unpickles nothing. The LM's settings travel with it, never its key. `prompts`
+    (registered prompt versions) are linked to the logged model.
     """
-    with dspy.context(lm=lm.copy(), adapter=adapter, callbacks=[]):
-        return mlflow.dspy.log_model(
-            program, name=model.name, model_id=model.model_id, code_paths=[str(PROJECT_ROOT / "pipelines")],
-            signature=signature, pip_requirements=str(PROJECT_ROOT / "requirements.txt"), prompts=prompts or None,
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(tmp) / "program"
+        packaging.save(program, lm, adapter, files)
+        return mlflow.pyfunc.log_model(
+            name=model.name, model_id=model.model_id, python_model=str(PROJECT_ROOT / "pipelines" / "model_code.py"),
+            artifacts={"program": str(files)}, code_paths=[str(PROJECT_ROOT / "pipelines")], signature=signature,
+            pip_requirements=str(PROJECT_ROOT / "requirements.txt"), prompts=prompts or None,
         )
 
 
@@ -556,15 +558,32 @@ def tag_version_scores(model_uri: str, metrics: dict[str, float]) -> None:
 
 
 def load_program(model_uri: str) -> dspy.Module:
-    """Load a logged program. Our own models are pickles that we wrote, so pickle loading is allowed."""
-    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    """Load a logged program and, as `mlflow.dspy.load_model` does, configure DSPy with its LM and adapter.
+
+    Programs are rebuilt from their files. One pickled by an older version of this project
+    (`mlflow.dspy.log_model`) runs code from the pickle as it loads, so it loads only when the user
+    has set MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true: MLflow 3.17 treats the unset variable as true, and
+    that is no one's decision.
+    """
+    from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION as ALLOW_PICKLE
+    from mlflow.models import get_model_info
+
     try:
-        return mlflow.dspy.load_model(model_uri)
+        pickled = "dspy" in get_model_info(model_uri).flavors
+        if pickled and not (ALLOW_PICKLE.is_set() and ALLOW_PICKLE.get()):
+            raise ConfigError(f"{model_uri} is a pickled program from an older version of this project, and "
+                              "unpickling can run arbitrary code: if you trust it, set "
+                              "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true to load it, or re-run the step that logged it")
+        if pickled:
+            return mlflow.dspy.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     except mlflow.exceptions.MlflowException as e:
         raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
     except (ModuleNotFoundError, AttributeError, ImportError) as e:
         raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
                           f"({type(e).__name__}: {e}); re-run the step that logged it") from None
+    dspy.configure(lm=model.lm, adapter=model.adapter)
+    return model.program
 
 
 def logged_model_of(model_uri: str) -> LoggedModel | None:

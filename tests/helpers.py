@@ -3,9 +3,15 @@ commands as a user would. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import dspy
@@ -64,3 +70,40 @@ def mlflow_run(entry: str, store_path: Path, overrides: str = "experiment=smoke"
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store_path}/mlflow.db",
            "RAGQA_CACHE_DIR": str(store_path / "cache"), **(env or {})}
     return run_cli(args, cwd=store_path, env=env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 180):
+    """`mlflow models serve` of `model_uri` on a loopback port, as a user starts it (log in `cwd/serve.log`);
+    yields `ask(question)`, which waits for the server to come up and returns its JSON answer."""
+    port = free_port()
+    with open(cwd / "serve.log", "w") as log:
+        server = subprocess.Popen(
+            [MLFLOW, "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env(env))
+
+    def ask(question: str) -> dict:
+        body = json.dumps({"dataframe_records": [{"question": question}]}).encode()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=120) as resp:
+                    return json.loads(resp.read())
+            except OSError as exc:
+                if time.time() > deadline or server.poll() is not None:
+                    raise AssertionError((cwd / "serve.log").read_text()[-3000:]) from exc
+                time.sleep(1)
+
+    try:
+        yield ask
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # uvicorn runs in a child of the CLI
+        server.wait(timeout=30)

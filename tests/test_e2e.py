@@ -1,19 +1,13 @@
 """Entry points end to end through `mlflow run`, as a user runs them, on the embedded offline stack."""
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 from mlflow.entities import LoggedModelStatus, SpanType
 from mlflow.tracking import MlflowClient
 
-from helpers import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, user_env
+from helpers import FAKE_KEY, MLFLOW, ROOT, mlflow_run, run_cli, served
 
 pytestmark = [pytest.mark.lm, pytest.mark.e2e]
 MODEL = "ragqa-tech-smoke"
@@ -38,13 +32,12 @@ def check(proc):
 
 
 def ask(store, model_uri, question):
-    """Load a model in a fresh Python process and answer one question through pyfunc."""
+    """Load a model in a fresh Python process and answer one question through pyfunc (no pickle to allow)."""
     code = ("import json, sys, mlflow\n"
             f"model = mlflow.pyfunc.load_model({model_uri!r})\n"
             f"print('ANSWER=' + json.dumps(model.predict({{'question': {question!r}}}), default=str))\n")
     proc = run_cli([sys.executable, "-c", code], cwd=store,
-                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-                        "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+                   env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"})
     check(proc)
     return json.loads(proc.stdout.split("ANSWER=", 1)[1])
 
@@ -93,12 +86,6 @@ def test_rag_caches_its_index_logs_recall_and_answers_with_retrieval(store, loca
     assert len(answer["doc_ids"]) == 5 and len(answer["context"]) == 5 and answer["response"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
     check(mlflow_run("optimize", store))
     (run,) = top_level(store, "optimize")
@@ -132,31 +119,8 @@ def test_optimize_then_evaluate_the_champion_then_serve_it(store, local_server):
     assert 0 <= evaluation.data.metrics["test_semantic_f1"] <= 100
     assert "test_semantic_f1" in client.get_model_version(MODEL, champion.version).tags
 
-    port = free_port()
-    log = open(store / "serve.log", "w")
-    server = subprocess.Popen(
-        [MLFLOW, "models", "serve",
-         "-m", f"models:/{MODEL}@champion", "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
-        cwd=store, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=user_env({"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
-                      "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}))
-    try:
-        body = json.dumps({"dataframe_records": [{"question": "how do I undo my last git commit?"}]}).encode()
-        deadline = time.time() + 180
-        while True:
-            try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=120) as resp:
-                    answer = json.loads(resp.read())
-                break
-            except OSError as exc:
-                if time.time() > deadline or server.poll() is not None:
-                    raise AssertionError((store / "serve.log").read_text()[-3000:]) from exc
-                time.sleep(1)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # uvicorn runs in a child of the CLI
-        server.wait(timeout=30)
+    with served(f"models:/{MODEL}@champion", store, {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}) as serve:
+        answer = serve("how do I undo my last git commit?")
     assert answer["predictions"]["response"]
 
 

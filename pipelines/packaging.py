@@ -1,0 +1,157 @@
+"""A program as plain files and back, so a logged program loads and serves without unpickling anything.
+
+One directory holds:
+
+  spec.json   what to build: the program's kind and constructor settings, the LM's settings (never
+              its key: keys come from the environment at call time), the adapter, the embedder
+  state.json  DSPy's own JSON state (`program.save`): each predictor's instructions and demos
+  index/      RAG only: the retriever's index as `write_index` lays it out (embeddings, passages,
+              doc ids), so a loaded program retrieves without re-embedding the corpus
+
+`ProgramModel` is the pyfunc model that `pipelines/model_code.py` hands to MLflow ("models from code").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dspy
+import mlflow
+import pandas as pd
+
+from pipelines.config import NO_KEY, ConfigError, is_secret
+from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
+from pipelines.programs import RAG
+from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
+
+FORMAT = 1  # bump when the files change meaning; a model in another format then fails to load in one line
+SPEC, STATE, INDEX = "spec.json", "state.json", "index"
+
+
+@dataclass
+class Packaged:
+    program: dspy.Module
+    lm: dspy.LM
+    adapter: dspy.Adapter
+
+
+def save(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, path: Path) -> None:
+    """Write `program`, answering through `lm` and `adapter`, into the new directory `path`."""
+    path.mkdir(parents=True)
+    spec = {"format": FORMAT, "program": program_spec(program), "lm": lm_spec(lm), "adapter": adapter_spec(adapter)}
+    if isinstance(program, RAG):
+        write_index(program.retriever.index, path / INDEX)
+    program.save(str(path / STATE))
+    (path / SPEC).write_text(json.dumps(spec, indent=2))
+
+
+def load(path: Path) -> Packaged:
+    """Rebuild what `save` wrote: the program from its spec, then its instructions and demos from DSPy's JSON."""
+    spec = json.loads((path / SPEC).read_text())
+    if spec.get("format") != FORMAT:
+        raise ConfigError(f"{path} holds a program in format {spec.get('format')}, this project reads format "
+                          f"{FORMAT}; re-run the step that logged it")
+    program = build(spec["program"], path)
+    program.load(str(path / STATE))
+    return Packaged(program, restore_lm(spec["lm"]), build_adapter(spec["adapter"]))
+
+
+def program_spec(program: dspy.Module) -> dict[str, Any]:
+    if isinstance(program, RAG):
+        retriever = program.retriever
+        if not isinstance(retriever, Retriever):
+            raise ConfigError(f"cannot log a RAG over a {type(retriever).__name__}: only the project's Retriever "
+                              "travels as files")
+        return {"kind": "rag", "k": program.k, "context_window": program.context_window,
+                "max_tokens": program.max_tokens, "reserve_tokens": program.reserve_tokens,
+                "retriever": {"k": retriever.k, "brute_force_threshold": retriever.index.brute_force_threshold,
+                              "index_embedder": retriever.index.meta["embedder"],
+                              "embedder": embedder_spec(retriever.embedder)}}
+    if type(program) is dspy.ChainOfThought:
+        signature = program.predict.signature
+        outputs = {name: f for name, f in signature.output_fields.items() if name != "reasoning"}
+        fields = {**signature.input_fields, **outputs}
+        if any(f.annotation is not str for f in fields.values()):
+            raise ConfigError(f"cannot log a ChainOfThought with typed fields ({signature.signature}): the spec "
+                              "keeps field names only")
+        return {"kind": "cot", "signature": f"{', '.join(signature.input_fields)} -> {', '.join(outputs)}"}
+    raise ConfigError(f"cannot log a {type(program).__name__}: only the project's cot and rag programs are "
+                      "logged as files")
+
+
+def build(spec: dict[str, Any], path: Path) -> dspy.Module:
+    if spec["kind"] == "cot":
+        return dspy.ChainOfThought(spec["signature"])
+    retriever_spec = spec["retriever"]
+    index = read_index(path / INDEX, retriever_spec["index_embedder"], retriever_spec["brute_force_threshold"])
+    retriever = Retriever(index, restore_embedder(retriever_spec["embedder"]), k=retriever_spec["k"])
+    return RAG(retriever, k=spec["k"], context_window=spec["context_window"], max_tokens=spec["max_tokens"],
+               reserve_tokens=spec["reserve_tokens"])
+
+
+def _public(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Settings without anything that looks like a key."""
+    return {key: value for key, value in kwargs.items() if not is_secret(key)}
+
+
+def lm_spec(lm: dspy.LM) -> dict[str, Any]:
+    # The placeholder that keyless servers get is recorded as a flag; a real key is never written.
+    return {"model": lm.model, "server": getattr(lm, "server", None), "cache": lm.cache,
+            "num_retries": lm.num_retries, "kwargs": _public(lm.kwargs), "keyless": lm.kwargs.get("api_key") == NO_KEY}
+
+
+def restore_lm(spec: dict[str, Any]) -> ProjectLM:
+    key = {"api_key": NO_KEY} if spec["keyless"] else {}
+    return ProjectLM(spec["model"], server=spec["server"], cache=spec["cache"], num_retries=spec["num_retries"],
+                     **spec["kwargs"], **key)
+
+
+def adapter_spec(adapter: dspy.Adapter) -> dict[str, Any]:
+    """In the `lm/` config's terms, so `build_adapter` rebuilds it."""
+    if isinstance(adapter, SchemaJSONAdapter):
+        return {"adapter": "json_schema", "max_field_chars": adapter.max_field_chars}
+    kinds = {dspy.JSONAdapter: "json", dspy.ChatAdapter: "chat"}
+    if type(adapter) not in kinds:
+        raise ConfigError(f"cannot log a program answering through a {type(adapter).__name__}")
+    return {"adapter": kinds[type(adapter)]}
+
+
+def embedder_spec(embedder) -> dict[str, Any]:
+    if isinstance(embedder, HostedEmbedder):
+        return {"kind": "litellm", "model": embedder.model, "api_key_env": embedder.api_key_env,
+                "batch_size": embedder.batch_size, "caching": embedder.caching,
+                "kwargs": _public(embedder.default_kwargs)}
+    if isinstance(embedder, dspy.Embedder) and isinstance(embedder.model, LocalEmbedder):
+        local = embedder.model
+        return {"kind": "local", "package": local.package, "device": local.device, "batch_size": local.batch_size}
+    raise ConfigError(f"cannot log a retriever embedding with a {type(embedder).__name__}")
+
+
+def restore_embedder(spec: dict[str, Any]) -> dspy.Embedder:
+    if spec["kind"] == "litellm":
+        return HostedEmbedder(spec["model"], api_key_env=spec["api_key_env"], batch_size=spec["batch_size"],
+                              caching=spec["caching"], **spec["kwargs"])
+    local = LocalEmbedder(package=spec["package"], device=spec["device"], batch_size=spec["batch_size"])
+    return dspy.Embedder(local, batch_size=spec["batch_size"], caching=False)
+
+
+class ProgramModel(mlflow.pyfunc.PythonModel):
+    """A logged program as pyfunc: rebuilt from its files (the `program` artifact), one question per call.
+
+    The output is the program's prediction: reasoning and response, and for RAG the passages and doc ids.
+    """
+
+    def load_context(self, context) -> None:
+        packaged = load(Path(context.artifacts["program"]))
+        self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> dict[str, Any]:
+        # MLflow hands over a frame (the signature's `question` column), from a dict or a served request.
+        if len(model_input) != 1:
+            raise ConfigError(f"a program answers one question per call; got {len(model_input)}")
+        # A context per call, not global settings: the scoring server calls from its worker threads.
+        with dspy.context(lm=self.lm, adapter=self.adapter):
+            return self.program(**model_input.to_dict(orient="records")[0]).toDict()
