@@ -21,6 +21,7 @@ from typing import Any
 import dspy
 import mlflow
 import pandas as pd
+from omegaconf import OmegaConf
 
 from pipelines.config import NO_KEY, ConfigError, is_secret
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
@@ -56,7 +57,7 @@ def load(path: Path) -> Packaged:
                           f"{FORMAT}; re-run the step that logged it")
     program = build(spec["program"], path)
     program.load(str(path / STATE))
-    return Packaged(program, restore_lm(spec["lm"]), build_adapter(spec["adapter"]))
+    return Packaged(program, restore_lm(spec["lm"]), build_adapter(OmegaConf.create(spec["adapter"])))
 
 
 def program_spec(program: dspy.Module) -> dict[str, Any]:
