@@ -7,10 +7,18 @@ import sys
 from collections.abc import Callable
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pipelines.config import CONFIG_DIR, ConfigError
 from pipelines.server import LMServerError
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job's one-line error (Hydra prints a CompactHydraException without a traceback); the
+    error itself is its `__cause__`."""
 
 
 def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -23,6 +31,9 @@ def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[]
             result = step(cfg)
         except (ConfigError, LMServerError) as e:
             print(f"error: {e}", file=sys.stderr)
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                # A failed sweep job: the other jobs go on, and Hydra reports this one when they are done.
+                raise JobFailed(f"error: {e}") from e
             sys.exit(1)
         evaluation = getattr(result, "result", None)
         if evaluation is None:

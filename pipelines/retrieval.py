@@ -252,7 +252,13 @@ def write_index(index: Index, path: Path) -> None:
 
         faiss.write_index(index.faiss_index, str(tmp / "faiss.index"))
     shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not path.is_dir():
+            raise
+        # Another process (a parallel sweep job) wrote this key meanwhile: the same content, keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_index(path: Path, identity: dict[str, Any], brute_force_threshold: int) -> Index:

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000
 DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
+# Set in a Hydra sweep's job (pipelines/sweep.py): JSON with the sweep's run id, the job's name and tags.
+SWEEP_JOB_ENV = "RAGQA_SWEEP_JOB"
 
 
 def setup(cfg) -> None:
@@ -94,14 +96,19 @@ def _init_store(uri: str) -> None:
 
 @contextlib.contextmanager
 def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Open this step's run: the `mlflow run` run, a child of an active run, or a new one.
+    """Open this step's run: a child of an active run, a sweep job's child of the sweep's run (named
+    after the job's swept overrides), the `mlflow run` run, or a new one.
 
     Whatever happens inside, the run ends in a consistent state: FINISHED, FAILED (with the error
     as a tag), or KILLED on Ctrl-C.
     """
     parent = mlflow.active_run()
+    sweep_job = json.loads(os.environ.get(SWEEP_JOB_ENV) or "null")
     if parent is not None:
         active = mlflow.start_run(run_name=name, nested=True)
+    elif sweep_job:
+        active = mlflow.start_run(run_name=f"{name} {sweep_job['name']}".strip(),
+                                  parent_run_id=sweep_job["parent_run_id"], tags=sweep_job["tags"])
     elif os.environ.get("MLFLOW_RUN_ID"):
         active = mlflow.start_run()
         MlflowClient().update_run(active.info.run_id, name=name)  # not the random name `mlflow run` gave it
@@ -132,8 +139,13 @@ def command_line_overrides() -> str:
 
     if not HydraConfig.initialized():
         return ""
+    return mask_overrides(HydraConfig.get().overrides.task)
+
+
+def mask_overrides(overrides) -> str:
+    """Hydra overrides as one string, the values of secret-looking keys masked."""
     masked = [f"{o.split('=', 1)[0]}=***" if is_secret(o.split("=", 1)[0].split(".")[-1].lstrip("+~"))
-              else o for o in HydraConfig.get().overrides.task]
+              else o for o in overrides]
     return " ".join(masked)
 
 

@@ -146,3 +146,23 @@ def test_sample_corpus_gold_documents_are_retrievable(tmp_path):
     retriever = Retriever(built.index, LocalEmbedder(), k=5)
     found = sum(bool(set(retriever(ex.question).doc_ids) & set(ex.gold_doc_ids)) for ex in examples)
     assert found / len(examples) >= 0.7
+
+
+def test_an_index_another_job_writes_meanwhile_is_kept(tmp_path, monkeypatch):
+    import shutil
+
+    from pipelines import retrieval
+
+    corpus = make_corpus(tmp_path)
+    theirs = build(tmp_path, corpus, CountingEmbedder())
+    real_rmtree = shutil.rmtree
+
+    def their_index_lands_first(path, *args, **kwargs):  # between our removal of the key and our rename
+        if path != theirs.path:
+            real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(retrieval.shutil, "rmtree", their_index_lands_first)
+    retrieval.write_index(theirs.index, theirs.path)
+    monkeypatch.undo()
+    assert [p.name for p in theirs.path.parent.iterdir()] == [theirs.path.name]  # no temporary left behind
+    assert build(tmp_path, corpus, CountingEmbedder()).cache_hit
