@@ -26,9 +26,9 @@ from omegaconf import DictConfig
 
 from pipelines import tracking
 from pipelines.cli import JobFailed
+from pipelines.report import comparison_chart, comparison_row
 from pipelines.scoring import Scoring
 from pipelines.stats import Estimate
-from pipelines.steps import comparison_chart, comparison_row
 
 log = logging.getLogger(__name__)
 
