@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from pipelines.config import CONFIG_DIR, ConfigError
 from pipelines.server import LMServerError
+from pipelines.tracking import TrackingServerError
 
 
 def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -21,7 +22,7 @@ def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[]
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             result = step(cfg)
-        except (ConfigError, LMServerError) as e:
+        except (ConfigError, LMServerError, TrackingServerError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         evaluation = getattr(result, "result", None)

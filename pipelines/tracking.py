@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import dspy
 import mlflow
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 MAX_PARAM_CHARS = 6000
 DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
+PROBE_TIMEOUT = 5  # seconds per request of the tracking server check; no retries
+CREDENTIAL_HINT = "MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=... (or MLFLOW_TRACKING_TOKEN=...)"
+GRANT_HINT = "python -m deploy.team_server grant USER --experiment NAME --registered-model NAME --permission EDIT"
 
 
 def setup(cfg) -> None:
@@ -49,8 +53,11 @@ def setup(cfg) -> None:
         # contention and lose traces to "database is locked".
         os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
     size_connection_pool(max(int(cfg.num_threads), int(cfg.optimizer.get("num_threads") or 0)))
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    _init_store(str(cfg.tracking.uri))
+    uri = store_uri(cfg.tracking)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri, cfg.tracking.experiment, cfg.tracking.get("registered_model"))
+    _init_store(uri)
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         name = cfg.tracking.experiment
         local_store = str(cfg.tracking.uri).startswith(("sqlite:", "file:"))
@@ -63,6 +70,85 @@ def setup(cfg) -> None:
     mlflow.dspy.autolog(log_traces=bool(cfg.tracking.log_traces), log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=bool(cfg.tracking.log_compiles),
                         log_evals=bool(cfg.tracking.log_compiles), silent=True)
+
+
+def store_uri(tracking_cfg) -> str:
+    """The configured tracking URI; `tracking=server` insists on an http(s) server without credentials
+    in the URI (it is logged as a param; credentials belong in MLflow's environment variables)."""
+    uri = str(tracking_cfg.uri or "")
+    if tracking_cfg.get("server") and not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"tracking=server needs an http(s) tracking URI, got {public_uri(uri)!r}; "
+                          "export MLFLOW_TRACKING_URI=http://HOST:PORT (see deploy/)")
+    if urlsplit(uri).password is not None:
+        raise ConfigError(f"the tracking URI {public_uri(uri)} carries a password; remove it from the URI and "
+                          f"export {CREDENTIAL_HINT}")
+    return uri
+
+
+def public_uri(uri: str) -> str:
+    """The URI without any user:password@, fit for messages."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if parts.netloc else uri
+
+
+def check_server(uri: str, experiment: str, registered_model: str | None = None) -> None:
+    """Fail in seconds, in one line, when the tracking server is down, refuses our credentials or does
+    not let us write to the experiment or registered model (MLflow's client would retry for minutes).
+
+    `/health` needs no credentials; an authenticated get-experiment-by-name then tells a wrong
+    password (401) or no access (403); on a basic-auth server the user's own permissions say whether
+    they may also write there.
+    """
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    where = public_uri(uri)
+    creds = get_default_host_creds(uri)
+
+    def get(endpoint: str, **params):
+        try:
+            return http_request(creds, endpoint, "GET", max_retries=0, timeout=PROBE_TIMEOUT, params=params)
+        except mlflow.exceptions.MlflowException as e:
+            reasons = {"refused": "connection refused", "timed out": f"no answer in {PROBE_TIMEOUT} s",
+                       "resolve": "unknown host", "ssl": "TLS error"}
+            reason = next((r for k, r in reasons.items() if k in e.message.lower()), "no answer")
+            raise ConfigError(f"tracking server {where} is unreachable (GET {endpoint}: {reason}); start it (python -m "
+                              "deploy.team_server) or fix MLFLOW_TRACKING_URI") from None
+
+    health = get("/health")
+    if health.status_code != 200:
+        raise ConfigError(f"{where} does not answer as an MLflow tracking server (GET /health: HTTP "
+                          f"{health.status_code}); check MLFLOW_TRACKING_URI")
+    found = get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
+    user = creds.username
+    if found.status_code == 401:
+        said = f"refused the credentials of {user!r}" if user else "needs credentials"
+        raise ConfigError(f"tracking server {where} {said} (HTTP 401); export {CREDENTIAL_HINT}")
+    if found.status_code == 403:
+        raise ConfigError(f"{user or 'this user'} has no access to experiment {experiment!r} on {where} (HTTP "
+                          f"403); ask an admin for EDIT on it ({GRANT_HINT})")
+    if found.status_code not in (200, 404):  # 404: the experiment does not exist yet; the first run creates it
+        raise ConfigError(f"tracking server {where} answered HTTP {found.status_code} to get-experiment-by-name")
+    if not user:
+        return
+    # Runs need USE on the experiment ("allowed"); registering tags versions and moves the alias: EDIT.
+    resources = [("experiment", experiment, found.json()["experiment"]["experiment_id"])] if found.ok else []
+    if registered_model:
+        model = get("/api/2.0/mlflow/registered-models/get", name=registered_model)
+        if model.status_code in (200, 403):  # 404: it does not exist yet; the first registration creates it
+            resources.append(("registered_model", registered_model, registered_model))
+    for kind, name, resource_id in resources:
+        answer = get("/api/3.0/mlflow/users/permissions/get", username=user, resource_type=kind,
+                     resource_id=resource_id)
+        if answer.status_code == 404:  # no basic-auth app: nothing more to ask before writing
+            return
+        permission = answer.json() if answer.ok else {}
+        may_write = permission.get("allowed") if kind == "experiment" else permission.get("permission") in (
+            "EDIT", "MANAGE")
+        if not may_write:
+            raise ConfigError(f"{user} may not write to {kind.replace('_', ' ')} {name!r} on {where} (permission "
+                              f"{permission.get('permission', f'unknown, HTTP {answer.status_code}')}); ask an "
+                              f"admin for EDIT on it ({GRANT_HINT})")
 
 
 def size_connection_pool(threads: int) -> None:
@@ -111,16 +197,34 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         yield active
     except KeyboardInterrupt:
         _fail_pending_models(active.info.run_id)
-        mlflow.end_run("KILLED")
+        _end_run(active, "KILLED")
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
         _fail_pending_models(active.info.run_id)
-        mlflow.end_run("FAILED")
+        _end_run(active, "FAILED", e)
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+class TrackingServerError(RuntimeError):
+    """The tracking server stopped answering during a run; one line for the command line."""
+
+
+def _end_run(active: mlflow.ActiveRun, status: str, error: BaseException | None = None) -> None:
+    """End the run with `status`; if the store no longer answers (a tracking server that went away
+    and stayed away through MLflow's retries), say so in one line: what was logged before stays."""
+    try:
+        mlflow.end_run(status)
+    except Exception as e:
+        uri = public_uri(mlflow.get_tracking_uri())
+        cause = error if isinstance(error, mlflow.exceptions.MlflowException) else e
+        reason = (getattr(cause, "message", None) or str(cause)).splitlines()[0][:300]
+        raise TrackingServerError(f"the tracking store {uri} stopped answering during run {active.info.run_id} "
+                                  f"({reason}); what was logged before stays there, but the run could not be "
+                                  f"marked {status} and shows RUNNING until it is ended by hand") from error
 
 
 def command_line_overrides() -> str:
