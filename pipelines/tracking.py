@@ -109,11 +109,8 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
         try:
             return http_request(creds, endpoint, "GET", max_retries=0, timeout=PROBE_TIMEOUT, params=params)
         except mlflow.exceptions.MlflowException as e:
-            reasons = {"refused": "connection refused", "timed out": f"no answer in {PROBE_TIMEOUT} s",
-                       "resolve": "unknown host", "ssl": "TLS error"}
-            reason = next((r for k, r in reasons.items() if k in e.message.lower()), "no answer")
-            raise ConfigError(f"tracking server {where} is unreachable (GET {endpoint}: {reason}); start it (python -m "
-                              "deploy.team_server) or fix MLFLOW_TRACKING_URI") from None
+            raise ConfigError(f"tracking server {where} is unreachable (GET {endpoint}: {_short(e)}); start it "
+                              "(python -m deploy.team_server) or fix MLFLOW_TRACKING_URI") from None
 
     health = get("/health")
     if health.status_code != 200:
@@ -131,7 +128,7 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
         raise ConfigError(f"tracking server {where} answered HTTP {found.status_code} to get-experiment-by-name")
     if not user:
         return
-    # Runs need USE on the experiment ("allowed"); registering tags versions and moves the alias: EDIT.
+    # Creating a run needs EDIT on the experiment; registering (tags, the champion alias) EDIT on the model.
     resources = [("experiment", experiment, found.json()["experiment"]["experiment_id"])] if found.ok else []
     if registered_model:
         model = get("/api/2.0/mlflow/registered-models/get", name=registered_model)
@@ -143,12 +140,18 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
         if answer.status_code == 404:  # no basic-auth app: nothing more to ask before writing
             return
         permission = answer.json() if answer.ok else {}
-        may_write = permission.get("allowed") if kind == "experiment" else permission.get("permission") in (
-            "EDIT", "MANAGE")
-        if not may_write:
+        if permission.get("permission") not in ("EDIT", "MANAGE"):
             raise ConfigError(f"{user} may not write to {kind.replace('_', ' ')} {name!r} on {where} (permission "
                               f"{permission.get('permission', f'unknown, HTTP {answer.status_code}')}); ask an "
                               f"admin for EDIT on it ({GRANT_HINT})")
+
+
+def _short(error: BaseException) -> str:
+    """What a failed request to the store comes down to, without the URL-laden text of requests/urllib3."""
+    text = str(getattr(error, "message", None) or error)
+    reasons = {"refused": "connection refused", "timed out": "timed out", "resolve": "unknown host",
+               "ssl": "TLS error", "max retries exceeded": "no answer"}
+    return next((r for k, r in reasons.items() if k in text.lower()), text.splitlines()[0][:200])
 
 
 def size_connection_pool(threads: int) -> None:
@@ -206,7 +209,7 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         _end_run(active, "FAILED", e)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end_run(active, "FINISHED")
 
 
 class TrackingServerError(RuntimeError):
@@ -220,10 +223,8 @@ def _end_run(active: mlflow.ActiveRun, status: str, error: BaseException | None 
         mlflow.end_run(status)
     except Exception as e:
         uri = public_uri(mlflow.get_tracking_uri())
-        cause = error if isinstance(error, mlflow.exceptions.MlflowException) else e
-        reason = (getattr(cause, "message", None) or str(cause)).splitlines()[0][:300]
         raise TrackingServerError(f"the tracking store {uri} stopped answering during run {active.info.run_id} "
-                                  f"({reason}); what was logged before stays there, but the run could not be "
+                                  f"({_short(e)}); what was logged before stays there, but the run could not be "
                                   f"marked {status} and shows RUNNING until it is ended by hand") from error
 
 
