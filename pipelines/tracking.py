@@ -96,8 +96,8 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
     not let us write to the experiment or registered model (MLflow's client would retry for minutes).
 
     `/health` needs no credentials; an authenticated get-experiment-by-name then tells a wrong
-    password (401) or no access (403); on a basic-auth server the user's own permissions say whether
-    they may also write there.
+    password (401) or no access (403); on a basic-auth server, a user who is not an admin (whose
+    permissions MLflow does not report) is asked for their own permissions there.
     """
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
@@ -128,6 +128,9 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
         raise ConfigError(f"tracking server {where} answered HTTP {found.status_code} to get-experiment-by-name")
     if not user:
         return
+    account = get("/api/2.0/mlflow/users/get", username=user)
+    if not account.ok or account.json()["user"]["is_admin"]:  # no basic-auth app, or an admin: may write anywhere
+        return
     # Creating a run needs EDIT on the experiment; registering (tags, the champion alias) EDIT on the model.
     resources = [("experiment", experiment, found.json()["experiment"]["experiment_id"])] if found.ok else []
     if registered_model:
@@ -137,8 +140,6 @@ def check_server(uri: str, experiment: str, registered_model: str | None = None)
     for kind, name, resource_id in resources:
         answer = get("/api/3.0/mlflow/users/permissions/get", username=user, resource_type=kind,
                      resource_id=resource_id)
-        if answer.status_code == 404:  # no basic-auth app: nothing more to ask before writing
-            return
         permission = answer.json() if answer.ok else {}
         if permission.get("permission") not in ("EDIT", "MANAGE"):
             raise ConfigError(f"{user} may not write to {kind.replace('_', ' ')} {name!r} on {where} (permission "
