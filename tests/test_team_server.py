@@ -32,26 +32,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_server(server: dict) -> None:
+    """`python -m deploy.team_server serve` on the server's data dir and port; returns once it is healthy."""
+    env = user_env({"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    server["log"].write_text("")
+    with open(server["log"], "a") as log:
+        server["process"] = subprocess.Popen(
+            [sys.executable, "-m", "deploy.team_server", "serve", "--data-dir", str(server["data"]),
+             "--port", server["url"].rsplit(":", 1)[1], "--workers", "1"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while "Ctrl-C stops it" not in server["log"].read_text():
+        assert server["process"].poll() is None and time.monotonic() < deadline, server["log"].read_text()[-3000:]
+        time.sleep(0.5)
+
+
+def stop_server(server: dict) -> None:
+    """SIGTERM, as a service manager stops it: MLflow, then PostgreSQL."""
+    server["process"].send_signal(signal.SIGTERM)
+    assert server["process"].wait(timeout=60) == 0
+    assert "stopped" in server["log"].read_text()
+    assert not (server["data"] / "pg" / "postmaster.pid").exists()  # PostgreSQL was shut down too
+    server["logs"] = server.get("logs", "") + server["log"].read_text()
+
+
 @pytest.fixture(scope="module")
 def team_server(tmp_path_factory):
-    """`python -m deploy.team_server serve` in its own data dir; stopped with SIGTERM as a service would be."""
     data = tmp_path_factory.mktemp("team")
-    log_path = data / "server.log"
-    url = f"http://127.0.0.1:{free_port()}"
-    env = user_env({"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "RAGQA_CACHE_DIR": str(data / "cache")})
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "deploy.team_server", "serve", "--data-dir", str(data),
-                                    "--port", url.rsplit(":", 1)[1], "--workers", "1"],
-                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while "Ctrl-C stops it" not in log_path.read_text():
-        assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.5)
-    yield {"url": url, "data": data, "log": log_path}
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0
-    assert "stopped" in log_path.read_text()
-    assert not (data / "pg" / "postmaster.pid").exists()  # PostgreSQL was shut down too
+    server = {"url": f"http://127.0.0.1:{free_port()}", "data": data, "log": data / "server.log"}
+    start_server(server)
+    yield server
+    stop_server(server)
 
 
 def as_user(server, user: str, password: str, **extra: str) -> dict[str, str]:
@@ -164,7 +175,36 @@ def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, 
     assert EXPERIMENT in dumps[0] and "alice" in dumps[1]  # the dumps hold the runs and the users
     artifacts = [p.read_bytes() for p in (team_server["data"] / "artifacts").rglob("*") if p.is_file()]
     assert len(artifacts) > 10
-    logs.append(team_server["log"].read_text())
+    logs.append(team_server["log"].read_text())  # (the outage test below checks the logs of later starts)
     for secret in (ALICE_PASSWORD, ADMIN_PASSWORD, BOB_PASSWORD):
         assert not any(secret in text for text in dumps + logs)
         assert not any(secret.encode() in blob for blob in artifacts)
+
+
+def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(team_server, monkeypatch):
+    """MLflow's client rides out a short restart with its retries (minutes by default); with the retries
+    lowered, a server that stays down ends the job in one line, exit 1, and what was logged stays."""
+    admin = as_user(team_server, "admin", ADMIN_PASSWORD, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
+    with FakeLM(latency=1.0) as fake:
+        args = ["experiment=smoke", "tracking=server", "tracking.experiment=outage",
+                *fake_lm_overrides(fake.api_base, threads=1)]
+        job = subprocess.Popen([sys.executable, "-m", "pipelines.cot", *args], cwd=ROOT, env=user_env(admin),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while fake.calls == 0:  # the run is open and evaluating
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.2)
+        stop_server(team_server)
+        out, err = job.communicate(timeout=300)
+    assert job.returncode == 1, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]  # then MLflow's exit log lines
+    assert line.startswith(f"error: the tracking store {team_server['url']} stopped answering during run "), line
+    assert "what was logged before stays there" in line and "Traceback" not in err
+    start_server(team_server)
+    client = admin_client(team_server, monkeypatch)
+    (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+    assert run.info.run_id in line and run.info.status == "RUNNING"  # it could not be marked FAILED
+    assert run.data.params["lm.model"] == "openai/fake" and "config.yaml" in {a.path for a in
+                                                                              client.list_artifacts(run.info.run_id)}
+    logs = out + err + team_server["logs"]
+    assert ADMIN_PASSWORD not in logs
