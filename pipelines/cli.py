@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from pipelines.config import CONFIG_DIR, ConfigError
 from pipelines.server import LMServerError
+from pipelines.tracking import TrackingServerError
 
 
 class JobFailed(CompactHydraException):
@@ -29,7 +30,7 @@ def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[]
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             result = step(cfg)
-        except (ConfigError, LMServerError) as e:
+        except (ConfigError, LMServerError, TrackingServerError) as e:
             print(f"error: {e}", file=sys.stderr)
             if HydraConfig.get().mode == RunMode.MULTIRUN:
                 # A failed sweep job: the other jobs go on, and Hydra reports this one when they are done.

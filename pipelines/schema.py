@@ -80,7 +80,8 @@ class ProgramConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = MISSING
+    uri: str | None = None           # sqlite:///..., or http(s)://... with tracking=server
+    server: bool = False             # tracking=server: an MLflow server, checked before any work
     experiment: str = MISSING
     registered_model: str | None = None
     log_traces: bool = True

@@ -63,6 +63,7 @@ class Session:
 
 def prepare(cfg) -> Session:
     scoring = Scoring.from_cfg(cfg.scoring)
+    tracking.setup(cfg)  # first: a tracking server that is down or refuses us fails before any LM starts
     check_credentials(cfg.lm)
     judge_cfg = merged_judge_cfg(cfg)
     check_credentials(judge_cfg)
@@ -75,7 +76,6 @@ def prepare(cfg) -> Session:
     # LM responses are cached next to the project's other caches (RAGQA_CACHE_DIR), not in ~/.dspy_cache.
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
-    tracking.setup(cfg)
     judged = JudgedF1(judge, traced=cfg.tracking.trace_judge) if JUDGED in scoring.metrics else None
     return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
 

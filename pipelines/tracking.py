@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import dspy
 import mlflow
@@ -39,6 +40,9 @@ MAX_PARAM_CHARS = 6000
 DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
 # Set in a Hydra sweep's job (pipelines/sweep.py): JSON with the sweep's run id, the job's name and tags.
 SWEEP_JOB_ENV = "RAGQA_SWEEP_JOB"
+PROBE_TIMEOUT = 5  # seconds per request of the tracking server check; no retries
+CREDENTIAL_HINT = "MLFLOW_TRACKING_USERNAME=... MLFLOW_TRACKING_PASSWORD=... (or MLFLOW_TRACKING_TOKEN=...)"
+GRANT_HINT = "python -m deploy.team_server grant USER --experiment NAME --registered-model NAME --permission EDIT"
 
 
 def setup(cfg) -> None:
@@ -53,8 +57,11 @@ def setup(cfg) -> None:
         # contention and lose traces to "database is locked".
         os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
     size_connection_pool(max(cfg.num_threads, int(cfg.optimizer.get("num_threads") or 0)))
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    _init_store(str(cfg.tracking.uri))
+    uri = store_uri(cfg.tracking)
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        check_server(uri, cfg.tracking.experiment, cfg.tracking.get("registered_model"))
+    _init_store(uri)
     if not os.environ.get("MLFLOW_RUN_ID") and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         name = cfg.tracking.experiment
         local_store = str(cfg.tracking.uri).startswith(("sqlite:", "file:"))
@@ -67,6 +74,89 @@ def setup(cfg) -> None:
     mlflow.dspy.autolog(log_traces=cfg.tracking.log_traces, log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=cfg.tracking.log_compiles,
                         log_evals=cfg.tracking.log_compiles, silent=True)
+
+
+def store_uri(tracking_cfg) -> str:
+    """The configured tracking URI; `tracking=server` insists on an http(s) server without credentials
+    in the URI (it is logged as a param; credentials belong in MLflow's environment variables)."""
+    uri = str(tracking_cfg.uri or "")
+    if tracking_cfg.get("server") and not uri.startswith(("http://", "https://")):
+        raise ConfigError(f"tracking=server needs an http(s) tracking URI, got {public_uri(uri)!r}; "
+                          "export MLFLOW_TRACKING_URI=http://HOST:PORT (see deploy/)")
+    if urlsplit(uri).password is not None:
+        raise ConfigError(f"the tracking URI {public_uri(uri)} carries a password; remove it from the URI and "
+                          f"export {CREDENTIAL_HINT}")
+    return uri
+
+
+def public_uri(uri: str) -> str:
+    """The URI without any user:password@, fit for messages."""
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])) if parts.netloc else uri
+
+
+def check_server(uri: str, experiment: str, registered_model: str | None = None) -> None:
+    """Fail in seconds, in one line, when the tracking server is down, refuses our credentials or does
+    not let us write to the experiment or registered model (MLflow's client would retry for minutes).
+
+    `/health` needs no credentials; an authenticated get-experiment-by-name then tells a wrong
+    password (401) or no access (403); on a basic-auth server, a user who is not an admin (whose
+    permissions MLflow does not report) is asked for their own permissions there.
+    """
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    where = public_uri(uri)
+    creds = get_default_host_creds(uri)
+
+    def get(endpoint: str, **params):
+        try:
+            return http_request(creds, endpoint, "GET", max_retries=0, timeout=PROBE_TIMEOUT, params=params)
+        except mlflow.exceptions.MlflowException as e:
+            raise ConfigError(f"tracking server {where} is unreachable (GET {endpoint}: {_short(e)}); start it "
+                              "(python -m deploy.team_server) or fix MLFLOW_TRACKING_URI") from None
+
+    health = get("/health")
+    if health.status_code != 200:
+        raise ConfigError(f"{where} does not answer as an MLflow tracking server (GET /health: HTTP "
+                          f"{health.status_code}); check MLFLOW_TRACKING_URI")
+    found = get("/api/2.0/mlflow/experiments/get-by-name", experiment_name=experiment)
+    user = creds.username
+    if found.status_code == 401:
+        said = f"refused the credentials of {user!r}" if user else "needs credentials"
+        raise ConfigError(f"tracking server {where} {said} (HTTP 401); export {CREDENTIAL_HINT}")
+    if found.status_code == 403:
+        raise ConfigError(f"{user or 'this user'} has no access to experiment {experiment!r} on {where} (HTTP "
+                          f"403); ask an admin for EDIT on it ({GRANT_HINT})")
+    if found.status_code not in (200, 404):  # 404: the experiment does not exist yet; the first run creates it
+        raise ConfigError(f"tracking server {where} answered HTTP {found.status_code} to get-experiment-by-name")
+    if not user:
+        return
+    account = get("/api/2.0/mlflow/users/get", username=user)
+    if not account.ok or account.json()["user"]["is_admin"]:  # no basic-auth app, or an admin: may write anywhere
+        return
+    # Creating a run needs EDIT on the experiment; registering (tags, the champion alias) EDIT on the model.
+    resources = [("experiment", experiment, found.json()["experiment"]["experiment_id"])] if found.ok else []
+    if registered_model:
+        model = get("/api/2.0/mlflow/registered-models/get", name=registered_model)
+        if model.status_code in (200, 403):  # 404: it does not exist yet; the first registration creates it
+            resources.append(("registered_model", registered_model, registered_model))
+    for kind, name, resource_id in resources:
+        answer = get("/api/3.0/mlflow/users/permissions/get", username=user, resource_type=kind,
+                     resource_id=resource_id)
+        permission = answer.json() if answer.ok else {}
+        if permission.get("permission") not in ("EDIT", "MANAGE"):
+            raise ConfigError(f"{user} may not write to {kind.replace('_', ' ')} {name!r} on {where} (permission "
+                              f"{permission.get('permission', f'unknown, HTTP {answer.status_code}')}); ask an "
+                              f"admin for EDIT on it ({GRANT_HINT})")
+
+
+def _short(error: BaseException) -> str:
+    """What a failed request to the store comes down to, without the URL-laden text of requests/urllib3."""
+    text = str(getattr(error, "message", None) or error)
+    reasons = {"refused": "connection refused", "timed out": "timed out", "resolve": "unknown host",
+               "ssl": "TLS error", "max retries exceeded": "no answer"}
+    return next((r for k, r in reasons.items() if k in text.lower()), text.splitlines()[0][:200])
 
 
 def size_connection_pool(threads: int) -> None:
@@ -120,16 +210,32 @@ def run(name: str, cfg, tags: dict[str, str] | None = None) -> Iterator[mlflow.A
         yield active
     except KeyboardInterrupt:
         _fail_pending_models(active.info.run_id)
-        mlflow.end_run("KILLED")
+        _end_run(active, "KILLED")
         raise
     except BaseException as e:
         with contextlib.suppress(Exception):
             mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
         _fail_pending_models(active.info.run_id)
-        mlflow.end_run("FAILED")
+        _end_run(active, "FAILED", e)
         raise
     else:
-        mlflow.end_run("FINISHED")
+        _end_run(active, "FINISHED")
+
+
+class TrackingServerError(RuntimeError):
+    """The tracking server stopped answering during a run; one line for the command line."""
+
+
+def _end_run(active: mlflow.ActiveRun, status: str, error: BaseException | None = None) -> None:
+    """End the run with `status`; if the store no longer answers (a tracking server that went away
+    and stayed away through MLflow's retries), say so in one line: what was logged before stays."""
+    try:
+        mlflow.end_run(status)
+    except Exception as e:
+        uri = public_uri(mlflow.get_tracking_uri())
+        raise TrackingServerError(f"the tracking store {uri} stopped answering during run {active.info.run_id} "
+                                  f"({_short(e)}); what was logged before stays there, but the run could not be "
+                                  f"marked {status} and shows RUNNING until it is ended by hand") from error
 
 
 def command_line_overrides() -> str:

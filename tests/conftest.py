@@ -14,6 +14,7 @@ from pipelines.config import compose
 def pytest_configure(config):
     config.addinivalue_line("markers", "lm: needs the embedded llama.cpp server (real SmolLM2 calls)")
     config.addinivalue_line("markers", "e2e: runs an entry point end to end through `mlflow run`")
+    config.addinivalue_line("markers", "server: starts the team server (PostgreSQL + mlflow server with basic-auth)")
 
 
 @pytest.fixture(autouse=True)
