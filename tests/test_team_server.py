@@ -70,8 +70,8 @@ def as_user(server, user: str, password: str, **extra: str) -> dict[str, str]:
             "MLFLOW_TRACKING_PASSWORD": password, "RAGQA_CACHE_DIR": str(server["data"] / "cache"), **extra}
 
 
-def entry_point(module: str, env: dict[str, str], fake: FakeLM, *overrides: str):
-    args = ["experiment=smoke", "tracking=server", f"tracking.experiment={EXPERIMENT}",
+def entry_point(module: str, env: dict[str, str], fake: FakeLM, *overrides: str, multirun: bool = False):
+    args = [*(["-m"] if multirun else []), "experiment=smoke", "tracking=server", f"tracking.experiment={EXPERIMENT}",
             *fake_lm_overrides(fake.api_base), "embedder=openai", f"embedder.api_base={fake.api_base}",
             "embedder.api_key_env=null", *overrides]
     started = time.monotonic()
@@ -139,13 +139,13 @@ def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, 
         champion = client.get_model_version_by_alias(MODEL, "champion")
         assert champion.version == "1" and champion.run_id == runs["cot"].info.run_id
 
-        # A fresh process loads the champion through the server, with alice's credentials only.
-        # Pickle loading for now: the programs are still pickled (being replaced by models from code).
+        # A fresh process loads the champion through the server, with alice's credentials only, and
+        # with pickles refused (the variable's unset default would allow them): models from code.
         code = ("import mlflow\n"
                 f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
                 "print('ANSWER=' + str(model.predict({'question': 'how do I undo a commit?'})['response']))\n")
         proc = run_cli([sys.executable, "-c", code], cwd=tmp_path,
-                       env={**alice, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
+                       env={**alice, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
         logs += [proc.stdout, proc.stderr]
         assert proc.returncode == 0 and "ANSWER=fake response" in proc.stdout, proc.stderr[-3000:]
 
@@ -179,6 +179,26 @@ def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, 
     for secret in (ALICE_PASSWORD, ADMIN_PASSWORD, BOB_PASSWORD):
         assert not any(secret in text for text in dumps + logs)
         assert not any(secret.encode() in blob for blob in artifacts)
+
+
+def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server, monkeypatch):
+    admin = as_user(team_server, "admin", ADMIN_PASSWORD)
+    with FakeLM() as fake:
+        proc, seconds = entry_point("rag", admin, fake, "tracking.experiment=team-sweep",
+                                    f"hydra.sweep.dir={team_server['data']}/multirun", "hydra/launcher=parallel",
+                                    "hydra.launcher.n_jobs=4", "program.k=1,2,3,4", multirun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"4-job sweep against the team server: {seconds:.0f} s")
+    client = admin_client(team_server, monkeypatch)
+    runs = client.search_runs([client.get_experiment_by_name("team-sweep").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    jobs = sorted((r for r in runs if r is not parent), key=lambda r: int(r.data.tags["sweep.job"]))
+    assert parent.info.run_name == "sweep-rag" and parent.info.status == "FINISHED"
+    assert [j.info.run_name for j in jobs] == ["rag k=1", "rag k=2", "rag k=3", "rag k=4"]
+    assert all(j.info.status == "FINISHED" and "semantic_f1" in j.data.metrics
+               and j.data.tags["mlflow.parentRunId"] == parent.info.run_id for j in jobs)
+    assert {"comparison.json", "comparison.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.data.metrics["jobs_finished"] == 4
 
 
 def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(team_server, monkeypatch):
