@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -24,16 +25,51 @@ def scratch(name: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=SCRATCH))
 
 
+# Set by `team_server()`: the benchmark's runs go to that MLflow server instead of a temp sqlite store.
+SERVER_URI = "BENCH_TRACKING_SERVER"
+
+
 def fake_overrides(api_base: str, artifacts: Path, *extra: str) -> list[str]:
     """Point the project at the fake LM server, uncached, schema-constrained, no retries."""
     from helpers import fake_lm_overrides
 
-    return [*fake_lm_overrides(api_base, model="openai/fake-bench"), f"tracking.artifact_location={artifacts}", *extra]
+    tracking = ["tracking=server"] if os.environ.get(SERVER_URI) else [f"tracking.artifact_location={artifacts}"]
+    return [*fake_lm_overrides(api_base, model="openai/fake-bench"), *tracking, *extra]
+
+
+@contextlib.contextmanager
+def team_server(data_dir: Path):
+    """`python -m deploy.team_server serve` (PostgreSQL + basic-auth MLflow) on a free loopback port; this
+    process and its children log to it as its admin."""
+    import secrets
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    password = secrets.token_urlsafe(16)
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = open(data_dir / "team-server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "deploy.team_server", "serve", "--data-dir", str(data_dir),
+                               "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while "Ctrl-C stops it" not in (data_dir / "team-server.log").read_text():
+            if server.poll() is not None:
+                raise SystemExit(f"the team server exited; see {data_dir / 'team-server.log'}")
+            time.sleep(0.5)
+        os.environ.update({SERVER_URI: f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "admin",
+                           "MLFLOW_TRACKING_PASSWORD": password})
+        yield os.environ[SERVER_URI]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
 
 
 def isolate_mlflow(store: Path) -> None:
-    """Temp tracking store and caches, and no run inherited from an outer `mlflow run`."""
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+    """Temp tracking store (or the team server) and caches, and no run inherited from an outer `mlflow run`."""
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ.get(SERVER_URI) or f"sqlite:///{store}/mlflow.db"
     os.environ["RAGQA_CACHE_DIR"] = str(store / "cache")
     os.environ.pop("MLFLOW_RUN_ID", None)
     os.environ.pop("MLFLOW_EXPERIMENT_ID", None)

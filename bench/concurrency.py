@@ -10,16 +10,20 @@ the server (FakeLM.calls). Two settings, in one process, each after a small warm
                tracing on, as every project step runs it).
 Target: wall <= 1.3x ideal at 16 threads.
 
-    .venv/bin/python bench/concurrency.py [--examples 64] [--latency 0.1] [--threads 1 4 16]
+    .venv/bin/python bench/concurrency.py [--examples 64] [--latency 0.1] [--threads 1 4 16] [--server]
+
+With --server the runs go to a team server (PostgreSQL + basic-auth `mlflow server`, deploy/team_server.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 import time
 
-from _common import FakeLMProcess, fake_overrides, isolate_mlflow, machine, scratch, table
+from _common import SERVER_URI, FakeLMProcess, fake_overrides, isolate_mlflow, machine, scratch, table, team_server
 
 
 def examples(n: int):
@@ -35,6 +39,11 @@ def examples(n: int):
 
 def main(args) -> None:
     store = scratch("concurrency")
+    with team_server(store) if args.server else contextlib.nullcontext():
+        measure_all(args, store)
+
+
+def measure_all(args, store) -> None:
     isolate_mlflow(store)
     import dspy
 
@@ -73,8 +82,9 @@ def main(args) -> None:
         with tracking.run("bench-concurrency", cfg):
             measure("harness")
         mlflow.dspy.autolog(disable=True)
+    where = f"tracking server {os.environ[SERVER_URI]} (PostgreSQL)" if args.server else "sqlite"
     print(f"\nMachine: {machine()}; {args.examples} examples, fake LM {args.latency * 1000:.0f} ms/call, "
-          f"cot + JudgedF1; scratch {store}\n")
+          f"cot + JudgedF1, {where}; scratch {store}\n")
     print(table(["setting", "num_threads", "LM calls", "ideal s", "wall s", "wall/ideal",
                  "target <= 1.3x @16"], rows))
 
@@ -84,4 +94,5 @@ if __name__ == "__main__":
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--latency", type=float, default=0.1)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
     main(parser.parse_args())

@@ -16,7 +16,7 @@ import on the first schema-constrained call (~4-5 s; one warm-up call before the
 rag, the embedding model load (right after the index load, in both arms). A third arm, the
 project with `tracking.log_traces=false`, attributes the overhead to tracing.
 
-    .venv/bin/python bench/overhead.py [--reps 3] [--dev 16] [--threads 2] [--latency 0.05]
+    .venv/bin/python bench/overhead.py [--reps 3] [--dev 16] [--threads 2] [--latency 0.05] [--server]
     .venv/bin/python bench/overhead.py --lm local --programs cot --dev 8 --reps 1   # real LM, slow
 
 With --lm local the same comparison runs against the embedded SmolLM2 server (started once by
@@ -26,6 +26,7 @@ this script with a private state dir, `lm.cache=false`), i.e. with realistic LM 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import time
 
 T_START = time.perf_counter()
 
-from _common import ROOT, fake_overrides, isolate_mlflow, machine, median, scratch, table  # noqa: E402
+from _common import ROOT, fake_overrides, isolate_mlflow, machine, median, scratch, table, team_server  # noqa: E402
 
 MODES = ("project", "bare", "project-notrace")
 PHASES = ["compose", "prepare", "index_load", "embedder_load", "log_config", "log_datasets", "log_index",
@@ -174,7 +175,7 @@ def main(args) -> None:
 
     base = scratch("overhead")
     server = LocalServer(base / "server") if args.lm == "local" else FakeLM(latency=args.latency, mode="ok")
-    with server as fake:
+    with team_server(base) if args.server else contextlib.nullcontext(), server as fake:
         args.api_base = fake.api_base
         report = {}
         for program in args.programs:
@@ -193,8 +194,9 @@ def main(args) -> None:
             report[program] = runs
     lm = ("embedded SmolLM2 (lm=local, uncached)" if args.lm == "local"
           else f"fake LM latency {args.latency * 1000:.0f} ms")
+    where = "a team server (PostgreSQL, basic-auth)" if args.server else "sqlite"
     print(f"\nMachine: {machine()}; {lm}, dev={args.dev}, "
-          f"num_threads={args.threads}, medians of {args.reps} runs; scratch {base}\n")
+          f"num_threads={args.threads}, medians of {args.reps} runs, tracking to {where}; scratch {base}\n")
     evals = {(p, m): median([r["times"]["evaluate"] for r in runs[m]]) for p, runs in report.items() for m in MODES}
     rows = []
     for program, runs in report.items():
@@ -231,6 +233,7 @@ if __name__ == "__main__":
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--lm", choices=["fake", "local"], default="fake")
     parser.add_argument("--programs", nargs="+", choices=["cot", "rag"], default=["cot", "rag"])
+    parser.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
     parser.add_argument("--worker", choices=MODES)
     parser.add_argument("--program", choices=["cot", "rag"], default="cot")
     parser.add_argument("--api-base")

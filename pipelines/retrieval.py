@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -21,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import mlflow
 import numpy as np
-from mlflow.entities import Document, SpanType
 from tqdm.auto import tqdm
 
 from pipelines.config import NO_KEY, ConfigError, require_env
@@ -287,10 +286,14 @@ def read_index(path: Path, identity: dict[str, Any], brute_force_threshold: int)
 @contextlib.contextmanager
 def retriever_span(query: str, k: int):
     """A RETRIEVER span inside the trace of the program call that retrieves, so MLflow's trace view
-    lists the passages as documents; outside a trace (serving, tests), no span and no new trace."""
-    if mlflow.get_current_active_span() is None:
+    lists the passages as documents; outside a trace (serving, tests), no span and no new trace.
+    A process that never imported MLflow has no trace: it is not imported for nothing."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.get_current_active_span() is None:
         yield None
         return
+    from mlflow.entities import SpanType
+
     with mlflow.start_span(name="retrieve", span_type=SpanType.RETRIEVER) as span:
         span.set_inputs({"query": query, "k": k})
         yield span
@@ -310,6 +313,8 @@ class Retriever:
             hits = dspy.Prediction(passages=[self.index.passages[i] for i in ids],
                                    doc_ids=[self.index.doc_ids[i] for i in ids], scores=scores)
             if span is not None:
+                from mlflow.entities import Document
+
                 span.set_outputs([Document(page_content=p, id=str(d), metadata={"doc_id": d, "score": round(s, 4)})
                                   for p, d, s in zip(hits.passages, hits.doc_ids, hits.scores, strict=True)])
         return hits
