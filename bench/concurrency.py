@@ -65,6 +65,8 @@ def measure_all(args, store) -> None:
             for threads in args.threads:
                 before, t = fake.calls, time.perf_counter()
                 result = evaluate(program, devset, metric, threads, progress=False)
+                if "mlflow" in sys.modules:  # traces are exported off the threads: done when they are stored
+                    sys.modules["mlflow"].flush_trace_async_logging()
                 wall, calls = time.perf_counter() - t, fake.calls - before
                 ideal = calls * args.latency / threads
                 print(f"{setting} threads={threads}: {wall:.2f} s, {calls} calls, failed {result.failed}",

@@ -88,7 +88,14 @@ def worker_project(args) -> dict:
     steps.prepare = timed(times, "prepare", steps.prepare)
     steps.build_retriever = build_and_warm
     steps.load_or_build_index = timed(times, "index_load", steps.load_or_build_index)
-    steps.evaluate = timed(times, "evaluate", steps.evaluate)
+    evaluate = steps.evaluate
+
+    def evaluate_and_store(*a, **kw):  # traces are exported off the threads: done when they are stored
+        result = evaluate(*a, **kw)
+        tracking.mlflow.flush_trace_async_logging()
+        return result
+
+    steps.evaluate = timed(times, "evaluate", evaluate_and_store)
     for name in ("log_config", "log_datasets", "log_index", "log_evaluation", "log_program", "register"):
         setattr(tracking, name, timed(times, name, getattr(tracking, name)))
     extra = ["tracking.log_traces=false"] if args.worker == "project-notrace" else []
