@@ -72,6 +72,8 @@ class MlflowSweep(Callback):
         log.info("%s: sweep run %s over %s", name, self.run_id, tags["sweep.params"])
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.run_id is None:  # a single run (no -m): Hydra calls job hooks there too
+            return
         os.environ.pop("MLFLOW_RUN_ID", None)  # the sweep's run, not this job's
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
         os.environ[tracking.SWEEP_JOB_ENV] = json.dumps({
@@ -80,7 +82,7 @@ class MlflowSweep(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         os.environ.pop(tracking.SWEEP_JOB_ENV, None)
-        if job_return.status != JobStatus.FAILED:
+        if self.run_id is None or job_return.status != JobStatus.FAILED:
             return
         error = job_return._return_value  # `return_value` re-raises it
         if isinstance(error, JobFailed):

@@ -94,3 +94,14 @@ def test_a_failed_job_fails_the_sweep_run_which_still_compares_the_others(store,
     assert rows[1]["error"].startswith("ConfigError: ") and "RAGQA_TEST_MISSING_KEY" in rows[1]["error"]
     assert parent.data.metrics["jobs_finished"] == 1 and parent.data.metrics["jobs_failed"] == 1
     assert "comparison.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+
+
+def test_without_m_mlflow_run_is_the_steps_own_run(store):
+    """The sweep callback is configured for every job; a single run must not be treated as a sweep job."""
+    with FakeLM() as fake:
+        proc = mlflow_run("rag", store, overrides=" ".join(sweep_overrides(store, fake)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MlflowSweep" not in proc.stderr  # no callback warnings
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.run_name == "rag" and run.data.tags["mlflow.project.entryPoint"] == "rag"
+    assert run.info.status == "FINISHED" and "sweep.job" not in run.data.tags
