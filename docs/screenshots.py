@@ -46,7 +46,7 @@ def wait_for(url: str, timeout: float = 120) -> None:
 
 def screenshot(chromium: str, url: str, out: Path, size: str = "1920,1080") -> None:
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=20000", url],
+                    f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=45000", url],
                    check=True, capture_output=True, timeout=180)
     print(f"wrote {out}")
 
