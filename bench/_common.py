@@ -42,12 +42,11 @@ def team_server(data_dir: Path):
     """`python -m deploy.team_server serve` (PostgreSQL + basic-auth MLflow) on a free loopback port; this
     process and its children log to it as its admin."""
     import secrets
-    import socket
     import subprocess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from helpers import free_port
+
+    port = free_port()
     password = secrets.token_urlsafe(16)
     env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": password, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
     log = open(data_dir / "team-server.log", "w")

@@ -3,7 +3,6 @@
 LM and embeddings from the fake server. No mocks: every request goes through MLflow's auth app."""
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pgserver.utils import PostmasterInfo
 
 from fake_lm import FakeLM
-from helpers import ROOT, fake_lm_overrides, run_cli, user_env
+from helpers import ROOT, fake_lm_overrides, free_port, run_cli, user_env
 
 pytestmark = pytest.mark.server
 
@@ -24,12 +23,6 @@ ADMIN_PASSWORD = "admin-CANARY-7f3a9c21e5"
 ALICE_PASSWORD = "alice-CANARY-0b6d4e8f12"  # the canary: must appear in no store, artifact or log
 BOB_PASSWORD = "bob-password-5c1e7a"
 EXPERIMENT, MODEL = "team-smoke", "ragqa-tech-smoke"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(server: dict) -> None:
