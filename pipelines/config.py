@@ -47,7 +47,7 @@ def is_secret(key: str) -> bool:
 
 def to_container(cfg: DictConfig) -> dict[str, Any]:
     """Resolved plain dict with secret-looking keys removed."""
-    return _redact(OmegaConf.to_container(cfg, resolve=True))
+    return _redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
 
 
 def _redact(value: Any) -> Any:

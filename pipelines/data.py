@@ -15,6 +15,7 @@ import ujson
 from tqdm.auto import tqdm
 
 from pipelines.config import ConfigError
+from pipelines.schema import DataConfig, Split
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +41,13 @@ class Splits:
     dev: list[dspy.Example]
     test: list[dspy.Example]
 
-    def get(self, name: str) -> list[dspy.Example]:
-        if name not in ("train", "dev", "test"):
-            raise ConfigError(f"split must be train, dev or test, not {name!r}")
-        return getattr(self, name)
+    def get(self, name: Split) -> list[dspy.Example]:
+        return getattr(self, Split(name))
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fetch(path: str | Path, url: str | None) -> Path:
@@ -114,7 +110,7 @@ def read_jsonl(path: str | Path, required: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def load_examples(data_cfg) -> list[dspy.Example]:
+def load_examples(data_cfg: DataConfig) -> list[dspy.Example]:
     path = fetch(data_cfg.examples, data_cfg.get("examples_url"))
     rows = read_jsonl(path, required=("question", "response"))
     examples = []
@@ -124,7 +120,7 @@ def load_examples(data_cfg) -> list[dspy.Example]:
     return examples
 
 
-def load_splits(data_cfg) -> Splits:
+def load_splits(data_cfg: DataConfig) -> Splits:
     """Shuffle with `random.Random(seed)` and cut train/dev/test in that order, as the tutorial does."""
     examples = load_examples(data_cfg)
     sizes = (data_cfg.train_size, data_cfg.dev_size, data_cfg.test_size)
@@ -136,7 +132,7 @@ def load_splits(data_cfg) -> Splits:
     return Splits(train=examples[:a], dev=examples[a:b], test=examples[b:b + sizes[2]])
 
 
-def load_corpus(data_cfg) -> Corpus:
+def load_corpus(data_cfg: DataConfig) -> Corpus:
     path = fetch(data_cfg.corpus, data_cfg.get("corpus_url"))
     rows = read_jsonl(path, required=("text",))
     seen: dict = {}

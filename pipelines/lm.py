@@ -13,6 +13,7 @@ import dspy
 from pydantic import TypeAdapter
 
 from pipelines.config import NO_KEY, ConfigError, require_env
+from pipelines.schema import Adapter, LMConfig
 from pipelines.server import LMServerError, ensure_server, healthy
 
 log = logging.getLogger(__name__)
@@ -95,22 +96,18 @@ class SchemaJSONAdapter(dspy.JSONAdapter):
         lm_kwargs["response_format"] = {"type": "json_object", "schema": schema}
 
 
-def build_adapter(lm_cfg) -> dspy.Adapter:
-    kind = lm_cfg.adapter
-    if kind == "json_schema":
+def build_adapter(lm_cfg: LMConfig) -> dspy.Adapter:
+    kind = Adapter(lm_cfg.adapter)  # also a plain string: a logged program's spec
+    if kind is Adapter.json_schema:
         return SchemaJSONAdapter(max_field_chars=lm_cfg.max_field_chars)
-    if kind == "json":
-        return dspy.JSONAdapter()
-    if kind == "chat":
-        return dspy.ChatAdapter()
-    raise ConfigError(f"lm.adapter must be json_schema, json or chat, not {kind!r}")
+    return dspy.JSONAdapter() if kind is Adapter.json else dspy.ChatAdapter()
 
 
-def check_credentials(lm_cfg) -> None:
+def check_credentials(lm_cfg: LMConfig) -> None:
     require_env(lm_cfg.api_key_env, f"lm.model={lm_cfg.model}")
 
 
-def build_lm(lm_cfg) -> ProjectLM:
+def build_lm(lm_cfg: LMConfig) -> ProjectLM:
     """A `ProjectLM` from an `lm/` config. Keys are left to LiteLLM, which reads them from the env."""
     check_credentials(lm_cfg)
     kwargs: dict[str, Any] = {"temperature": lm_cfg.temperature, "max_tokens": lm_cfg.max_tokens,

@@ -14,6 +14,7 @@ One directory holds:
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from pipelines.config import NO_KEY, ConfigError, is_secret
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
 from pipelines.programs import RAG
 from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
+from pipelines.scoring import NO_PREDICTION
 
 FORMAT = 1  # bump when the files change meaning; a model in another format then fails to load in one line
 SPEC, STATE, INDEX = "spec.json", "state.json", "index"
@@ -139,20 +141,44 @@ def restore_embedder(spec: dict[str, Any]) -> dspy.Embedder:
     return dspy.Embedder(local, batch_size=spec["batch_size"], caching=False)
 
 
-class ProgramModel(mlflow.pyfunc.PythonModel):
-    """A logged program as pyfunc: rebuilt from its files (the `program` artifact), one question per call.
+OUTPUTS = ("reasoning", "response")       # every program's outputs
+RETRIEVAL_OUTPUTS = ("context", "doc_ids")  # RAG's, beside them
+ERROR = "error"                             # why a row has no answer ("" when it has one)
 
-    The output is the program's prediction: reasoning and response, and for RAG the passages and doc ids.
+
+class ProgramModel(mlflow.pyfunc.PythonModel):
+    """A logged program as pyfunc: rebuilt from its files (the `program` artifact), it answers a batch.
+
+    N rows with a `question` column in, N rows out in the same order: `reasoning`, `response`, for RAG
+    `context` and `doc_ids`, and `error`. Rows are answered concurrently (`num_threads`, an inference
+    param whose default is the logged run's); a row whose program fails gets its error and empty
+    outputs, and the other rows still answer.
     """
 
     def load_context(self, context) -> None:
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
+        self.retrieves = isinstance(self.program, RAG)
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> dict[str, Any]:
-        # MLflow hands over a frame (the signature's `question` column), from a dict or a served request.
-        if len(model_input) != 1:
-            raise ConfigError(f"a program answers one question per call; got {len(model_input)}")
-        # A context per call, not global settings: the scoring server calls from its worker threads.
-        with dspy.context(lm=self.lm, adapter=self.adapter):
-            return self.program(**model_input.to_dict(orient="records")[0]).toDict()
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        questions = model_input["question"].tolist()
+        threads = max(1, min(int((params or {}).get("num_threads") or 1), len(questions) or 1))
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            rows = list(pool.map(self._answer, questions))
+        columns = [*OUTPUTS, *(RETRIEVAL_OUTPUTS if self.retrieves else ()), ERROR]
+        return pd.DataFrame(rows, columns=columns)
+
+    def _answer(self, question) -> dict[str, Any]:
+        empty = {**dict.fromkeys(OUTPUTS, ""), **({"context": [], "doc_ids": []} if self.retrieves else {})}
+        if not isinstance(question, str) or not question.strip():
+            return {**empty, ERROR: "empty question"}
+        try:
+            # A context per call, not global settings: rows run on worker threads (and servers' threads).
+            with dspy.context(lm=self.lm, adapter=self.adapter):
+                prediction = self.program(question=question)
+        except Exception as e:
+            return {**empty, ERROR: f"{type(e).__name__}: {e}"[:2000]}
+        answer = {name: prediction.get(name, empty[name]) for name in empty}
+        if not answer["response"]:
+            return {**answer, ERROR: NO_PREDICTION}
+        return {**answer, ERROR: ""}

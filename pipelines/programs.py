@@ -7,6 +7,7 @@ import logging
 import dspy
 
 from pipelines.config import ConfigError
+from pipelines.schema import LMConfig, ProgramConfig, ProgramName
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,10 @@ class RAG(dspy.Module):
         return dspy.Prediction(**pred, context=context, doc_ids=hits.doc_ids)
 
 
-def build_program(program_cfg, lm_cfg, retriever=None) -> dspy.Module:
-    if program_cfg.name == "cot":
+def build_program(program_cfg: ProgramConfig, lm_cfg: LMConfig, retriever=None) -> dspy.Module:
+    if program_cfg.name == ProgramName.cot:
         return dspy.ChainOfThought(program_cfg.signature)
-    if program_cfg.name == "rag":
-        if retriever is None:
-            raise ConfigError("the rag program needs a retriever")
-        return RAG(retriever, k=program_cfg.k, context_window=lm_cfg.context_window,
-                   max_tokens=lm_cfg.max_tokens, reserve_tokens=program_cfg.reserve_tokens)
-    raise ConfigError(f"program.name must be cot or rag, not {program_cfg.name!r}")
+    if retriever is None:
+        raise ConfigError("the rag program needs a retriever")
+    return RAG(retriever, k=program_cfg.k, context_window=lm_cfg.context_window,
+               max_tokens=lm_cfg.max_tokens, reserve_tokens=program_cfg.reserve_tokens)

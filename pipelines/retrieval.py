@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import NO_KEY, ConfigError, require_env
 from pipelines.data import Corpus, sha256_file
+from pipelines.schema import EmbedderConfig, EmbedderKind
 
 log = logging.getLogger(__name__)
 
@@ -91,24 +92,21 @@ class HostedEmbedder(dspy.Embedder):
         return super()._preprocess(inputs, batch_size, caching, **kwargs)
 
 
-def build_embedder(emb_cfg) -> dspy.Embedder:
+def build_embedder(emb_cfg: EmbedderConfig) -> dspy.Embedder:
     """A `dspy.Embedder`: hosted models through LiteLLM, or the local model as its callable."""
-    if emb_cfg.kind == "local":
+    if emb_cfg.kind == EmbedderKind.local:
         local = LocalEmbedder(package=emb_cfg.package, batch_size=emb_cfg.batch_size)
         return dspy.Embedder(local, batch_size=emb_cfg.batch_size, caching=False)
-    if emb_cfg.kind == "litellm":
-        require_env(emb_cfg.api_key_env, f"embedder.model={emb_cfg.model}")
-        kwargs = {"dimensions": emb_cfg.dimensions} if emb_cfg.dimensions else {}
-        if emb_cfg.api_base:
-            kwargs["api_base"] = emb_cfg.api_base
-        return HostedEmbedder(emb_cfg.model, api_key_env=emb_cfg.api_key_env, batch_size=emb_cfg.batch_size,
-                              **kwargs)
-    raise ConfigError(f"embedder.kind must be local or litellm, not {emb_cfg.kind!r}")
+    require_env(emb_cfg.api_key_env, f"embedder.model={emb_cfg.model}")
+    kwargs = {"dimensions": emb_cfg.dimensions} if emb_cfg.dimensions else {}
+    if emb_cfg.api_base:
+        kwargs["api_base"] = emb_cfg.api_base
+    return HostedEmbedder(emb_cfg.model, api_key_env=emb_cfg.api_key_env, batch_size=emb_cfg.batch_size, **kwargs)
 
 
-def embedder_identity(emb_cfg) -> dict[str, Any]:
+def embedder_identity(emb_cfg: EmbedderConfig) -> dict[str, Any]:
     """What makes two embedders interchangeable; part of the index cache key."""
-    return {"kind": emb_cfg.kind, "model": emb_cfg.model, "dimensions": emb_cfg.dimensions}
+    return {"kind": str(emb_cfg.kind), "model": emb_cfg.model, "dimensions": emb_cfg.dimensions}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,44 @@ its keys are the optimizer class's own arguments (`_target_`), checked by the cl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+
+class Adapter(StrEnum):
+    chat = "chat"                # DSPy's ChatAdapter
+    json = "json"                # DSPy's JSONAdapter
+    json_schema = "json_schema"  # JSONAdapter with decoding constrained to the output fields' schema
+
+
+class EmbedderKind(StrEnum):
+    local = "local"      # a sentence-transformers model shipped in a package, offline
+    litellm = "litellm"  # any embedding model LiteLLM reaches (OpenAI, or an OpenAI-compatible server)
+
+
+class ProgramName(StrEnum):
+    cot = "cot"
+    rag = "rag"
+
+
+class Metric(StrEnum):
+    semantic_f1 = "semantic_f1"  # LM judge
+    token_f1 = "token_f1"        # judge-free, lexical
+    rouge_l = "rouge_l"          # judge-free, lexical
+
+
+class PromotionRule(StrEnum):
+    significant = "significant"  # the paired interval of new - champion lies above 0
+    better = "better"            # the new point score is higher
+
+
+class Split(StrEnum):
+    train = "train"
+    dev = "dev"
+    test = "test"
 
 
 @dataclass
@@ -26,6 +60,7 @@ class ServerConfig:
     n_threads: int | None = None  # None: all cores
     startup_timeout: float = 120.0
     state_dir: str | None = None  # None: ~/.cache/ragqa-dspy/llama-server, shared by all jobs
+    keep_alive: float = 0.0      # seconds the server waits, once no process uses it, before it stops
 
 
 @dataclass
@@ -38,7 +73,7 @@ class LMConfig:
     num_retries: int = 3
     timeout: float | None = None
     cache: bool = True
-    adapter: str = "chat"            # chat | json | json_schema
+    adapter: Adapter = Adapter.chat
     max_field_chars: int | None = None
     context_window: int | None = None
     server: ServerConfig | None = None
@@ -46,7 +81,7 @@ class LMConfig:
 
 @dataclass
 class EmbedderConfig:
-    kind: str = MISSING              # local | litellm
+    kind: EmbedderKind = MISSING
     model: str = MISSING
     package: str | None = None       # local: the installed package holding the model files
     api_base: str | None = None
@@ -70,7 +105,7 @@ class DataConfig:
 
 @dataclass
 class ProgramConfig:
-    name: str = MISSING              # cot | rag
+    name: ProgramName = MISSING
     signature: str | None = None     # cot
     k: int = 5                       # rag: passages per question
     max_characters: int | None = None
@@ -87,17 +122,18 @@ class TrackingConfig:
     log_traces: bool = True
     trace_judge: bool = False
     log_compiles: bool = False
+    dspy_flavor: bool = True         # also MLflow's `dspy` flavor (cloudpickle) beside the pickle-free pyfunc
     artifact_location: str | None = None
 
 
 @dataclass
 class ScoringConfig:
-    metrics: list[str] = field(default_factory=lambda: ["semantic_f1"])
-    primary: str = "semantic_f1"
+    metrics: list[Metric] = field(default_factory=lambda: [Metric.semantic_f1])
+    primary: Metric = Metric.semantic_f1
     confidence: float = 0.95
     n_resamples: int = 2000
     seed: int = 0
-    promotion: str = "significant"
+    promotion: PromotionRule = PromotionRule.significant
 
 
 @dataclass
@@ -118,7 +154,7 @@ class Config:
     scoring: ScoringConfig = MISSING
     paths: PathsConfig = MISSING
     num_threads: int = 2
-    split: str = "dev"
+    split: Split = Split.dev
     model_uri: str | None = None
     judge: dict[str, Any] = field(default_factory=dict)
     gepa_optimizer: str = "gepa_quick"

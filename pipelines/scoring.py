@@ -21,15 +21,14 @@ from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
 from pipelines.config import ConfigError
+from pipelines.schema import Metric, ScoringConfig
 from pipelines.stats import Comparison, Estimate, interval, paired_difference, tidy
 
 log = logging.getLogger(__name__)
 
-JUDGED = "semantic_f1"
-ANSWER_METRICS = (JUDGED, "token_f1", "rouge_l")  # what `scoring.metrics` may list
+JUDGED = str(Metric.semantic_f1)
 RECALL = "recall_at_k"  # always scored for a retrieving program, never primary: CoT has none
 LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k"}
-PROMOTION_RULES = ("significant", "better")
 NO_PREDICTION = "no prediction: LM call or output parsing failed"
 
 
@@ -45,19 +44,17 @@ class Scoring:
     promotion: str
 
     @classmethod
-    def from_cfg(cls, cfg) -> Scoring:
-        metrics = tuple(cfg.metrics)
-        unknown = [m for m in metrics if m not in ANSWER_METRICS]
-        if unknown or not metrics:
-            raise ConfigError(f"scoring.metrics={list(metrics)}: choose one or more of {list(ANSWER_METRICS)}")
+    def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
+        """Checks what the schema's types cannot: the values fit together."""
+        metrics = tuple(dict.fromkeys(str(m) for m in cfg.metrics))
+        if not metrics:
+            raise ConfigError(f"scoring.metrics is empty: choose one or more of {[str(m) for m in Metric]}")
         if cfg.primary not in metrics:
             raise ConfigError(f"scoring.primary={cfg.primary} must be one of scoring.metrics={list(metrics)}")
-        if cfg.promotion not in PROMOTION_RULES:
-            raise ConfigError(f"scoring.promotion must be one of {list(PROMOTION_RULES)}, not {cfg.promotion!r}")
         if not 0 < cfg.confidence < 1 or cfg.n_resamples < 1:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
-        return cls(metrics=metrics, primary=cfg.primary, confidence=cfg.confidence, n_resamples=cfg.n_resamples,
-                   seed=cfg.seed, promotion=cfg.promotion)
+        return cls(metrics=metrics, primary=str(cfg.primary), confidence=cfg.confidence,
+                   n_resamples=cfg.n_resamples, seed=cfg.seed, promotion=str(cfg.promotion))
 
     def interval(self, values: list[float]) -> Estimate:
         return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)

@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,10 @@ from pipelines.server import LMServerError, healthy
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
+    from mlflow.data.pandas_dataset import PandasDataset
+    from mlflow.entities import LoggedModel
+
+    from pipelines.schema import Config
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ class StepResult:
 class Session:
     """Everything built from config before a run opens, so bad input fails with no run left behind."""
 
-    cfg: Any
+    cfg: Config
     lm: dspy.LM
     judge: dspy.LM
     adapter: dspy.Adapter
@@ -61,7 +65,7 @@ class Session:
         return self.scorer.scoring
 
 
-def prepare(cfg) -> Session:
+def prepare(cfg: Config) -> Session:
     scoring = Scoring.from_cfg(cfg.scoring)
     tracking.setup(cfg)  # first: a tracking server that is down or refuses us fails before any LM starts
     check_credentials(cfg.lm)
@@ -80,7 +84,7 @@ def prepare(cfg) -> Session:
     return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
 
 
-def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
+def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
     corpus = load_corpus(cfg.data)
     embedder = build_embedder(cfg.embedder)
     built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.get("max_characters"),
@@ -92,18 +96,20 @@ def build_retriever(cfg) -> tuple[Retriever, dict[str, Any]]:
     return Retriever(built.index, embedder, k=cfg.program.k), info
 
 
-def _score(session: Session, program, examples, prefix: str, split: str, model, dataset=None,
+def _score(session: Session, program: dspy.Module, examples: list[dspy.Example], *, step: str, split: str,
+           model: LoggedModel | None, dataset: PandasDataset | None = None, prefix: str = "",
            **trace_tags: str) -> EvalResult:
-    """Evaluate `program` (the LoggedModel `model`) on `examples`: traces linked to the model and
-    tagged; metrics, table and assessments logged; then fail loudly if the LM server died underneath us."""
+    """Evaluate `program` (the LoggedModel `model`) on `examples` in `step`'s run: traces linked to the
+    model and tagged; metrics, table and assessments logged; then fail loudly if the LM server died
+    underneath us."""
     tracing = session.cfg.tracking
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
     with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
             tracking.evaluating(model, split=split, **trace_tags):
         result = evaluate(program, examples, session.scorer, session.cfg.num_threads,
                           trace_id=tracking.last_trace_id if tracing.log_traces else None)
-    tracking.log_evaluation(result, split, prefix=prefix, model=model, dataset=dataset)
-    log.info("%s %s%s: %s", tracking.run_name(), prefix, split, result.summary())
+    tracking.log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
+    log.info("%s %s%s: %s", step, prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):
         raise LMServerError(f"the LM server at {base} stopped answering during evaluation; "
@@ -111,27 +117,30 @@ def _score(session: Session, program, examples, prefix: str, split: str, model, 
     return result
 
 
-def _log_and_register(session: Session, program, result: EvalResult, variant: str, model,
-                      index_info: dict[str, Any] | None) -> tuple[str, str | None]:
+def _log_and_register(session: Session, program: dspy.Module, result: EvalResult, *, variant: str,
+                      model: LoggedModel, index_info: dict[str, Any] | None) -> tuple[str, str | None]:
     """Log the program into `model`; register it, and its predictors' prompts, whose `champion` alias
     follows the program's."""
-    registered = session.cfg.tracking.get("registered_model")
-    prompts = tracking.register_prompts(program, registered, variant) if registered else []
+    registered = session.cfg.tracking.registered_model
+    prompts = tracking.register_prompts(program, registered_model=registered, variant=variant) if registered else []
     signature = tracking.program_signature(retrieves=index_info is not None,
-                                           doc_id_type=(index_info or {}).get("doc_id_type", "long"))
-    info = tracking.log_program(program, session.lm, session.adapter, model, signature, prompts=prompts)
-    version = None
-    if registered:
-        outcome = tracking.register(info.model_uri, registered, result, examples_hash(session.splits.dev), variant,
-                                    session.scoring)
-        version = outcome["version"]
-        tracking.link_prompts(prompts, registered, version, outcome["promoted"])
-    return info.model_uri, version
+                                           doc_id_type=(index_info or {}).get("doc_id_type", "long"),
+                                           num_threads=session.cfg.num_threads)
+    info = tracking.log_program(program, lm=session.lm, adapter=session.adapter, model=model, signature=signature,
+                                dspy_flavor=session.cfg.tracking.dspy_flavor, prompts=prompts)
+    if not registered:
+        return info.model_uri, None
+    registration = tracking.register(info.model_uri, registered_model=registered, model_id=model.model_id,
+                                     result=result, dev_set=examples_hash(session.splits.dev), variant=variant,
+                                     scoring=session.scoring)
+    tracking.link_prompts(prompts, registered_model=registered, version=registration.version,
+                          promoted=registration.promoted)
+    return info.model_uri, registration.version
 
 
 @contextlib.contextmanager
-def _step_run(session: Session, name: str, variant: str, index_info: dict[str, Any] | None,
-              ) -> Iterator[tuple[ActiveRun, dict[str, Any]]]:
+def _step_run(session: Session, name: str, *, variant: str, index_info: dict[str, Any] | None,
+              ) -> Iterator[tuple[ActiveRun, dict[str, PandasDataset]]]:
     """A step's run with what every training step logs first: the train/dev datasets and the index."""
     with tracking.run(name, session.cfg, tags={"variant": variant}) as active:
         datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
@@ -141,18 +150,19 @@ def _step_run(session: Session, name: str, variant: str, index_info: dict[str, A
         yield active, datasets
 
 
-def run_variant(cfg) -> StepResult:
+def run_variant(cfg: Config) -> StepResult:
     """`cot` or `rag`: evaluate the unoptimized program on dev, log it and register it."""
     session = prepare(cfg)
     variant = cfg.program.name
     retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
-    with _step_run(session, variant, variant, index_info) as (active, datasets):
+    with _step_run(session, variant, variant=variant, index_info=index_info) as (active, datasets):
         program = build_program(cfg.program, cfg.lm, retriever)
-        model = tracking.new_model(variant, variant)
+        model = tracking.new_model(variant, variant=variant)
         with tracking.usage(session.lm, judge=session.judge):
-            result = _score(session, program, session.splits.dev, "", "dev", model, datasets["dev"],
-                            variant=variant)
-        model_uri, version = _log_and_register(session, program, result, variant, model, index_info)
+            result = _score(session, program, session.splits.dev, step=variant, split="dev", model=model,
+                            dataset=datasets["dev"], variant=variant)
+        model_uri, version = _log_and_register(session, program, result, variant=variant, model=model,
+                                               index_info=index_info)
         return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
@@ -172,7 +182,7 @@ def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
                            gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
 
 
-def run_optimize(cfg) -> StepResult:
+def run_optimize(cfg: Config) -> StepResult:
     """Compile RAG on train with the configured optimizer; score baseline and optimized on dev; log, register,
     promote. Every optimizer takes this same path; the `variant` tag names it (rag-mipro, rag-gepa)."""
     session = prepare(cfg)
@@ -180,11 +190,12 @@ def run_optimize(cfg) -> StepResult:
     retriever, index_info = build_retriever(cfg)
     variant = f"{cfg.program.name}-{cfg.optimizer.name}"  # rag-mipro, rag-gepa: also the model's name
     reflection_lm = getattr(optimizer, "reflection_lm", None)
-    with _step_run(session, "optimize", variant, index_info) as (active, datasets), \
+    with _step_run(session, "optimize", variant=variant, index_info=index_info) as (active, datasets), \
             tracking.usage(session.lm, judge=session.judge, reflection=reflection_lm):
         baseline = build_program(cfg.program, cfg.lm, retriever)
-        base = _score(session, baseline, session.splits.dev, "baseline_", "dev",
-                      tracking.new_model("rag", "rag", external=True), datasets["dev"], variant="rag", phase="baseline")
+        base = _score(session, baseline, session.splits.dev, step="optimize", split="dev", prefix="baseline_",
+                      model=tracking.new_model("rag", variant="rag", external=True), dataset=datasets["dev"],
+                      variant="rag", phase="baseline")
         optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
                                       **compile_kwargs(cfg.optimizer))
         # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
@@ -192,44 +203,44 @@ def run_optimize(cfg) -> StepResult:
         if details is not None:
             tracking.log_table(gepa_candidates(details), "optimizer/gepa_candidates.json")
         tracking.log_optimizer_trials(optimized)
-        model = tracking.new_model(variant, variant)
-        best = _score(session, optimized, session.splits.dev, "", "dev", model, datasets["dev"], variant=variant,
-                      phase="optimized")
+        model = tracking.new_model(variant, variant=variant)
+        best = _score(session, optimized, session.splits.dev, step="optimize", split="dev", model=model,
+                      dataset=datasets["dev"], variant=variant, phase="optimized")
         comparisons = compare(best, base, session.scoring)
         tracking.log_metrics(tracking.comparison_metrics(comparisons))
         primary = session.scoring.primary
         log.info("optimized - baseline: %s %s", LABELS[primary], comparisons[primary].describe())
-        tracking.log_table(side_by_side(base, best), "eval/dev_side_by_side.json")
-        tracking.log_program_json(optimized)
-        tracking.log_text(describe_program(optimized), "program/learned_prompt.md")
-        model_uri, version = _log_and_register(session, optimized, best, variant, model, index_info)
+        tracking.log_optimization(optimized, side_by_side=side_by_side(base, best),
+                                  learned_prompt=describe_program(optimized))
+        model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model,
+                                               index_info=index_info)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
 
-def run_evaluate(cfg) -> StepResult:
+def run_evaluate(cfg: Config) -> StepResult:
     """Score any logged or registered program (`model_uri`) on a chosen split, in a new run."""
     if not cfg.get("model_uri"):
         raise ConfigError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
     session = prepare(cfg)
     program = tracking.load_program(cfg.model_uri)
-    split = cfg.split
-    with tracking.run(f"evaluate-{split}", cfg, tags={"model_uri": cfg.model_uri}) as active:
+    split, step = cfg.split, f"evaluate-{cfg.split}"
+    with tracking.run(step, cfg, tags={"model_uri": cfg.model_uri}) as active:
         datasets = tracking.log_datasets({split: session.splits.get(split)}, cfg.data)
         model = tracking.logged_model_of(cfg.model_uri)
         variant = {"variant": model.tags["variant"]} if model and "variant" in model.tags else {}
         with tracking.usage(session.lm, judge=session.judge):
-            result = _score(session, program, session.splits.get(split), "", split, model, datasets[split],
-                            **variant)
-        scores = tracking.estimate_metrics(result.estimates, f"{split}_")
-        tracking.log_metrics(scores, model, datasets[split])
-        tracking.tag_version_scores(cfg.model_uri, scores)
-        return StepResult(f"evaluate-{split}", active.info.run_id, result, cfg.model_uri)
+            result = _score(session, program, session.splits.get(split), step=step, split=split, model=model,
+                            dataset=datasets[split], **variant)
+        tracking.log_metrics(tracking.estimate_metrics(result.estimates, f"{split}_"), model=model,
+                             dataset=datasets[split])
+        tracking.tag_scores(cfg.model_uri, result, split)
+        return StepResult(step, active.info.run_id, result, cfg.model_uri)
 
 
 STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}
 
 
-def step_config(cfg, step: str, overrides=()):
+def step_config(cfg: Config, step: str, overrides: Sequence[str] = ()) -> Config:
     """A step's own config with main's overrides; `gepa` is the optimize entry point with main's
     `gepa_optimizer` preset."""
     from pipelines.config import compose
@@ -239,7 +250,7 @@ def step_config(cfg, step: str, overrides=()):
     return compose(step, overrides)
 
 
-def run_pipeline(cfg, overrides=()) -> StepResult:
+def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
     """One parent run; each step composed from its own config with the same overrides, as a child.
 
     The steps score the same dev set, so every pair is compared example by example, on each metric.
@@ -272,10 +283,8 @@ def run_pipeline(cfg, overrides=()) -> StepResult:
                 rows.append({"variant": f"{new.name} - {old.name}",
                              **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
                 log.info("%s - %s: %s %s", new.name, old.name, LABELS[scoring.primary], comparison.describe())
-        tracking.log_metrics(metrics)
-        tracking.log_table(rows, "comparison.json")
-        tracking.log_figure(comparison_chart(rows[: len(results)], scoring), "comparison.png")
         best = max(results, key=lambda r: r.score)
-        tracking.set_tags({"best_variant": best.name})
+        tracking.log_comparison(metrics=metrics, rows=rows, chart=comparison_chart(rows[: len(results)], scoring),
+                                best_variant=best.name)
         log.info("best variant by point score: %s", best.name)
         return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)

@@ -99,8 +99,8 @@ class MlflowSweep(Callback):
 
     def _swept(self, config: DictConfig) -> list[tuple[str, str]]:
         """This job's values of the swept keys, as (key, value)."""
-        pairs = [o.lstrip("+~").split("=", 1) for o in config.hydra.overrides.task if "=" in o]
-        return [(key, value) for key, value in pairs if key in self.keys]
+        overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        return [(o.key_or_group, o.get_value_element_as_str()) for o in overrides if o.key_or_group in self.keys]
 
     def _job_name(self, config: DictConfig) -> str:
         """`k=3` for `program.k=3`: the last part of each swept key is enough to tell the jobs apart."""

@@ -1,8 +1,20 @@
-"""Shared fixtures: a throwaway MLflow store and cache per test, the embedded server per session."""
+"""Test tiers and shared fixtures.
+
+Every test lives in one tier's folder and carries its marker (`pytest -m unit`):
+
+  unit/         no subprocess, no server, no LM (DSPy's DummyLM at most): the loop before every commit
+  integration/  the fake OpenAI-compatible server, PostgreSQL + mlflow server, sweeps, serving, Spark
+  e2e/          the real embedded LM through `mlflow run`
+
+The unit tier is guarded: starting a process or listening on a socket there fails the test.
+"""
 
 from __future__ import annotations
 
+import _posixsubprocess
 import os
+import socket
+from pathlib import Path
 
 import dspy
 import mlflow
@@ -10,11 +22,47 @@ import pytest
 
 from pipelines.config import compose
 
+from fake_lm import FakeLM
+
+TIERS = ("unit", "integration", "e2e")
+HERE = Path(__file__).resolve().parent
+
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "lm: needs the embedded llama.cpp server (real SmolLM2 calls)")
-    config.addinivalue_line("markers", "e2e: runs an entry point end to end through `mlflow run`")
-    config.addinivalue_line("markers", "server: starts the team server (PostgreSQL + mlflow server with basic-auth)")
+    config.addinivalue_line("markers", "unit: no subprocess, no server, no LM; minutes in all")
+    config.addinivalue_line("markers", "integration: fake LM server, PostgreSQL, mlflow server, sweeps, serve, Spark")
+    config.addinivalue_line("markers", "e2e: the real embedded LM through `mlflow run`")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(item.fspath).resolve().relative_to(HERE).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/")
+        item.add_marker(tier)
+
+
+class ProcessStarted(AssertionError):
+    """A unit test tried to start a process or a server."""
+
+
+@pytest.fixture(autouse=True)
+def unit_guard(request, monkeypatch):
+    """Unit tests start no process and no server: each way of doing so fails the test here."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise ProcessStarted(f"a unit test may not {what}; move it to tests/integration/")
+        return refused
+
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse("start a process"))  # subprocess, multiprocessing
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp"):
+        monkeypatch.setattr(os, name, refuse("start a process"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("listen on a socket"))
+    yield
 
 
 @pytest.fixture(autouse=True)
@@ -43,6 +91,20 @@ def store(tmp_path, monkeypatch):
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def fake_server():
+    """One fake OpenAI-compatible LM and embedding server for the whole session; a test picks its LM's
+    behaviour by model name (`fake_lm.fake_model`)."""
+    with FakeLM(keep_prompts=True) as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(fake_server):
+    """The session's fake server with its call counts and prompts reset for this test."""
+    return fake_server.reset()
 
 
 @pytest.fixture(scope="session")

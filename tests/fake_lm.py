@@ -10,11 +10,17 @@ With `demo_score`, it also behaves like an LM that few-shot demos help: a reques
 marker gets `demo_score` instead of `score`, so optimizers have something to prefer.
 `/v1/embeddings` returns deterministic hashed bag-of-words vectors, so retrieval finds overlapping
 words. Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1 --score 1.0`.
+
+One server can play several LMs at once: the requested model's name overrides the server's defaults
+with `-`-separated words, e.g. `openai/fake-garbage`, `openai/fake-score0.7-demo1.0`, `openai/fake-ms50`
+(mode; score; demo_score; latency in ms). So a test session shares one server, each test choosing its
+LM's behaviour by name, and the LMs of one job (task LM, judge, reflection LM) can differ.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
@@ -67,12 +73,32 @@ def hashed_embedding(text: str, dims: int) -> list[float]:
     return (vector / norm if norm else vector).tolist()
 
 
+_MODES = ("ok", "garbage", "empty")
+_NUMBERS = re.compile(r"^(score|demo|ms)([\d.]+)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Behaviour:
+    mode: str
+    score: float
+    demo_score: float
+    latency: float
+
+
+def fake_model(mode: str = "ok", *, score: float | None = None, demo_score: float | None = None,
+               latency_ms: int | None = None) -> str:
+    """The model name that asks the fake for this behaviour (LiteLLM's `openai/` prefix included)."""
+    words = [mode] + [f"{k}{v:g}" for k, v in (("score", score), ("demo", demo_score), ("ms", latency_ms))
+                      if v is not None]
+    return "openai/fake-" + "-".join(words)
+
+
 class FakeLM:
     def __init__(self, latency: float = 0.0, mode: str = "ok", host: str = "127.0.0.1", port: int = 0,
                  die_after: int | None = None, score: float = 0.5, demo_score: float | None = None,
                  keep_prompts: bool = False):
         self.latency, self.mode, self.die_after, self.score = latency, mode, die_after, score
-        self.demo_score = score if demo_score is None else demo_score
+        self.demo_score = demo_score  # None: as `score`
         self.keep_prompts = keep_prompts
         self.calls = 0  # chat completions
         self.embedding_calls = 0
@@ -116,23 +142,45 @@ class FakeLM:
                     threading.Thread(target=fake.stop, daemon=True).start()
                     self.close_connection = True
                     return
-                time.sleep(fake.latency)
-                self._send(200, fake.completion(request))
+                behaviour = fake.behaviour(str(request.get("model", "")))
+                time.sleep(behaviour.latency)
+                self._send(200, fake.completion(request, behaviour))
 
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.api_base = f"http://{host}:{self.server.server_address[1]}/v1"
         self._thread: threading.Thread | None = None
 
-    def completion(self, request: dict) -> dict:
+    def behaviour(self, model: str) -> Behaviour:
+        """This server's defaults, overridden by the words of the requested model's name."""
+        found = {"mode": self.mode, "score": self.score, "ms": self.latency * 1000}
+        for word in model.rpartition("/")[2].split("-")[1:]:
+            number = _NUMBERS.match(word)
+            if word in _MODES:
+                found["mode"] = word
+            elif number:
+                found[number[1]] = float(number[2])
+        demo = found.get("demo", found["score"] if self.demo_score is None else self.demo_score)
+        return Behaviour(found["mode"], found["score"], demo, found["ms"] / 1000)
+
+    def reset(self) -> FakeLM:
+        """Forget the calls and prompts seen so far (a session's server, between tests)."""
+        with self._lock:
+            self.calls = self.embedding_calls = 0
+            self.prompts.clear()
+        return self
+
+    def completion(self, request: dict, behaviour: Behaviour | None = None) -> dict:
+        behaviour = behaviour or self.behaviour(str(request.get("model", "")))
         fields, fmt = requested_fields(request)
         messages = request.get("messages") or []
-        if self.mode == "garbage":
+        if behaviour.mode == "garbage":
             content = "<<<this is not the JSON you asked for"
-        elif self.mode == "empty":
+        elif behaviour.mode == "empty":
             content = json.dumps({name: "" if s.get("type") == "string" else None for name, s in fields.items()})
         else:
-            score = self.demo_score if any(DEMO_MARKER in str(m.get("content")) for m in messages) else self.score
+            demos = any(DEMO_MARKER in str(m.get("content")) for m in messages)
+            score = behaviour.demo_score if demos else behaviour.score
             suffix = f" {DEMO_MARKER}" if len(messages) > 2 else ""
             values = {name: fake_value(name, s, score, suffix) for name, s in fields.items()}
             if fmt == "json":

@@ -18,6 +18,8 @@ import dspy
 
 from pipelines.config import compose
 
+from fake_lm import fake_model
+
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 FAKE_KEY = "sk-fake-0123456789-DO-NOT-LEAK"
@@ -31,9 +33,11 @@ def fake_lm_overrides(api_base: str, *, model: str = "openai/fake", adapter: str
     return overrides + ([f"num_threads={threads}"] if threads else [])
 
 
-def fake_overrides(fake) -> list[str]:
-    """`fake_lm_overrides` for one running FakeLM, on one thread so its answers come in order."""
-    return fake_lm_overrides(fake.api_base, model=f"openai/fake-{fake.mode}", threads=1)
+def fake_overrides(fake, mode: str = "ok", **behaviour) -> list[str]:
+    """LM, judge and embedder at a running FakeLM, the LM answering as `fake_model(mode, **behaviour)`
+    asks, on one thread so its answers come in order."""
+    return [*fake_lm_overrides(fake.api_base, model=fake_model(mode, **behaviour), threads=1), "embedder=openai",
+            f"embedder.api_base={fake.api_base}", "embedder.api_key_env=null"]
 
 
 class FixedRetriever:
@@ -81,15 +85,16 @@ def free_port() -> int:
 @contextlib.contextmanager
 def served(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 180):
     """`mlflow models serve` of `model_uri` on a loopback port, as a user starts it (log in `cwd/serve.log`);
-    yields `ask(question)`, which waits for the server to come up and returns its JSON answer."""
+    yields `ask(records)` (one record, a dict, or a list of them), which waits for the server to come up
+    and returns its JSON answer."""
     port = free_port()
     with open(cwd / "serve.log", "w") as log:
         server = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
             cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env(env))
 
-    def ask(question: str) -> dict:
-        body = json.dumps({"dataframe_records": [{"question": question}]}).encode()
+    def ask(records: dict | list[dict]) -> dict:
+        body = json.dumps({"dataframe_records": records if isinstance(records, list) else [records]}).encode()
         deadline = time.time() + timeout
         while True:
             try:

@@ -1,16 +1,15 @@
-"""The embedded LM: schema-constrained decoding, server lifecycle, and clear errors."""
+"""The LM from config: schema-constrained decoding, the embedded server's bookkeeping, clear errors."""
 
 import json
+import os
 import re
 
 import dspy
 import pytest
 
 from pipelines.config import ConfigError, compose
-from pipelines.data import load_splits
-from pipelines.lm import build_adapter, build_lm, ensure_reachable, output_schema
-from pipelines.scoring import JudgedF1
-from pipelines.server import LMServerError, ensure_server
+from pipelines.lm import build_lm, ensure_reachable, output_schema
+from pipelines.server import LMServerError, ensure_server, process_id, running_servers
 
 
 def test_output_schema_bounds_strings_to_share_the_token_budget():
@@ -45,51 +44,17 @@ def test_unreachable_server_error_names_the_url():
         ensure_reachable(lm)
 
 
-def test_server_that_cannot_start_points_at_its_log(tmp_path):
-    bogus = tmp_path / "broken.gguf"
-    bogus.write_bytes(b"not a model")
-    server = {"gguf": str(bogus), "n_ctx": 512, "startup_timeout": 60, "state_dir": str(tmp_path)}
-    with pytest.raises(LMServerError, match=rf"exited with code .*see {tmp_path}/.*\.log"):
-        ensure_server(server)
-
-
 def test_missing_model_package_is_reported(tmp_path):
     with pytest.raises(LMServerError, match="not installed"):
         ensure_server({"gguf": "no_such_pkg/model.gguf", "n_ctx": 512, "state_dir": str(tmp_path)})
 
 
-@pytest.mark.lm
-def test_running_server_is_reused(local_server):
-    cfg = compose("cot")
-    assert ensure_server(dict(cfg.lm.server)) == local_server
-
-
-@pytest.mark.lm
-def test_constrained_local_lm_parses_cot_and_semantic_f1_on_two_examples(local_server):
-    cfg = compose("cot", ["lm.cache=false"])
-    lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
-    examples = load_splits(cfg.data).dev[:2]
-    metric = JudgedF1(lm)
-    with dspy.context(lm=lm, adapter=adapter):
-        for example in examples:
-            pred = dspy.ChainOfThought("question -> response")(question=example.question)
-            assert isinstance(pred.response, str) and pred.response.strip()
-            assert isinstance(pred.reasoning, str)
-            score = metric(example, pred)
-            assert 0.0 <= score <= 1.0
-    assert metric.failures == 0
-    assert lm.kwargs["api_base"] == local_server
-    sent = lm.history[-1]["kwargs"]["response_format"]
-    assert sent["type"] == "json_object" and "recall" in sent["schema"]["properties"]
-
-
 def test_running_servers_lists_only_live_processes(tmp_path):
-    import json
-    import os
-
-    from pipelines.server import running_servers
-
-    (tmp_path / "live.json").write_text(json.dumps({"pid": os.getpid(), "api_base": "http://127.0.0.1:1/v1"}))
-    (tmp_path / "dead.json").write_text(json.dumps({"pid": 2**22 + 12345, "api_base": "http://127.0.0.1:2/v1"}))
+    me = process_id(os.getpid())
+    pid, started = me.split("-")
+    (tmp_path / "live.json").write_text(json.dumps({"process": me, "api_base": "http://127.0.0.1:1/v1"}))
+    reused = f"{pid}-{float(started) - 100:.2f}"  # our pid, but another process's start time: a reused pid
+    (tmp_path / "reused.json").write_text(json.dumps({"process": reused, "api_base": "http://127.0.0.1:2/v1"}))
+    (tmp_path / "dead.json").write_text(json.dumps({"process": f"{2**22 + 12345}-1.00", "api_base": "x"}))
     (tmp_path / "torn.json").write_text("{not json")
     assert [s["api_base"] for s in running_servers(tmp_path)] == ["http://127.0.0.1:1/v1"]

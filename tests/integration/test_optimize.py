@@ -18,7 +18,7 @@ from pipelines.scoring import JudgedF1
 from pipelines.steps import run_optimize
 from pipelines.tracking import load_program
 
-from fake_lm import FakeLM
+from fake_lm import FakeLM, fake_model
 from helpers import fake_lm_overrides, smoke
 
 
@@ -34,8 +34,10 @@ class WordRetriever:
         return dspy.Prediction(passages=[self.passages[i] for i in ranked[:k]], doc_ids=ranked[:k])
 
 
-def passing_lm(fake: FakeLM, adapter: str = "chat") -> list[str]:
-    return fake_lm_overrides(fake.api_base, model="openai/fake-capable", adapter=adapter)
+def passing_lm(fake: FakeLM, adapter: str = "chat", *, score: float = 0.5,
+               demo_score: float | None = None) -> list[str]:
+    """A capable LM's behaviour: its judge passes answers, with `demo_score` for answers given with demos."""
+    return fake_lm_overrides(fake.api_base, model=fake_model(score=score, demo_score=demo_score), adapter=adapter)
 
 
 def rag_output_keys(demo) -> set[str]:
@@ -43,23 +45,23 @@ def rag_output_keys(demo) -> set[str]:
 
 
 @pytest.mark.parametrize("optimizer", ["bootstrap", "mipro"])
-def test_optimizers_bootstrap_demos_from_rag_traces(optimizer):
-    with FakeLM(score=0.7, demo_score=1.0) as fake:
-        # Three candidates: MIPROv2's demo sets are zero-shot, labeled only, then bootstrapped ones.
-        cfg = compose("optimize", ["experiment=smoke", *passing_lm(fake), "optimizer.num_candidates=3",
-                                   "optimizer.compile.num_trials=4"])
-        lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
-        trainset = load_splits(cfg.data).train
-        metric = JudgedF1(lm)
-        program = RAG(WordRetriever(), k=2)
-        with dspy.context(lm=lm, adapter=adapter):
-            if optimizer == "bootstrap":
-                teleprompter = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=0)
-                optimized = teleprompter.compile(program, trainset=trainset)
-            else:
-                optimized = build_optimizer(cfg.optimizer, metric).compile(
-                    program.deepcopy(), trainset=trainset, **compile_kwargs(cfg.optimizer))
-            answer = optimized(question="how do I undo a commit?")
+def test_optimizers_bootstrap_demos_from_rag_traces(optimizer, fake):
+    # Three candidates: MIPROv2's demo sets are zero-shot, labeled only, then bootstrapped ones.
+    cfg = compose("optimize", ["experiment=smoke", *passing_lm(fake, score=0.7, demo_score=1.0),
+                               "optimizer.num_candidates=3",
+                               "optimizer.compile.num_trials=4"])
+    lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
+    trainset = load_splits(cfg.data).train
+    metric = JudgedF1(lm)
+    program = RAG(WordRetriever(), k=2)
+    with dspy.context(lm=lm, adapter=adapter):
+        if optimizer == "bootstrap":
+            teleprompter = dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=0)
+            optimized = teleprompter.compile(program, trainset=trainset)
+        else:
+            optimized = build_optimizer(cfg.optimizer, metric).compile(
+                program.deepcopy(), trainset=trainset, **compile_kwargs(cfg.optimizer))
+        answer = optimized(question="how do I undo a commit?")
     candidates = [c["program"] for c in getattr(optimized, "candidate_programs", [])] or [optimized]
     bootstrapped = [d for c in candidates for d in c.respond.predict.demos if d.get("augmented")]
     assert bootstrapped, "no demo was bootstrapped"
@@ -69,22 +71,21 @@ def test_optimizers_bootstrap_demos_from_rag_traces(optimizer):
     assert answer.context and answer.doc_ids == [0, 1] and answer.response.startswith("fake response")
 
 
-def test_optimized_rag_with_demos_logs_registers_and_loads_back(store):
-    with FakeLM(score=0.7, demo_score=1.0) as fake:
-        embedder = ["embedder=openai", f"embedder.api_base={fake.api_base}", "embedder.api_key_env=null"]
-        cfg = smoke("optimize", store, *passing_lm(fake, adapter="json_schema"), *embedder,
-                    "optimizer.num_candidates=3", "optimizer.compile.num_trials=4")
-        result = run_optimize(cfg)
-        assert fake.embedding_calls > 0
-        run = mlflow.get_run(result.run_id)
-        assert run.info.status == "FINISHED" and run.data.metrics["semantic_f1"] == 100.0
-        assert run.info.run_name == "optimize"
-        check_models_and_traces(run)
-        loaded = load_program(f"models:/{cfg.tracking.registered_model}/{result.version}")
-        demos = loaded.respond.predict.demos
-        assert any(d.get("augmented") for d in demos), demos
-        with dspy.context(lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm)):
-            answer = loaded(question="how do I undo my last git commit?")
+def test_optimized_rag_with_demos_logs_registers_and_loads_back(store, fake):
+    embedder = ["embedder=openai", f"embedder.api_base={fake.api_base}", "embedder.api_key_env=null"]
+    cfg = smoke("optimize", store, *passing_lm(fake, adapter="json_schema", score=0.7, demo_score=1.0), *embedder,
+                "optimizer.num_candidates=3", "optimizer.compile.num_trials=4")
+    result = run_optimize(cfg)
+    assert fake.embedding_calls > 0
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["semantic_f1"] == 100.0
+    assert run.info.run_name == "optimize"
+    check_models_and_traces(run)
+    loaded = load_program(f"models:/{cfg.tracking.registered_model}/{result.version}")
+    demos = loaded.respond.predict.demos
+    assert any(d.get("augmented") for d in demos), demos
+    with dspy.context(lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm)):
+        answer = loaded(question="how do I undo my last git commit?")
     assert answer.response and len(answer.doc_ids) == cfg.program.k
 
 
@@ -109,14 +110,13 @@ def check_models_and_traces(run):
     assert phases == {"baseline": {("rag", "rag")}, "optimized": {("rag-mipro", "rag-mipro")}}
 
 
-def test_gepa_shows_the_judges_feedback_to_the_reflection_lm():
-    with FakeLM(score=0.5, keep_prompts=True) as fake:
-        cfg = compose("optimize", ["experiment=smoke", "optimizer=gepa_quick", *passing_lm(fake)])
-        lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
-        with dspy.context(lm=lm, adapter=adapter):
-            optimizer = build_optimizer(cfg.optimizer, FeedbackF1(lm), reflection_lm=lm, track_stats=True,
-                                        instruction_proposer=InstructionProposer(adapter=adapter))
-            optimized = optimizer.compile(RAG(WordRetriever(), k=2), trainset=load_splits(cfg.data).train)
+def test_gepa_shows_the_judges_feedback_to_the_reflection_lm(fake):
+    cfg = compose("optimize", ["experiment=smoke", "optimizer=gepa_quick", *passing_lm(fake)])
+    lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
+    with dspy.context(lm=lm, adapter=adapter):
+        optimizer = build_optimizer(cfg.optimizer, FeedbackF1(lm), reflection_lm=lm, track_stats=True,
+                                    instruction_proposer=InstructionProposer(adapter=adapter))
+        optimized = optimizer.compile(RAG(WordRetriever(), k=2), trainset=load_splits(cfg.data).train)
     reflections = [p for p in fake.prompts if "examples_with_feedback" in p]
     assert reflections, "GEPA never asked the reflection LM"
     for part in ("fake ground_truth_key_ideas", "fake system_response_key_ideas", "fake discussion",
@@ -134,15 +134,14 @@ def gepa_cfg(store, fake: FakeLM, *overrides: str):
                  *overrides)
 
 
-def test_gepa_run_is_tracked_like_mipro_and_its_prompt_loads_from_the_registry(store):
-    with FakeLM(score=0.5) as fake:
-        cfg = gepa_cfg(store, fake)
-        result = run_optimize(cfg)
-        run = mlflow.get_run(result.run_id)
-        client = mlflow.MlflowClient()
-        best = client.get_metric_history(result.run_id, "gepa_best_val_score")
-        calls = client.get_metric_history(result.run_id, "gepa_metric_calls")
-        loaded = load_program(f"models:/{cfg.tracking.registered_model}@champion")
+def test_gepa_run_is_tracked_like_mipro_and_its_prompt_loads_from_the_registry(store, fake):
+    cfg = gepa_cfg(store, fake)
+    result = run_optimize(cfg)
+    run = mlflow.get_run(result.run_id)
+    client = mlflow.MlflowClient()
+    best = client.get_metric_history(result.run_id, "gepa_best_val_score")
+    calls = client.get_metric_history(result.run_id, "gepa_metric_calls")
+    loaded = load_program(f"models:/{cfg.tracking.registered_model}@champion")
     assert run.info.status == "FINISHED" and run.data.tags["variant"] == "rag-gepa"
     assert [m.step for m in best][:2] == [0, 1] and best[0].value == pytest.approx(50.0)
     assert calls[-1].value >= cfg.optimizer.max_metric_calls and run.data.metrics["gepa_proposals"] >= 1
@@ -159,11 +158,9 @@ def test_gepa_run_is_tracked_like_mipro_and_its_prompt_loads_from_the_registry(s
     assert prompt.tags["model_version"] == str(result.version) and prompt.tags["variant"] == "rag-gepa"
 
 
-def test_unusable_reflections_are_counted_and_the_run_keeps_the_best_candidate(store):
-    with FakeLM(score=0.5) as fake, FakeLM(mode="garbage") as reflector:
-        reflection = f"optimizer.reflection_lm={{model:openai/fake-garbage,api_base:'{reflector.api_base}'}}"
-        result = run_optimize(gepa_cfg(store, fake, reflection))
-        assert reflector.calls > 0
+def test_unusable_reflections_are_counted_and_the_run_keeps_the_best_candidate(store, fake):
+    reflection = f"optimizer.reflection_lm={{model:{fake_model('garbage')}}}"  # the same server, as a garbage LM
+    result = run_optimize(gepa_cfg(store, fake, reflection))
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["gepa_unusable_proposals"] >= 1
     assert run.data.metrics["gepa_proposals"] == 0 and run.data.metrics["gepa_candidates"] == 0
@@ -176,24 +173,22 @@ def test_unusable_reflections_are_counted_and_the_run_keeps_the_best_candidate(s
     ("+optimizer.reflection_lm.api_key_env=RAGQA_TEST_MISSING_KEY", "needs the environment variable"),
     ("optimizer.auto=light", "Exactly one of max_metric_calls, max_full_evals, auto must be set"),
 ])
-def test_bad_gepa_config_fails_in_one_line_before_any_run(store, monkeypatch, override, message):
+def test_bad_gepa_config_fails_in_one_line_before_any_run(store, monkeypatch, override, message, fake):
     monkeypatch.delenv("RAGQA_TEST_MISSING_KEY", raising=False)
-    with FakeLM() as fake:
-        with pytest.raises(ConfigError, match=message) as error:
-            run_optimize(gepa_cfg(store, fake, override))
-        assert fake.calls == 0  # nothing was scored either
+    with pytest.raises(ConfigError, match=message) as error:
+        run_optimize(gepa_cfg(store, fake, override))
+    assert fake.calls == 0  # nothing was scored either
     assert "\n" not in str(error.value)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
 
 
-def test_main_compiles_with_mipro_and_gepa_side_by_side(store):
+def test_main_compiles_with_mipro_and_gepa_side_by_side(store, fake):
     from pipelines.steps import run_pipeline
 
-    with FakeLM(score=0.5) as fake:
-        overrides = ["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
-                     *passing_lm(fake, adapter="json_schema"), "embedder=openai", f"embedder.api_base={fake.api_base}",
-                     "embedder.api_key_env=null"]
-        result = run_pipeline(compose("main", [*overrides, "steps=[optimize,gepa]"]), overrides)
+    overrides = ["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
+                 *passing_lm(fake, adapter="json_schema"), "embedder=openai", f"embedder.api_base={fake.api_base}",
+                 "embedder.api_key_env=null"]
+    result = run_pipeline(compose("main", [*overrides, "steps=[optimize,gepa]"]), overrides)
     parent = mlflow.get_run(result.run_id)
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")

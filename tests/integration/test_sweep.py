@@ -7,14 +7,13 @@ import sys
 import mlflow
 
 from fake_lm import FakeLM
-from helpers import ROOT, fake_lm_overrides, mlflow_run, run_cli
+from helpers import ROOT, fake_overrides, mlflow_run, run_cli
 
 
 def sweep_overrides(store, fake: FakeLM) -> list[str]:
     """The rag smoke preset on the fake LM and embedder, outputs and artifacts inside the test's store."""
     return ["experiment=smoke", f"tracking.artifact_location={store}/artifacts", f"hydra.sweep.dir={store}/multirun",
-            *fake_lm_overrides(fake.api_base, threads=1), "embedder=openai", f"embedder.api_base={fake.api_base}",
-            "embedder.api_key_env=null"]
+            *fake_overrides(fake)]
 
 
 def sweep(store, *overrides: str):
@@ -54,33 +53,29 @@ def check_sweep(proc, ks: list[int]):
     return parent, jobs
 
 
-def test_parallel_jobs_share_a_fresh_store_under_one_sweep_run(store):
-    with FakeLM() as fake:
-        proc = sweep(store, "hydra/launcher=parallel", "hydra.launcher.n_jobs=4", *sweep_overrides(store, fake),
-                     "program.k=1,2,3,4")
+def test_parallel_jobs_share_a_fresh_store_under_one_sweep_run(store, fake):
+    proc = sweep(store, "hydra/launcher=parallel", "hydra.launcher.n_jobs=4", *sweep_overrides(store, fake),
+                 "program.k=1,2,3,4")
     parent, _ = check_sweep(proc, [1, 2, 3, 4])
     assert parent.data.tags["sweep.launcher"] == "parallel"
 
 
-def test_submitit_local_jobs_nest_under_the_sweep_run(store):
-    with FakeLM() as fake:
-        proc = sweep(store, "hydra/launcher=submitit_local", *sweep_overrides(store, fake), "program.k=2,3")
+def test_submitit_local_jobs_nest_under_the_sweep_run(store, fake):
+    proc = sweep(store, "hydra/launcher=submitit_local", *sweep_overrides(store, fake), "program.k=2,3")
     parent, _ = check_sweep(proc, [2, 3])
     assert parent.data.tags["sweep.launcher"] == "submitit_local"
 
 
-def test_mlflow_run_is_the_sweep_run(store):
-    with FakeLM() as fake:
-        overrides = " ".join(["-m", *sweep_overrides(store, fake), "program.k=1,3"])
-        proc = mlflow_run("rag", store, overrides=overrides)
+def test_mlflow_run_is_the_sweep_run(store, fake):
+    overrides = " ".join(["-m", *sweep_overrides(store, fake), "program.k=1,3"])
+    proc = mlflow_run("rag", store, overrides=overrides)
     parent, _ = check_sweep(proc, [1, 3])
     assert parent.data.tags["mlflow.project.entryPoint"] == "rag"
 
 
-def test_a_failed_job_fails_the_sweep_run_which_still_compares_the_others(store, monkeypatch):
+def test_a_failed_job_fails_the_sweep_run_which_still_compares_the_others(store, monkeypatch, fake):
     monkeypatch.delenv("RAGQA_TEST_MISSING_KEY", raising=False)
-    with FakeLM() as fake:
-        proc = sweep(store, *sweep_overrides(store, fake), "+judge.api_key_env=null,RAGQA_TEST_MISSING_KEY")
+    proc = sweep(store, *sweep_overrides(store, fake), "+judge.api_key_env=null,RAGQA_TEST_MISSING_KEY")
     assert proc.returncode == 1
     assert "error: " in proc.stderr and "needs the environment variable RAGQA_TEST_MISSING_KEY" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -96,10 +91,9 @@ def test_a_failed_job_fails_the_sweep_run_which_still_compares_the_others(store,
     assert "comparison.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
 
 
-def test_without_m_mlflow_run_is_the_steps_own_run(store):
+def test_without_m_mlflow_run_is_the_steps_own_run(store, fake):
     """The sweep callback is configured for every job; a single run must not be treated as a sweep job."""
-    with FakeLM() as fake:
-        proc = mlflow_run("rag", store, overrides=" ".join(sweep_overrides(store, fake)))
+    proc = mlflow_run("rag", store, overrides=" ".join(sweep_overrides(store, fake)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MlflowSweep" not in proc.stderr  # no callback warnings
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -18,7 +18,7 @@ from helpers import ROOT, fake_overrides, run_cli, smoke
 
 
 def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(store):
-    with FakeLM(die_after=2) as fake:  # one example (program + judge call), then the server is gone
+    with FakeLM(die_after=2) as fake:  # its own server: one example (program + judge call), then it is gone
         cfg = smoke("cot", store, *fake_overrides(fake))
         with pytest.raises(LMServerError, match=rf"{fake.api_base} stopped answering"):
             run_variant(cfg)
@@ -33,24 +33,22 @@ def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(sto
     assert model.name == "cot" and model.status.to_int() == LoggedModelStatus.FAILED.to_int()  # not PENDING
 
 
-def test_garbage_from_the_lm_is_counted_and_the_run_completes(store):
-    with FakeLM(mode="garbage") as fake:
-        result = run_variant(smoke("cot", store, *fake_overrides(fake)))
+def test_garbage_from_the_lm_is_counted_and_the_run_completes(store, fake):
+    result = run_variant(smoke("cot", store, *fake_overrides(fake, "garbage")))
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["failed_examples"] == 3 and run.data.metrics["semantic_f1"] == 0.0
 
 
-def test_two_runs_writing_to_one_store_at_once_both_complete(store):
-    with FakeLM(latency=0.05) as fake:
-        overrides = " ".join(["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
-                              *fake_overrides(fake)])
-        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "RAGQA_CACHE_DIR": str(store / "cache")}
-        code = ("import subprocess, sys\n"
-                "cmd = [sys.executable, '-m', 'pipelines.cot', *sys.argv[1:]]\n"
-                "procs = [subprocess.Popen(cmd) for _ in range(2)]\n"
-                "sys.exit(max(p.wait() for p in procs))\n")
-        proc = run_cli([sys.executable, "-c", code, *overrides.split()], cwd=ROOT, env=env)
+def test_two_runs_writing_to_one_store_at_once_both_complete(store, fake):
+    overrides = " ".join(["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
+                          *fake_overrides(fake, latency_ms=50)])
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "RAGQA_CACHE_DIR": str(store / "cache")}
+    code = ("import subprocess, sys\n"
+            "cmd = [sys.executable, '-m', 'pipelines.cot', *sys.argv[1:]]\n"
+            "procs = [subprocess.Popen(cmd) for _ in range(2)]\n"
+            "sys.exit(max(p.wait() for p in procs))\n")
+    proc = run_cli([sys.executable, "-c", code, *overrides.split()], cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
@@ -84,7 +82,7 @@ def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypa
 
 @pytest.mark.parametrize("error, status",
                          [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
-def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status):
+def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status, fake):
     from pipelines import steps
 
     class Exploding:
@@ -92,9 +90,8 @@ def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, mon
             raise error
 
     monkeypatch.setattr(steps, "build_optimizer", lambda opt, metric: Exploding())
-    with FakeLM() as fake:
-        with pytest.raises(type(error)):
-            steps.run_optimize(smoke("optimize", store, *fake_overrides(fake)))
+    with pytest.raises(type(error)):
+        steps.run_optimize(smoke("optimize", store, *fake_overrides(fake)))
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == status
     assert "baseline_semantic_f1" in run.data.metrics  # work done before the fault is kept
@@ -108,21 +105,19 @@ def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, mon
     ("evaluate", ["model_uri=models:/no-such-model@champion"], "error: cannot load models:/no-such-model@champion"),
     ("main", ["steps=[cot,nope]"], "error: unknown steps ['nope']"),
 ])
-def test_user_errors_are_one_line_and_exit_non_zero(store, module, args, message):
-    with FakeLM() as fake:
-        overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts"]
-        proc = run_cli([sys.executable, "-m", f"pipelines.{module}", *overrides, *args], cwd=ROOT)
+def test_user_errors_are_one_line_and_exit_non_zero(store, module, args, message, fake):
+    overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts"]
+    proc = run_cli([sys.executable, "-m", f"pipelines.{module}", *overrides, *args], cwd=ROOT)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
 
 
-def test_runs_record_the_command_line_overrides_with_secrets_masked(store):
+def test_runs_record_the_command_line_overrides_with_secrets_masked(store, fake):
     canary = "sk-canary-overrides-0123"
-    with FakeLM() as fake:
-        overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts", "experiment=smoke",
-                     f"+lm.api_key={canary}"]
-        proc = run_cli([sys.executable, "-m", "pipelines.cot", *overrides], cwd=ROOT)
+    overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts", "experiment=smoke",
+                 f"+lm.api_key={canary}"]
+    proc = run_cli([sys.executable, "-m", "pipelines.cot", *overrides], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     recorded = run.data.tags["overrides"].split()

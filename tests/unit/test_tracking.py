@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from pipelines import tracking
 from pipelines.config import compose
 from pipelines.scoring import EvalResult, Scoring
+from pipelines.tracking.evaluation import dataset_source
 
 
 def cfg_for(store):
@@ -58,10 +59,17 @@ def register_scores(scores, rule="significant", model="reg", dev_set="dev1", log
     result = dev_result(scores, rule)
     with mlflow.start_run():
         if log_table:
-            tracking.log_evaluation(result, "dev")
+            tracking.log_evaluation(result, split="dev")
         info = mlflow.pyfunc.log_model(name="m", python_model=lambda inputs: inputs, input_example=["x"],
                                        pip_requirements=[])
-        return tracking.register(info.model_uri, model, result, dev_set, "v", scoring(rule))
+        return tracking.register(info.model_uri, registered_model=model, model_id=info.model_id, result=result,
+                                 dev_set=dev_set, variant="v", scoring=scoring(rule))
+
+
+def version_of(model, registration):
+    """The registered version and the metrics of its LoggedModel."""
+    version = mlflow.MlflowClient().get_model_version(model, registration.version)
+    return version, {m.key: m.value for m in mlflow.get_logged_model(version.source[len("models:/"):]).metrics}
 
 
 def champion(model="reg"):
@@ -78,62 +86,61 @@ def test_noise_only_difference_moves_the_champion_under_better_but_not_under_sig
     assert sum(NOISE) - sum(CHAMPION_SCORES) == 100  # +5 points over 20 examples
     for rule, promoted in (("better", True), ("significant", False)):
         model = f"reg-{rule}"
-        assert register_scores(CHAMPION_SCORES, rule, model)["promoted"]  # first version
+        assert register_scores(CHAMPION_SCORES, rule, model).promoted  # first version
         second = register_scores(NOISE, rule, model)
-        assert second["promoted"] is promoted
-        tags = mlflow.MlflowClient().get_model_version(model, second["version"]).tags
-        assert tags["promotion_rule"] == rule and tags["promotion"] == second["reason"]
-        assert float(tags["vs_champion_dev_semantic_f1_delta"]) == 5.0
-        low, high = float(tags["vs_champion_dev_semantic_f1_delta_ci_low"]), float(
-            tags["vs_champion_dev_semantic_f1_delta_ci_high"])
-        assert low < 0 < high and 0 < float(tags["vs_champion_dev_semantic_f1_delta_p_value"]) <= 1
-        assert str(champion(model).version) == str(second["version"] if promoted else 1)
+        assert second.promoted is promoted
+        version, metrics = version_of(model, second)
+        assert version.tags["promotion"] == second.promotion.reason and "champion v1" in second.promotion.reason
+        assert metrics["vs_champion_dev_semantic_f1_delta"] == 5.0
+        low, high = metrics["vs_champion_dev_semantic_f1_delta_ci_low"], metrics[
+            "vs_champion_dev_semantic_f1_delta_ci_high"]
+        assert low < 0 < high and 0 < metrics["vs_champion_dev_semantic_f1_delta_p_value"] <= 1
+        assert str(champion(model).version) == str(second.version if promoted else 1)
 
 
 def test_clear_per_example_improvement_is_promoted_under_significant(store):
     register_scores(CHAMPION_SCORES)
-    assert not register_scores(NOISE)["promoted"]
+    assert not register_scores(NOISE).promoted
     third = register_scores(CLEAR)
-    assert third["promoted"] and "beyond noise" in third["reason"]
-    current = champion()
-    assert current.version == third["version"] and float(current.tags["vs_champion_dev_semantic_f1_delta_ci_low"]) > 0
-    assert current.tags["champion_dev_semantic_f1_at_registration"] == "50.0000"
-    assert current.tags["dev_semantic_f1"] == "80.0000" and "dev_semantic_f1_ci_low" in current.tags
+    assert third.promoted and "beats champion v1 beyond noise" in third.promotion.reason
+    current, metrics = version_of("reg", third)
+    assert str(current.version) == third.version == str(champion().version)
+    assert metrics["vs_champion_dev_semantic_f1_delta_ci_low"] > 0
+    assert metrics["dev_semantic_f1"] == 80.0 and "dev_semantic_f1_ci_low" in metrics
+
+
+def test_versions_carry_the_few_tags_a_person_reads(store):
+    register_scores(CHAMPION_SCORES)
+    second = register_scores(CLEAR)
+    version, _ = version_of("reg", second)
+    assert set(version.tags) == {"variant", "dev_semantic_f1", "promotion"}
+    assert version.tags["dev_semantic_f1"].startswith("80.0 ± ") and "(95% CI, n=20)" in version.tags["dev_semantic_f1"]
+    assert mlflow.get_logged_model(version.source[len("models:/"):]).tags["dev_set"] == "dev1"
 
 
 def test_champion_stays_when_scores_cannot_be_paired(store):
     register_scores(CHAMPION_SCORES, log_table=False)  # e.g. registered by an older version of the project
     second = register_scores(CLEAR)
-    assert not second["promoted"] and "cannot pair" in second["reason"]
+    assert not second.promoted and "cannot pair" in second.promotion.reason
     other_dev = register_scores(CLEAR, dev_set="dev2")
-    assert not other_dev["promoted"] and "another dev set" in other_dev["reason"]
+    assert not other_dev.promoted and "another dev set" in other_dev.promotion.reason
     assert str(champion().version) == "1"
 
 
 def test_better_keeps_the_strict_point_comparison(store):
-    assert register_scores([40, 40], "better")["promoted"]
-    assert not register_scores([30, 30], "better")["promoted"]
-    assert not register_scores([40, 40], "better")["promoted"]  # a tie does not move it
+    assert register_scores([40, 40], "better").promoted
+    assert not register_scores([30, 30], "better").promoted
+    assert not register_scores([40, 40], "better").promoted  # a tie does not move it
     third = register_scores([55, 55], "better")
-    assert third["promoted"] and champion().version == third["version"]
-
-
-def test_decide_promotion_without_champion_or_on_another_dev_set():
-    result = dev_result([50, 60])
-    assert tracking.decide_promotion(None, result, "dev1", scoring()).promoted
-    decision = tracking.decide_promotion({"dev_set": "dev0", "dev_semantic_f1": "1.0"}, result, "dev1", scoring())
-    assert not decision.promoted and "another dev set" in decision.reason
+    assert third.promoted and str(champion().version) == third.version
 
 
 def test_one_example_logs_the_score_without_an_interval(store):
     with mlflow.start_run() as run:
-        tracking.log_evaluation(dev_result([70]), "dev")
+        tracking.log_evaluation(dev_result([70]), split="dev")
     logged = mlflow.get_run(run.info.run_id).data
     assert logged.metrics["semantic_f1"] == 70.0 and "semantic_f1_ci_low" not in logged.metrics
     assert "1 example" in logged.tags["confidence_intervals"]
-    decision = tracking.decide_promotion({"dev_set": "d", "dev_semantic_f1": "0"}, dev_result([70]), "d", scoring(),
-                                         champion_rows=[{"question": "q0", "semantic_f1": 0.0}])
-    assert not decision.promoted and "too few paired examples" in decision.reason
 
 
 def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
@@ -148,7 +155,7 @@ def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
     assert logged.dataset.name == "sample-dev" and logged.dataset.source_type == "local"
     assert datasets["dev"].source.uri.endswith("ragqa_arena_tech_examples.jsonl")
     tutorial = compose("cot", ["data=ragqa_arena_tech"]).data
-    assert tracking.dataset_source(tutorial).url == tutorial.examples_url
+    assert dataset_source(tutorial).url == tutorial.examples_url
 
 
 def program_with(instructions: str, signature: str = "question -> response", demos=()):
@@ -164,8 +171,8 @@ def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champi
     rag = dspy.Module()  # named like RAG's predictor: respond.predict
     rag.respond = program_with("Use the context. Jinja {% if %} stays text.", "context, question -> response")
     with mlflow.start_run():
-        cot_prompts = tracking.register_prompts(cot, "reg", "cot")
-        tracking.link_prompts(cot_prompts, "reg", "1", promoted=True)
+        cot_prompts = tracking.register_prompts(cot, registered_model="reg", variant="cot")
+        tracking.link_prompts(cot_prompts, registered_model="reg", version="1", promoted=True)
         (prompt,) = cot_prompts
         assert prompt.name == "reg.predict" and prompt.variables == set()
         assert prompt.template == [
@@ -174,8 +181,8 @@ def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champi
             {"role": "assistant", "content": "reasoning: r\n\nresponse: git reset { { HEAD }}"}]
         assert prompt.tags["braces_escaped"] == "true" and prompt.tags["demos"] == "1"
         assert mlflow.genai.load_prompt("prompts:/reg.predict@champion").version == prompt.version
-        rag_prompts = tracking.register_prompts(rag, "reg", "rag")
-        tracking.link_prompts(rag_prompts, "reg", "2", promoted=True)
+        rag_prompts = tracking.register_prompts(rag, registered_model="reg", variant="rag")
+        tracking.link_prompts(rag_prompts, registered_model="reg", version="2", promoted=True)
     champion = mlflow.genai.load_prompt("prompts:/reg.predict@champion", allow_missing=True, cache_ttl_seconds=0)
     assert champion is None  # the new champion has no `predict` predictor
     assert mlflow.genai.load_prompt("prompts:/reg.predict/1").tags["model_version"] == "1"

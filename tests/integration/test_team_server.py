@@ -14,10 +14,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pgserver.utils import PostmasterInfo
 
-from fake_lm import FakeLM
-from helpers import ROOT, fake_lm_overrides, free_port, run_cli, user_env
-
-pytestmark = pytest.mark.server
+from fake_lm import FakeLM, fake_model
+from helpers import ROOT, fake_overrides, free_port, run_cli, user_env
 
 ADMIN_PASSWORD = "admin-CANARY-7f3a9c21e5"
 ALICE_PASSWORD = "alice-CANARY-0b6d4e8f12"  # the canary: must appear in no store, artifact or log
@@ -63,10 +61,10 @@ def as_user(server, user: str, password: str, **extra: str) -> dict[str, str]:
             "MLFLOW_TRACKING_PASSWORD": password, "RAGQA_CACHE_DIR": str(server["data"] / "cache"), **extra}
 
 
-def entry_point(module: str, env: dict[str, str], fake: FakeLM, *overrides: str, multirun: bool = False):
+def entry_point(module: str, env: dict[str, str], fake: FakeLM, *overrides: str, multirun: bool = False,
+                score: float = 0.5):
     args = [*(["-m"] if multirun else []), "experiment=smoke", "tracking=server", f"tracking.experiment={EXPERIMENT}",
-            *fake_lm_overrides(fake.api_base), "embedder=openai", f"embedder.api_base={fake.api_base}",
-            "embedder.api_key_env=null", *overrides]
+            *fake_overrides(fake, score=score), *overrides]
     started = time.monotonic()
     proc = run_cli([sys.executable, "-m", f"pipelines.{module}", *args], cwd=ROOT, env=env, timeout=600)
     return proc, time.monotonic() - started
@@ -90,14 +88,13 @@ def one_line_error(proc) -> str:
     return line
 
 
-def test_down_server_and_wrong_password_fail_fast_with_no_run(team_server, monkeypatch):
+def test_down_server_and_wrong_password_fail_fast_with_no_run(team_server, monkeypatch, fake):
     client = admin_client(team_server, monkeypatch)
     runs_before = len(all_runs(client))
-    with FakeLM() as fake:
-        wrong, wrong_seconds = entry_point("cot", as_user(team_server, "admin", "not-the-password-123"), fake)
-        down = as_user(team_server, "admin", ADMIN_PASSWORD, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
-        unreachable, down_seconds = entry_point("cot", down, fake)
-        assert fake.calls == fake.embedding_calls == 0
+    wrong, wrong_seconds = entry_point("cot", as_user(team_server, "admin", "not-the-password-123"), fake)
+    down = as_user(team_server, "admin", ADMIN_PASSWORD, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    unreachable, down_seconds = entry_point("cot", down, fake)
+    assert fake.calls == fake.embedding_calls == 0
     line = one_line_error(wrong)
     assert wrong_seconds < 20, wrong_seconds
     assert f"{team_server['url']} refused the credentials of 'admin' (HTTP 401)" in line
@@ -107,48 +104,47 @@ def test_down_server_and_wrong_password_fail_fast_with_no_run(team_server, monke
     assert len(all_runs(client)) == runs_before
 
 
-def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, tmp_path):
+def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, tmp_path, fake):
     url = team_server["url"]
     admin = {**as_user(team_server, "admin", ADMIN_PASSWORD), "TEAM_SERVER_USER_PASSWORD": ALICE_PASSWORD}
     proc = run_cli([sys.executable, "-m", "deploy.team_server", "add-user", "alice"], cwd=ROOT, env=admin)
     assert proc.returncode == 0 and "created user alice" in proc.stdout, proc.stderr[-2000:]
     alice = as_user(team_server, "alice", ALICE_PASSWORD)
     logs = [proc.stdout, proc.stderr]
-    with FakeLM(score=1.0) as fake:
-        for module in ("cot", "rag"):
-            proc, seconds = entry_point(module, alice, fake)
-            logs += [proc.stdout, proc.stderr]
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            print(f"{module} against the team server: {seconds:.0f} s")
-        assert fake.embedding_calls > 0
-
-        client = admin_client(team_server, monkeypatch)
-        runs = {r.data.tags["step"]: r for r in all_runs(client) if r.data.tags.get("step") in ("cot", "rag")}
-        assert sorted(runs) == ["cot", "rag"]
-        for run in runs.values():
-            assert run.info.status == "FINISHED" and run.data.metrics["semantic_f1"] == 100.0
-            assert run.info.user_id == "alice"  # the server records who logged it
-            assert not any(ALICE_PASSWORD in v for v in [*run.data.params.values(), *run.data.tags.values()])
-        champion = client.get_model_version_by_alias(MODEL, "champion")
-        assert champion.version == "1" and champion.run_id == runs["cot"].info.run_id
-
-        # A fresh process loads the champion through the server, with alice's credentials only, and
-        # with pickles refused (the variable's unset default would allow them): models from code.
-        code = ("import mlflow\n"
-                f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
-                "print('ANSWER=' + str(model.predict({'question': 'how do I undo a commit?'})['response']))\n")
-        proc = run_cli([sys.executable, "-c", code], cwd=tmp_path,
-                       env={**alice, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
+    for module in ("cot", "rag"):
+        proc, seconds = entry_point(module, alice, fake, score=1.0)
         logs += [proc.stdout, proc.stderr]
-        assert proc.returncode == 0 and "ANSWER=fake response" in proc.stdout, proc.stderr[-3000:]
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        print(f"{module} against the team server: {seconds:.0f} s")
+    assert fake.embedding_calls > 0
 
-        # bob may read the experiment and nothing more (default_permission READ for what nobody granted).
-        bob_admin = {**admin, "TEAM_SERVER_USER_PASSWORD": BOB_PASSWORD}
-        proc = run_cli([sys.executable, "-m", "deploy.team_server", "add-user", "bob", "--experiment", EXPERIMENT,
-                        "--permission", "READ"], cwd=ROOT, env=bob_admin)
-        assert proc.returncode == 0 and f"bob: READ on experiment {EXPERIMENT}" in proc.stdout, proc.stderr[-2000:]
-        runs_before = len(all_runs(client))
-        refused, seconds = entry_point("cot", as_user(team_server, "bob", BOB_PASSWORD), fake)
+    client = admin_client(team_server, monkeypatch)
+    runs = {r.data.tags["step"]: r for r in all_runs(client) if r.data.tags.get("step") in ("cot", "rag")}
+    assert sorted(runs) == ["cot", "rag"]
+    for run in runs.values():
+        assert run.info.status == "FINISHED" and run.data.metrics["semantic_f1"] == 100.0
+        assert run.info.user_id == "alice"  # the server records who logged it
+        assert not any(ALICE_PASSWORD in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == "1" and champion.run_id == runs["cot"].info.run_id
+
+    # A fresh process loads the champion through the server, with alice's credentials only, and
+    # with pickles refused (the variable's unset default would allow them): models from code.
+    code = ("import mlflow\n"
+            f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
+            "print('ANSWER=' + str(model.predict({'question': 'how do I undo a commit?'})['response']))\n")
+    proc = run_cli([sys.executable, "-c", code], cwd=tmp_path,
+                   env={**alice, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
+    logs += [proc.stdout, proc.stderr]
+    assert proc.returncode == 0 and "ANSWER=fake response" in proc.stdout, proc.stderr[-3000:]
+
+    # bob may read the experiment and nothing more (default_permission READ for what nobody granted).
+    bob_admin = {**admin, "TEAM_SERVER_USER_PASSWORD": BOB_PASSWORD}
+    proc = run_cli([sys.executable, "-m", "deploy.team_server", "add-user", "bob", "--experiment", EXPERIMENT,
+                    "--permission", "READ"], cwd=ROOT, env=bob_admin)
+    assert proc.returncode == 0 and f"bob: READ on experiment {EXPERIMENT}" in proc.stdout, proc.stderr[-2000:]
+    runs_before = len(all_runs(client))
+    refused, seconds = entry_point("cot", as_user(team_server, "bob", BOB_PASSWORD), fake)
     line = one_line_error(refused)
     assert seconds < 20 and f"bob may not write to experiment '{EXPERIMENT}' on {url} (permission READ)" in line
     assert len(all_runs(client)) == runs_before
@@ -174,12 +170,11 @@ def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, 
         assert not any(secret.encode() in blob for blob in artifacts)
 
 
-def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server, monkeypatch):
+def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server, monkeypatch, fake):
     admin = as_user(team_server, "admin", ADMIN_PASSWORD)
-    with FakeLM() as fake:
-        proc, seconds = entry_point("rag", admin, fake, "tracking.experiment=team-sweep",
-                                    f"hydra.sweep.dir={team_server['data']}/multirun", "hydra/launcher=parallel",
-                                    "hydra.launcher.n_jobs=4", "program.k=1,2,3,4", multirun=True)
+    proc, seconds = entry_point("rag", admin, fake, "tracking.experiment=team-sweep",
+                                f"hydra.sweep.dir={team_server['data']}/multirun", "hydra/launcher=parallel",
+                                "hydra.launcher.n_jobs=4", "program.k=1,2,3,4", multirun=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"4-job sweep against the team server: {seconds:.0f} s")
     client = admin_client(team_server, monkeypatch)
@@ -194,21 +189,20 @@ def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server,
     assert parent.data.metrics["jobs_finished"] == 4
 
 
-def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(team_server, monkeypatch):
+def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(team_server, monkeypatch, fake):
     """MLflow's client rides out a short restart with its retries (minutes by default); with the retries
     lowered, a server that stays down ends the job in one line, exit 1, and what was logged stays."""
     admin = as_user(team_server, "admin", ADMIN_PASSWORD, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1")
-    with FakeLM(latency=1.0) as fake:
-        args = ["experiment=smoke", "tracking=server", "tracking.experiment=outage",
-                *fake_lm_overrides(fake.api_base, threads=1)]
-        job = subprocess.Popen([sys.executable, "-m", "pipelines.cot", *args], cwd=ROOT, env=user_env(admin),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while fake.calls == 0:  # the run is open and evaluating
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-            time.sleep(0.2)
-        stop_server(team_server)
-        out, err = job.communicate(timeout=300)
+    args = ["experiment=smoke", "tracking=server", "tracking.experiment=outage",
+            *fake_overrides(fake, latency_ms=1000)]
+    job = subprocess.Popen([sys.executable, "-m", "pipelines.cot", *args], cwd=ROOT, env=user_env(admin),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while fake.calls == 0:  # the run is open and evaluating
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.2)
+    stop_server(team_server)
+    out, err = job.communicate(timeout=300)
     assert job.returncode == 1, err[-3000:]
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]  # then MLflow's exit log lines
     assert line.startswith(f"error: the tracking store {team_server['url']} stopped answering during run "), line
@@ -217,7 +211,7 @@ def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(
     client = admin_client(team_server, monkeypatch)
     (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
     assert run.info.run_id in line and run.info.status == "RUNNING"  # it could not be marked FAILED
-    assert run.data.params["lm.model"] == "openai/fake" and "config.yaml" in {a.path for a in
+    assert run.data.params["lm.model"] == fake_model(latency_ms=1000) and "config.yaml" in {a.path for a in
                                                                               client.list_artifacts(run.info.run_id)}
     logs = out + err + team_server["logs"]
     assert ADMIN_PASSWORD not in logs

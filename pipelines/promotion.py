@@ -1,0 +1,80 @@
+"""The champion rule: when a newly registered program takes the registry's `champion` alias.
+
+Pure functions over per-example scores, beside `stats.py`; `pipelines.tracking.registry` reads the
+current champion from MLflow and applies the decision. The rule (`scoring.promotion`):
+
+- `significant` (default): the interval of the paired difference new - champion, example by example
+  on the primary metric, lies above 0. Unpaired (the champion's table is missing) means no move.
+- `better`: the new point score beats the champion's, however slightly.
+
+Either way programs are compared only on the same dev set (by content hash): a champion scored on
+other examples stays, since its number says nothing about these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.scoring import LABELS, EvalResult, Scoring, paired_scores
+from pipelines.stats import Comparison
+
+FIRST = "first registered version becomes champion"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Champion:
+    """The current champion as the rule sees it."""
+
+    version: str
+    dev_set: str | None           # content hash of the dev set it was scored on
+    score: float | None           # its dev score on the primary metric
+    rows: list[dict] | None = None  # its per-example dev rows, when they could be read
+
+
+@dataclass(frozen=True, kw_only=True)
+class Promotion:
+    """The verdict: whether the new version becomes champion, why (one line), and the paired difference
+    new - champion on the primary metric when the two could be paired."""
+
+    promoted: bool
+    reason: str
+    comparison: Comparison | None = None
+
+
+def decide(*, new: EvalResult, dev_set: str, champion: Champion | None, scoring: Scoring) -> Promotion:
+    """Apply `scoring.promotion` to a new version's dev result against the current champion."""
+    if champion is None:
+        return Promotion(promoted=True, reason=FIRST)
+    if champion.dev_set != dev_set:
+        return Promotion(promoted=False, reason=f"champion v{champion.version} was scored on another dev set "
+                                                f"({champion.dev_set}); not comparable, champion unchanged")
+    metric, label = scoring.primary, LABELS[scoring.primary]
+    comparison = None
+    if champion.rows is not None:
+        ours, theirs = paired_scores(new.rows, champion.rows, metric)
+        comparison = scoring.paired(ours, theirs) if ours else None
+    if scoring.promotion == "better":
+        return _point_rule(new.score, champion, label, comparison)
+    if comparison is None:
+        return Promotion(promoted=False, reason=f"cannot pair with champion v{champion.version}'s per-example "
+                                                f"{label} scores (its dev table is missing or has no such column); "
+                                                "champion unchanged")
+    if comparison.p_value is None:
+        return Promotion(promoted=False, reason=f"{label} {comparison.describe()}: too few paired examples; "
+                                                "champion unchanged", comparison=comparison)
+    if comparison.above_zero:
+        return Promotion(promoted=True, reason=f"beats champion v{champion.version} beyond noise: {label} "
+                                               f"{comparison.describe()}", comparison=comparison)
+    return Promotion(promoted=False, reason=f"not better than champion v{champion.version} beyond noise: {label} "
+                                            f"{comparison.describe()}; champion unchanged", comparison=comparison)
+
+
+def _point_rule(score: float, champion: Champion, label: str, comparison: Comparison | None) -> Promotion:
+    if champion.score is None:
+        return Promotion(promoted=False, reason=f"champion v{champion.version} has no dev {label} score; not "
+                                                "comparable, champion unchanged", comparison=comparison)
+    if score > champion.score:
+        return Promotion(promoted=True, reason=f"beats champion v{champion.version} on {label} ({score:.1f} > "
+                                               f"{champion.score:.1f})", comparison=comparison)
+    return Promotion(promoted=False, reason=f"does not beat champion v{champion.version} on {label} ({score:.1f} "
+                                            f"<= {champion.score:.1f})", comparison=comparison)

@@ -1,0 +1,43 @@
+"""The one place the project talks to MLflow, one concern per module:
+
+  store       the tracking store: URI, server check, sqlite creation, autolog
+  runs        a step's run: where it opens, its config, how it always ends
+  evaluation  datasets, scores with intervals, paired differences, per-example tables
+  traces      evaluation traces: tags, model links, counts, assessments
+  models      programs as MLflow models: log and load
+  registry    registration, scores on versions, the `champion` alias (rule: pipelines/promotion.py)
+  prompts     learned instructions and demos in the prompt registry
+  usage       token use and cost per LM
+  optimizers  MIPROv2 trials and GEPA iterations as step metrics
+  reports     what steps log beside evaluations: index, optimization, comparison
+
+Elsewhere MLflow is called only by the retriever (its own trace span travels with the model) and by
+`pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run).
+"""
+
+from pipelines.tracking.evaluation import (
+    comparison_metrics,
+    estimate_metrics,
+    load_table,
+    log_datasets,
+    log_evaluation,
+    log_metrics,
+    log_table,
+)
+from pipelines.tracking.models import load_program, log_program, logged_model_of, new_model, program_signature
+from pipelines.tracking.optimizers import GEPAProgress, log_optimizer_trials
+from pipelines.tracking.prompts import link_prompts, register_prompts
+from pipelines.tracking.registry import CHAMPION, Registration, register, tag_scores
+from pipelines.tracking.reports import log_comparison, log_index, log_optimization
+from pipelines.tracking.runs import SWEEP_JOB_ENV, TrackingServerError, mask_overrides, run
+from pipelines.tracking.store import setup
+from pipelines.tracking.traces import evaluating, last_trace_id, watch_traces
+from pipelines.tracking.usage import usage
+
+__all__ = [
+    "CHAMPION", "SWEEP_JOB_ENV", "GEPAProgress", "Registration", "TrackingServerError", "comparison_metrics",
+    "estimate_metrics", "evaluating", "last_trace_id", "link_prompts", "load_program", "load_table",
+    "log_comparison", "log_datasets", "log_evaluation", "log_index", "log_metrics", "log_optimization",
+    "log_optimizer_trials", "log_program", "log_table", "logged_model_of", "mask_overrides", "new_model",
+    "program_signature", "register", "register_prompts", "run", "setup", "tag_scores", "usage", "watch_traces",
+]

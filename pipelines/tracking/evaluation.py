@@ -1,0 +1,122 @@
+"""What an evaluation leaves in its run: the datasets, scores with intervals (linked to the evaluated
+model and dataset), paired differences, the per-example table and the traces' assessments."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import dspy
+import mlflow
+import pandas as pd
+from mlflow.data.pandas_dataset import PandasDataset
+from mlflow.entities import LoggedModel, LoggedModelStatus
+
+from pipelines.scoring import RECALL, EvalResult
+from pipelines.stats import Comparison, Estimate
+from pipelines.tracking.traces import log_assessments
+
+if TYPE_CHECKING:
+    from pipelines.schema import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg: DataConfig) -> dict[str, PandasDataset]:
+    """Log each split as a run input; returns the datasets, to link metrics computed on them."""
+    source = dataset_source(data_cfg)
+    datasets = {}
+    for split, examples in splits.items():
+        if not examples:
+            continue
+        frame = pd.DataFrame([{"question": e.question, "response": e.response,
+                               "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
+        dataset = mlflow.data.from_pandas(frame, source=source, name=f"{data_cfg.name}-{split}", targets="response")
+        mlflow.log_input(dataset, context=split)
+        datasets[split] = dataset
+    return datasets
+
+
+def dataset_source(data_cfg: DataConfig):
+    """Where the examples came from: their download URL, else the local file as a `file://` URI.
+
+    Given a bare path, MLflow finds two identical local-file source types registered (one per URI
+    scheme, both of type "local") and warns on every split; offering it only the first leaves
+    nothing to guess.
+    """
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    if data_cfg.examples_url:
+        return HTTPDatasetSource(data_cfg.examples_url)
+    uri = Path(data_cfg.examples).resolve().as_uri()
+    local = [s for s in get_registered_sources() if s._get_source_type() == "local" and s._can_resolve(uri)]
+    return resolve_dataset_source(uri, candidate_sources=local[:1])
+
+
+def log_metrics(metrics: dict[str, float], *, model: LoggedModel | None = None,
+                dataset: PandasDataset | None = None) -> None:
+    """Metrics of the active run, linked to the model they measure and the dataset they were computed on.
+
+    A model still PENDING is logged by this run: `log_model` then links the run's metrics to it itself
+    (and fails on metrics already linked). Others (external, or logged earlier) are linked here.
+    """
+    linked = model if model is not None and model.status != LoggedModelStatus.PENDING else None
+    mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
+
+
+def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}` with `_ci_low` and `_ci_high` beside it when there is an interval."""
+    metrics = {}
+    for name, estimate in estimates.items():
+        metrics[f"{prefix}{name}"] = estimate.value
+        if estimate.half_width is not None:
+            metrics[f"{prefix}{name}_ci_low"] = estimate.low
+            metrics[f"{prefix}{name}_ci_high"] = estimate.high
+    return metrics
+
+
+def comparison_metrics(comparisons: dict[str, Comparison], prefix: str = "") -> dict[str, float]:
+    """`{prefix}{metric}_delta` with its `_ci_low`, `_ci_high` and `_p_value`."""
+    metrics = {}
+    for name, comparison in comparisons.items():
+        metrics.update(estimate_metrics({f"{name}_delta": comparison.delta}, prefix))
+        if comparison.p_value is not None:
+            metrics[f"{prefix}{name}_delta_p_value"] = comparison.p_value
+    return metrics
+
+
+def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: LoggedModel | None = None,
+                   dataset: PandasDataset | None = None) -> None:
+    """Metrics with intervals (linked to the evaluated model and dataset), the per-example table and
+    trace assessments, named alike for every entry point."""
+    metrics = {
+        **estimate_metrics(result.estimates, prefix),
+        f"{prefix}failed_examples": result.failed,
+        f"{prefix}judge_failures": result.judge_failures,
+        f"{prefix}num_examples": result.num_examples,
+    }
+    missing = [e.no_interval_reason for e in result.estimates.values() if e.no_interval_reason]
+    if missing:
+        log.warning("%s%s scores have %s", prefix, split, missing[0])
+        mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
+    if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
+        mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
+    log_metrics(metrics, model=model, dataset=dataset)
+    log_table(result.rows, f"eval/{prefix}{split}_results.json")
+    log_assessments(result)
+
+
+def log_table(rows: list[dict], artifact_file: str) -> None:
+    if rows:
+        mlflow.log_table(pd.DataFrame(rows), artifact_file=artifact_file)
+
+
+def load_table(run_id: str, artifact_file: str) -> list[dict] | None:
+    """Rows of a table a run logged with `log_table`, or None if it has no such artifact."""
+    try:
+        frame = mlflow.load_table(artifact_file, run_ids=[run_id])
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return None
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")  # empty cells: None

@@ -1,0 +1,40 @@
+"""What a step logs beside its evaluations: the index it retrieved from, the optimize run's
+side-by-side and learned program, and `main`'s comparison of its steps."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import dspy
+import mlflow
+
+from pipelines.tracking.evaluation import log_table
+
+
+def log_index(path: Path, build_info: dict[str, Any]) -> None:
+    mlflow.log_artifacts(str(path), "index")
+    mlflow.log_params({"index.key": path.name})
+    mlflow.log_metrics({"index_passages": build_info["passages"], "index_embedded_texts": build_info["embedded"]})
+    mlflow.set_tag("index.cache", "hit" if build_info["cache_hit"] else "built")
+
+
+def log_optimization(optimized: dspy.Module, *, side_by_side: list[dict], learned_prompt: str) -> None:
+    """Both programs' answers to each dev question, and the learned instructions and demos, as DSPy's
+    own JSON (`program/program.json`) and readable (`program/learned_prompt.md`)."""
+    log_table(side_by_side, "eval/dev_side_by_side.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "program.json"
+        optimized.save(str(path))
+        mlflow.log_artifact(str(path), "program")
+    mlflow.log_text(learned_prompt, "program/learned_prompt.md")
+
+
+def log_comparison(*, metrics: dict[str, float], rows: list[dict], chart, best_variant: str) -> None:
+    """`main`'s comparison of its steps: scores and paired differences as metrics, `comparison.json`,
+    `comparison.png` and the `best_variant` tag."""
+    mlflow.log_metrics(metrics)
+    log_table(rows, "comparison.json")
+    mlflow.log_figure(chart, "comparison.png")
+    mlflow.set_tag("best_variant", best_variant)

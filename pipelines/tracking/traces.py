@@ -1,0 +1,112 @@
+"""Traces of evaluations: tagged and linked to the evaluated model, counted once stored, and each
+example's metrics attached to its trace as assessments."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import mlflow
+from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel
+from mlflow.tracing.trace_manager import InMemoryTraceManager
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
+
+from pipelines.scoring import JUDGED, EvalResult
+
+log = logging.getLogger(__name__)
+
+# Tags for every trace of the evaluation in progress (one at a time per process).
+_trace_tags: dict[str, str] = {}
+
+
+def tag_traces(span) -> None:
+    """Span processor: a root span carries the evaluation's tags into its trace before export."""
+    if span.parent_id is None and _trace_tags:
+        with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
+            if trace is not None:
+                trace.info.tags.update(_trace_tags)
+
+
+@contextlib.contextmanager
+def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
+    """Traces made inside link to `model` (its Traces tab) and carry `tags` (variant, phase, split).
+
+    The run is marked as an evaluation run, as `mlflow.genai.evaluate` marks its own, so the UI lists
+    it with its traces and assessments."""
+    mlflow.set_tag(MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE)
+    _trace_tags.update(tags)
+    try:
+        with mlflow.set_active_model(model_id=model.model_id) if model else contextlib.nullcontext():
+            yield
+    finally:
+        _trace_tags.clear()
+
+
+def count_traces(run_id: str) -> int:
+    """Traces logged in a run."""
+    experiment_id = mlflow.get_run(run_id).info.experiment_id
+    return len(mlflow.search_traces(locations=[experiment_id], run_id=run_id, include_spans=False,
+                                    return_type="list"))
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
+    """Check that the traces of the evaluation inside made it to the store, and say why not.
+
+    MLflow drops a trace it cannot write with a log line only; here the count is a metric
+    (`traces_logged`) and a shortfall is a warning and a tag naming the export errors.
+    `expected` 0 means tracing is off: nothing to check.
+    """
+    if not expected:
+        yield
+        return
+    failures = _Warnings()
+    exporter_log = logging.getLogger("mlflow.tracing.export")
+    exporter_log.addHandler(failures)
+    run_id = mlflow.active_run().info.run_id
+    before = count_traces(run_id)
+    try:
+        yield
+        mlflow.flush_trace_async_logging()
+    finally:
+        exporter_log.removeHandler(failures)
+    logged = count_traces(run_id) - before
+    mlflow.log_metric(f"{prefix}traces_logged", logged)
+    if logged < expected:
+        reasons = "; ".join(dict.fromkeys(m[:300] for m in failures.messages)) or "no export error was reported"
+        message = f"{expected - logged} of {expected} traces were not written to the store ({reasons})"
+        log.warning(message)
+        mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
+
+
+def last_trace_id() -> str | None:
+    """The trace this thread finished last: inside a `dspy.Evaluate` metric, the example's program call."""
+    return mlflow.get_last_active_trace_id(thread_local=True)
+
+
+def log_assessments(result: EvalResult) -> None:
+    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by."""
+    if not any(row.get("trace_id") for row in result.rows):
+        return
+    mlflow.flush_trace_async_logging()  # with async export a trace may not be stored yet
+    judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
+    for row in result.rows:
+        if not row.get("trace_id"):
+            continue
+        for name in result.estimates:
+            if row.get(name) is None:
+                continue
+            source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
+                                                                   source_id=f"pipelines.scoring.{name}")
+            mlflow.log_feedback(trace_id=row["trace_id"], name=name, value=row[name], source=source,
+                                rationale=row.get(f"{name}_rationale") or row.get("error") or None)

@@ -1,0 +1,26 @@
+"""The real embedded LM under the schema-constrained adapter: its outputs parse, as a program's and as
+the SemanticF1 judge's."""
+
+import dspy
+
+from pipelines.config import compose
+from pipelines.data import load_splits
+from pipelines.lm import build_adapter, build_lm
+from pipelines.scoring import JudgedF1
+
+
+def test_constrained_local_lm_parses_cot_and_semantic_f1_on_two_examples(local_server):
+    cfg = compose("cot", ["lm.cache=false"])
+    lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
+    examples = load_splits(cfg.data).dev[:2]
+    metric = JudgedF1(lm)
+    with dspy.context(lm=lm, adapter=adapter):
+        for example in examples:
+            pred = dspy.ChainOfThought("question -> response")(question=example.question)
+            assert isinstance(pred.response, str) and pred.response.strip()
+            assert isinstance(pred.reasoning, str)
+            assert 0.0 <= metric(example, pred).score <= 1.0
+    assert metric.failures == 0
+    assert lm.kwargs["api_base"] == local_server
+    sent = lm.history[-1]["kwargs"]["response_format"]
+    assert sent["type"] == "json_object" and "recall" in sent["schema"]["properties"]

@@ -1,0 +1,114 @@
+"""Evaluations against the fake OpenAI-compatible server: full rows, failures counted, every trace of a
+many-threaded evaluation stored or its loss explained."""
+
+import time
+
+import dspy
+import mlflow
+import pytest
+
+from pipelines import tracking
+from pipelines.config import compose
+from pipelines.data import load_splits
+from pipelines.lm import build_adapter, build_lm
+from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
+
+from fake_lm import fake_model
+from helpers import fake_lm_overrides
+
+METRICS = ["semantic_f1", "token_f1", "rouge_l"]
+
+
+def fake_session(fake, mode="ok"):
+    cfg = compose("cot", fake_lm_overrides(fake.api_base, model=fake_model(mode)))
+    lm = build_lm(cfg.lm)
+    return lm, build_adapter(cfg.lm), load_splits(cfg.data).dev[:3], Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm))
+
+
+def test_good_answers_make_full_rows_on_the_0_100_scale(fake):
+    lm, adapter, dev, scorer = fake_session(fake)
+    with dspy.context(lm=lm, adapter=adapter):
+        result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=2, progress=False)
+    assert result.failed == 0 and result.judge_failures == 0
+    assert result.score == pytest.approx(50.0)  # the fake judge says recall = precision = 0.5
+    assert list(result.estimates) == METRICS
+    row = result.rows[0]
+    assert row["question"] == dev[0].question and row["gold"] == dev[0].response
+    assert row["prediction"] == "fake response" and row["reasoning"] == "fake reasoning"
+    assert row["semantic_f1"] == 50.0 and "precision 0.50, recall 0.50" in row["semantic_f1_rationale"]
+    assert row["token_f1"] == token_f1("fake response", dev[0].response)
+    assert "score" not in row and row["trace_id"] is None  # not traced: no trace id to attach metrics to
+    assert result.estimates["semantic_f1"].half_width == 0.0  # every example judged alike
+
+
+def test_lexical_metrics_are_identical_across_reruns(fake):
+    lm, adapter, dev, scorer = fake_session(fake)
+    runs = []
+    for _ in range(2):
+        with dspy.context(lm=lm, adapter=adapter):
+            runs.append(evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=2,
+                                 progress=False))
+    for metric in ("token_f1", "rouge_l"):
+        assert [r[metric] for r in runs[0].rows] == [r[metric] for r in runs[1].rows]
+        assert runs[0].estimates[metric] == runs[1].estimates[metric]
+
+
+@pytest.mark.parametrize("mode", ["garbage", "empty"])
+def test_unparsable_or_empty_output_counts_as_failure_and_zero_in_every_metric(fake, mode):
+    lm, adapter, dev, scorer = fake_session(fake, mode)
+    with dspy.context(lm=lm, adapter=adapter):
+        result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=2, progress=False)
+    assert result.num_examples == 3 and result.failed == 3 and result.score == 0.0
+    assert all(r["error"] for r in result.rows)
+    assert all(r[m] == 0.0 for r in result.rows for m in METRICS)
+    assert all(result.estimates[m].value == 0.0 for m in METRICS)
+    assert fake.calls == 3  # the program's calls only: a failed answer is not sent to the judge
+
+
+def traced_evaluation(store, fake, n: int, threads: int):
+    """`n` cot examples at `threads` threads through the project's scoring step, traced."""
+    from pipelines.steps import _score, prepare
+
+    cfg = compose("cot", [*fake_lm_overrides(fake.api_base, threads=threads),
+                          f"tracking.artifact_location={store}/artifacts"])
+    session = prepare(cfg)
+    examples = (session.splits.train + session.splits.dev + session.splits.test)[:n]
+    with tracking.run("traced", cfg) as active:
+        _score(session, dspy.ChainOfThought("question -> response"), examples, step="traced", split="dev",
+               model=None)
+    return mlflow.get_run(active.info.run_id)
+
+
+def test_every_example_of_a_many_threaded_evaluation_is_traced(store, fake, monkeypatch):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # A slow store lines the 24 threads' exports up, each holding a pooled connection while it
+    # asks for a second (as on a loaded host): with MLflow's default pool of 5 + 10 they starve.
+    original = SqlAlchemyStore.get_experiment
+
+    def slow_get_experiment(self, experiment_id):
+        time.sleep(0.3)
+        return original(self, experiment_id)
+
+    monkeypatch.setattr(SqlAlchemyStore, "get_experiment", slow_get_experiment)
+    run = traced_evaluation(store, fake, n=24, threads=24)  # starved exports time out after 30 s and are lost
+    assert run.data.metrics["traces_logged"] == 24 and "traces_missing" not in run.data.tags
+
+
+def test_traces_the_store_refuses_are_counted_and_explained(store, fake, monkeypatch, caplog):
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    original, calls = SqlAlchemyStore.start_trace, []
+
+    def every_third_fails(self, trace_info):
+        calls.append(trace_info)
+        if len(calls) % 3 == 0:
+            raise mlflow.exceptions.MlflowException("disk quota exceeded")
+        return original(self, trace_info)
+
+    monkeypatch.setattr(SqlAlchemyStore, "start_trace", every_third_fails)
+    with caplog.at_level("WARNING", logger="pipelines.tracking"):
+        run = traced_evaluation(store, fake, n=6, threads=1)
+    assert run.data.metrics["traces_logged"] == 4
+    assert "2 of 6 traces were not written" in run.data.tags["traces_missing"]
+    assert "disk quota exceeded" in run.data.tags["traces_missing"] and "disk quota exceeded" in caplog.text

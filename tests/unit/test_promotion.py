@@ -1,0 +1,63 @@
+"""The champion rule as pure functions: no store, only per-example scores."""
+
+import pytest
+
+from pipelines.config import compose
+from pipelines.promotion import FIRST, Champion, decide
+from pipelines.scoring import EvalResult, Scoring
+
+
+def scoring(rule="significant"):
+    return Scoring.from_cfg(compose("cot", [f"scoring.promotion={rule}"]).scoring)
+
+
+def result(scores, rule="significant"):
+    """A dev evaluation with these per-example SemanticF1 scores (0-100), one question each."""
+    rows = [{"question": f"q{i}", "semantic_f1": float(s), "error": ""} for i, s in enumerate(scores)]
+    return EvalResult.from_rows(rows, scoring(rule))
+
+
+def champion_of(scores, dev_set="dev1", with_rows=True):
+    old = result(scores)
+    return Champion(version="3", dev_set=dev_set, score=old.score, rows=old.rows if with_rows else None)
+
+
+BASE = [0, 100] * 10
+NOISE = [100, 100, 100, 100, 0, 0] + [0, 100] * 7  # +5 on average: two up, one down
+CLEAR = [min(100, s + 60) for s in BASE]
+
+
+def test_the_first_version_is_champion():
+    decision = decide(new=result([10, 20]), dev_set="dev1", champion=None, scoring=scoring())
+    assert decision.promoted and decision.reason == FIRST and decision.comparison is None
+
+
+@pytest.mark.parametrize("rule", ["significant", "better"])
+def test_another_dev_set_is_never_compared(rule):
+    decision = decide(new=result(CLEAR, rule), dev_set="dev2", champion=champion_of(BASE), scoring=scoring(rule))
+    assert not decision.promoted and "another dev set" in decision.reason and "v3" in decision.reason
+
+
+def test_significant_needs_the_paired_interval_above_zero():
+    noise = decide(new=result(NOISE), dev_set="dev1", champion=champion_of(BASE), scoring=scoring())
+    assert not noise.promoted and noise.comparison.delta.value == 5.0 and noise.comparison.delta.low < 0
+    clear = decide(new=result(CLEAR), dev_set="dev1", champion=champion_of(BASE), scoring=scoring())
+    assert clear.promoted and clear.comparison.above_zero and "beats champion v3 beyond noise" in clear.reason
+
+
+def test_significant_without_pairs_keeps_the_champion():
+    decision = decide(new=result(CLEAR), dev_set="dev1", champion=champion_of(BASE, with_rows=False),
+                      scoring=scoring())
+    assert not decision.promoted and "cannot pair" in decision.reason
+    one = decide(new=result([70]), dev_set="dev1", champion=champion_of([0]), scoring=scoring())
+    assert not one.promoted and "too few paired examples" in one.reason
+
+
+def test_better_compares_point_scores_strictly_and_still_reports_the_pairing():
+    better = scoring("better")
+    noise = decide(new=result(NOISE, "better"), dev_set="dev1", champion=champion_of(BASE), scoring=better)
+    assert noise.promoted and noise.comparison.delta.value == 5.0
+    tie = decide(new=result(BASE, "better"), dev_set="dev1", champion=champion_of(BASE), scoring=better)
+    assert not tie.promoted and "50.0 <= 50.0" in tie.reason
+    unscored = Champion(version="1", dev_set="dev1", score=None)
+    assert not decide(new=result(CLEAR, "better"), dev_set="dev1", champion=unscored, scoring=better).promoted
