@@ -65,9 +65,13 @@ class Session:
         return self.scorer.scoring
 
 
-def prepare(cfg: Config) -> Session:
+def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
+    """Check and build everything a step needs, cheapest checks first: a tracking server that is down
+    or refuses us, or a `model_uri` that names no model, fails before any LM starts."""
     scoring = Scoring.from_cfg(cfg.scoring)
-    tracking.setup(cfg)  # first: a tracking server that is down or refuses us fails before any LM starts
+    tracking.setup(cfg)
+    if model_uri:
+        tracking.check_model(model_uri)
     check_credentials(cfg.lm)
     judge_cfg = merged_judge_cfg(cfg)
     check_credentials(judge_cfg)
@@ -221,7 +225,7 @@ def run_evaluate(cfg: Config) -> StepResult:
     """Score any logged or registered program (`model_uri`) on a chosen split, in a new run."""
     if not cfg.get("model_uri"):
         raise ConfigError("evaluate needs model_uri=... (e.g. models:/NAME@champion or runs:/RUN_ID/program)")
-    session = prepare(cfg)
+    session = prepare(cfg, model_uri=cfg.model_uri)
     program = tracking.load_program(cfg.model_uri)
     split, step = cfg.split, f"evaluate-{cfg.split}"
     with tracking.run(step, cfg, tags={"model_uri": cfg.model_uri}) as active:

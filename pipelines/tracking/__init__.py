@@ -24,7 +24,14 @@ from pipelines.tracking.evaluation import (
     log_metrics,
     log_table,
 )
-from pipelines.tracking.models import load_program, log_program, logged_model_of, new_model, program_signature
+from pipelines.tracking.models import (
+    check_model,
+    load_program,
+    log_program,
+    logged_model_of,
+    new_model,
+    program_signature,
+)
 from pipelines.tracking.optimizers import GEPAProgress, log_optimizer_trials
 from pipelines.tracking.prompts import link_prompts, register_prompts
 from pipelines.tracking.registry import CHAMPION, Registration, register, tag_scores
@@ -35,7 +42,8 @@ from pipelines.tracking.traces import evaluating, last_trace_id, watch_traces
 from pipelines.tracking.usage import usage
 
 __all__ = [
-    "CHAMPION", "SWEEP_JOB_ENV", "GEPAProgress", "Registration", "TrackingServerError", "comparison_metrics",
+    "CHAMPION", "SWEEP_JOB_ENV", "GEPAProgress", "Registration", "TrackingServerError", "check_model",
+    "comparison_metrics",
     "estimate_metrics", "evaluating", "last_trace_id", "link_prompts", "load_program", "load_table",
     "log_comparison", "log_datasets", "log_evaluation", "log_index", "log_metrics", "log_optimization",
     "log_optimizer_trials", "log_program", "log_table", "logged_model_of", "mask_overrides", "new_model",

@@ -49,6 +49,16 @@ def log_program(program: dspy.Module, *, lm: dspy.LM, adapter: dspy.Adapter, mod
                      pip_requirements=str(PROJECT_ROOT / "requirements.txt"))
 
 
+def check_model(model_uri: str) -> ModelInfo:
+    """The model behind `model_uri`, or a one-line error saying why there is none."""
+    from mlflow.models import get_model_info
+
+    try:
+        return get_model_info(model_uri)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
+
+
 def load_program(model_uri: str) -> dspy.Module:
     """Load a logged program and, as `mlflow.dspy.load_model` does, configure DSPy with its LM and adapter.
 
@@ -59,10 +69,9 @@ def load_program(model_uri: str) -> dspy.Module:
     is no one's decision.
     """
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION as ALLOW_PICKLE
-    from mlflow.models import get_model_info
 
+    pyfunc = check_model(model_uri).flavors.get("python_function", {})
     try:
-        pyfunc = get_model_info(model_uri).flavors.get("python_function", {})
         pickled = pyfunc.get("loader_module") == "mlflow.dspy"
         if pickled and not (ALLOW_PICKLE.is_set() and ALLOW_PICKLE.get()):
             raise ConfigError(f"{model_uri} is a pickled program from an older version of this project, and "
@@ -82,7 +91,5 @@ def load_program(model_uri: str) -> dspy.Module:
 
 def logged_model_of(model_uri: str) -> LoggedModel | None:
     """The LoggedModel behind a `models:/` or `runs:/` URI, so an evaluation links to it."""
-    from mlflow.models import get_model_info
-
-    model_id = get_model_info(model_uri).model_id
+    model_id = check_model(model_uri).model_id
     return mlflow.get_logged_model(model_id) if model_id else None

@@ -113,6 +113,16 @@ def test_user_errors_are_one_line_and_exit_non_zero(store, module, args, message
     assert "Traceback" not in proc.stderr
 
 
+def test_evaluate_of_a_missing_model_starts_no_lm(store, tmp_path):
+    """The default, embedded LM: a model URI that names nothing fails before its server would start."""
+    servers = tmp_path / "llama-server"
+    proc = run_cli([sys.executable, "-m", "pipelines.evaluate", "model_uri=models:/nope@champion",
+                    f"tracking.artifact_location={store}/artifacts"], cwd=ROOT, env={"RAGQA_SERVER_DIR": str(servers)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot load models:/nope@champion")
+    assert not servers.exists() or not any(servers.iterdir())  # no server was started, or even looked for
+
+
 def test_runs_record_the_command_line_overrides_with_secrets_masked(store, fake):
     canary = "sk-canary-overrides-0123"
     overrides = [*fake_overrides(fake), f"tracking.artifact_location={store}/artifacts", "experiment=smoke",

@@ -5,12 +5,17 @@ import subprocess
 import sys
 import time
 
+import mlflow
 import psutil
 import pytest
 
+from pipelines import tracking
+from pipelines.lm import build_adapter, build_lm
+from pipelines.programs import build_program
 from pipelines.server import LMServerError, ensure_server, healthy, running_servers
+from pipelines.steps import build_retriever
 
-from helpers import ROOT
+from helpers import ROOT, served, smoke
 
 # A job that uses the embedded server: it prints the server's address and then just lives.
 USER = """
@@ -78,3 +83,23 @@ def test_keep_alive_holds_the_server_for_the_next_job(tmp_path):
     time.sleep(3)
     assert server.is_running() and healthy(api_base), "stopped before its keep_alive was up"
     assert gone_within(server, 10)
+
+
+def test_a_served_rag_program_takes_its_lm_server_down_with_it(store, fake, tmp_path):
+    """`mlflow models serve` of a program on the embedded LM, stopped as a user stops it (SIGTERM): its
+    llama.cpp server, started by the serving worker on the first question, is gone 10 s later."""
+    servers = tmp_path / "llama-server"
+    cfg = smoke("rag", store, "lm.max_tokens=48", "lm.cache=false", f"lm.server.state_dir={servers}",
+                "lm.server.n_ctx=2048", "embedder=openai", f"embedder.api_base={fake.api_base}",
+                "embedder.api_key_env=null")
+    tracking.setup(cfg)
+    retriever, _ = build_retriever(cfg)
+    with mlflow.start_run():
+        info = tracking.log_program(build_program(cfg.program, cfg.lm, retriever), lm=build_lm(cfg.lm),
+                                    adapter=build_adapter(cfg.lm), model=tracking.new_model("rag", variant="rag"),
+                                    signature=tracking.program_signature(retrieves=True), dspy_flavor=False)
+    with served(info.model_uri, store, {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}) as ask:
+        (answer,) = ask({"question": "how do I undo my last git commit?"})["predictions"]
+        server = server_process(servers)  # started by the serving worker, on the first question
+    assert answer["response"] and answer["error"] == ""
+    assert gone_within(server, 10), "the embedded LM server outlived `mlflow models serve`"
