@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
 
 
 def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
+    started = time.monotonic()
     corpus = load_corpus(cfg.data)
     embedder = build_embedder(cfg.embedder)
     built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.get("max_characters"),
@@ -96,7 +98,8 @@ def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
                                 brute_force_threshold=cfg.program.brute_force_threshold)
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
             "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
-            "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string"}
+            "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string",
+            "seconds": time.monotonic() - started}
     return Retriever(built.index, embedder, k=cfg.program.k), info
 
 
@@ -108,7 +111,7 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
     underneath us."""
     tracing = session.cfg.tracking
     traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
-    with tracking.watch_traces(len(examples) * traces_per_example, prefix), \
+    with tracking.watch_traces(len(examples) * traces_per_example, prefix), tracking.timed(f"{prefix}evaluate"), \
             tracking.evaluating(model, split=split, **trace_tags):
         result = evaluate(program, examples, session.scorer, session.cfg.num_threads,
                           trace_id=tracking.last_trace_id if tracing.log_traces else None)
@@ -130,13 +133,15 @@ def _log_and_register(session: Session, program: dspy.Module, result: EvalResult
     signature = tracking.program_signature(retrieves=index_info is not None,
                                            doc_id_type=(index_info or {}).get("doc_id_type", "long"),
                                            num_threads=session.cfg.num_threads)
-    info = tracking.log_program(program, lm=session.lm, adapter=session.adapter, model=model, signature=signature,
-                                dspy_flavor=session.cfg.tracking.dspy_flavor, prompts=prompts)
+    with tracking.timed("log_model"):
+        info = tracking.log_program(program, lm=session.lm, adapter=session.adapter, model=model,
+                                    signature=signature, dspy_flavor=session.cfg.tracking.dspy_flavor, prompts=prompts)
     if not registered:
         return info.model_uri, None
-    registration = tracking.register(info.model_uri, registered_model=registered, model_id=model.model_id,
-                                     result=result, dev_set=examples_hash(session.splits.dev), variant=variant,
-                                     scoring=session.scoring)
+    with tracking.timed("register"):
+        registration = tracking.register(info.model_uri, registered_model=registered, model_id=model.model_id,
+                                         result=result, dev_set=examples_hash(session.splits.dev), variant=variant,
+                                         scoring=session.scoring)
     tracking.link_prompts(prompts, registered_model=registered, version=registration.version,
                           promoted=registration.promoted)
     return info.model_uri, registration.version
@@ -200,8 +205,9 @@ def run_optimize(cfg: Config) -> StepResult:
         base = _score(session, baseline, session.splits.dev, step="optimize", split="dev", prefix="baseline_",
                       model=tracking.new_model("rag", variant="rag", external=True), dataset=datasets["dev"],
                       variant="rag", phase="baseline")
-        optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
-                                      **compile_kwargs(cfg.optimizer))
+        with tracking.timed("compile"):
+            optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
+                                          **compile_kwargs(cfg.optimizer))
         # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
         details = optimized.__dict__.pop("detailed_results", None)
         if details is not None:

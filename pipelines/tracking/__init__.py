@@ -39,7 +39,7 @@ from pipelines.tracking.reports import log_comparison, log_index, log_optimizati
 from pipelines.tracking.runs import SWEEP_JOB_ENV, TrackingServerError, mask_overrides, run
 from pipelines.tracking.store import setup
 from pipelines.tracking.traces import evaluating, last_trace_id, watch_traces
-from pipelines.tracking.usage import usage
+from pipelines.tracking.usage import timed, usage
 
 __all__ = [
     "CHAMPION", "SWEEP_JOB_ENV", "GEPAProgress", "Registration", "TrackingServerError", "check_model",
@@ -47,5 +47,6 @@ __all__ = [
     "estimate_metrics", "evaluating", "last_trace_id", "link_prompts", "load_program", "load_table",
     "log_comparison", "log_datasets", "log_evaluation", "log_index", "log_metrics", "log_optimization",
     "log_optimizer_trials", "log_program", "log_table", "logged_model_of", "mask_overrides", "new_model",
-    "program_signature", "register", "register_prompts", "run", "setup", "tag_scores", "usage", "watch_traces",
+    "program_signature", "register", "register_prompts", "run", "setup", "tag_scores", "timed", "usage",
+    "watch_traces",
 ]

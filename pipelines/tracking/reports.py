@@ -16,7 +16,8 @@ from pipelines.tracking.evaluation import log_table
 def log_index(path: Path, build_info: dict[str, Any]) -> None:
     mlflow.log_artifacts(str(path), "index")
     mlflow.log_params({"index.key": path.name})
-    mlflow.log_metrics({"index_passages": build_info["passages"], "index_embedded_texts": build_info["embedded"]})
+    mlflow.log_metrics({"index_passages": build_info["passages"], "index_embedded_texts": build_info["embedded"],
+                        "time_index_s": round(build_info["seconds"], 3)})
     mlflow.set_tag("index.cache", "hit" if build_info["cache_hit"] else "built")
 
 

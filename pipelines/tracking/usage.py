@@ -1,9 +1,10 @@
-"""Token use and cost of the LM calls a block makes, per LM, logged as run metrics."""
+"""What a block of a step costs, as run metrics: its LM calls' tokens and dollars, per LM, and its wall time."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 
 import dspy
@@ -30,6 +31,16 @@ def usage(lm: dspy.LM, **others: dspy.LM | None) -> Iterator[None]:
         for prefix, model in lms.items():
             metrics.update(_usage_metrics(_calls_after(model.history, marks[prefix]), prefix))
         mlflow.log_metrics(metrics)
+
+
+@contextlib.contextmanager
+def timed(phase: str) -> Iterator[None]:
+    """The block's wall time as the run metric `time_<phase>_s`, also when it fails."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        mlflow.log_metric(f"time_{phase}_s", round(time.monotonic() - started, 3))
 
 
 def _calls_after(history: list[dict], mark: dict | None) -> list[dict]:

@@ -1,5 +1,7 @@
 """Run lifecycle, config logging and champion promotion against a temporary store."""
 
+import time
+
 import dspy
 import mlflow
 import pytest
@@ -220,3 +222,10 @@ def test_usage_survives_dspy_trimming_the_history(store):
         for _ in range(4):  # DSPy drops the oldest entry beyond max_history_size
             lm.history = [*lm.history[1:], Recorded.call(7)]
     assert mlflow.get_run(active.info.run_id).data.metrics["prompt_tokens"] == 21  # the 3 calls still known
+
+
+def test_timed_logs_the_wall_time_of_a_block_even_when_it_fails(store):
+    with pytest.raises(RuntimeError), tracking.run("step", cfg_for(store)) as active, tracking.timed("compile"):
+        time.sleep(0.2)
+        raise RuntimeError("compile failed")
+    assert 0.2 <= mlflow.get_run(active.info.run_id).data.metrics["time_compile_s"] < 5
