@@ -36,10 +36,7 @@ def entry(config_name: str, step: Callable[[DictConfig], object]) -> Callable[[]
                 # A failed sweep job: the other jobs go on, and Hydra reports this one when they are done.
                 raise JobFailed(f"error: {e}") from e
             sys.exit(1)
-        evaluation = getattr(result, "result", None)
-        if evaluation is None:
-            return None
-        print(f"{config_name}: {evaluation.headline()}  (run {result.run_id})")
-        return evaluation.score
+        print(f"{config_name}: {result.headline()}  (run {result.run_id})")
+        return result.score
 
     return _main

@@ -14,6 +14,7 @@ One directory holds:
 from __future__ import annotations
 
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ def restore_embedder(spec: dict[str, Any]) -> dspy.Embedder:
 OUTPUTS = ("reasoning", "response")       # every program's outputs
 RETRIEVAL_OUTPUTS = ("context", "doc_ids")  # RAG's, beside them
 ERROR = "error"                             # why a row has no answer ("" when it has one)
+TRACE_EXECUTORS = "RAGQA_TRACE_EXECUTORS"   # "true": trace the calls (a Spark executor of a job with a tracking server)
 
 
 class ProgramModel(mlflow.pyfunc.PythonModel):
@@ -159,12 +161,19 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
         self.retrieves = isinstance(self.program, RAG)
+        # A Spark executor of a job that logs to a tracking server traces its calls there (the driver
+        # sets this, with MLflow's own MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID).
+        self.traced = os.environ.get(TRACE_EXECUTORS) == "true"
+        if self.traced:
+            mlflow.dspy.autolog(log_traces=True, silent=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         questions = model_input["question"].tolist()
         threads = max(1, min(int((params or {}).get("num_threads") or 1), len(questions) or 1))
         with ThreadPoolExecutor(max_workers=threads) as pool:
             rows = list(pool.map(self._answer, questions))
+        if self.traced:  # a Spark worker may be stopped before MLflow's export queue drains on its own
+            mlflow.flush_trace_async_logging()
         columns = [*OUTPUTS, *(RETRIEVAL_OUTPUTS if self.retrieves else ()), ERROR]
         return pd.DataFrame(rows, columns=columns)
 

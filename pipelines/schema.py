@@ -43,6 +43,16 @@ class PromotionRule(StrEnum):
     better = "better"            # the new point score is higher
 
 
+class Engine(StrEnum):
+    local = "local"  # this process: DSPy's threads
+    spark = "spark"  # Spark executors (the `spark/` group), gathered on the driver
+
+
+class OutputFormat(StrEnum):
+    parquet = "parquet"
+    jsonl = "jsonl"
+
+
 class Split(StrEnum):
     train = "train"
     dev = "dev"
@@ -137,6 +147,22 @@ class ScoringConfig:
 
 
 @dataclass
+class IndexConfig:
+    engine: Engine = Engine.local  # where the corpus is embedded; the index is built on the driver either way
+
+
+@dataclass
+class SparkConfig:
+    """A Spark session (pipelines/spark.py): `conf` is the tree of Spark properties below `spark.`."""
+
+    master: str = "local[*]"
+    log_level: str = "WARN"
+    forward_env: bool = True         # on a cluster, send the job's key variables as spark.executorEnv.* (redacted)
+    partitions: int | None = None    # tasks per batch: None = Spark's default parallelism
+    conf: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class PathsConfig:
     root: str = MISSING
     cache: str = MISSING
@@ -152,13 +178,20 @@ class Config:
     optimizer: dict[str, Any] = MISSING
     tracking: TrackingConfig = MISSING
     scoring: ScoringConfig = MISSING
+    spark: SparkConfig = MISSING
     paths: PathsConfig = MISSING
-    num_threads: int = 2
+    index: IndexConfig = field(default_factory=IndexConfig)
+    engine: Engine = Engine.local    # where evaluations run
+    num_threads: int | None = 2      # None (predict only): the logged program's own default
     split: Split = Split.dev
     model_uri: str | None = None
     judge: dict[str, Any] = field(default_factory=dict)
     gepa_optimizer: str = "gepa_quick"
     steps: list[str] | None = None   # main only
+    input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column
+    output: str | None = None        # predict: the directory the predictions go to
+    output_format: OutputFormat = OutputFormat.parquet
+    overwrite: bool = False          # predict: replace an existing output directory
 
 
 def register() -> None:

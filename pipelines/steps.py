@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-from pipelines import tracking
+from pipelines import batch, spark, tracking
+from pipelines.batch import Predictions
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.feedback import FeedbackF1
@@ -48,6 +49,21 @@ class StepResult:
     @property
     def score(self) -> float:
         return self.result.score
+
+    def headline(self) -> str:
+        return self.result.headline()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictResult:
+    run_id: str
+    predictions: Predictions
+    output: Path
+    score = None  # nothing to score: Hydra sweeps compare predict jobs by nothing
+
+    def headline(self) -> str:
+        p = self.predictions
+        return f"{p.rows} rows, {p.failed} failed, {p.rows / max(p.seconds, 1e-9):.1f} rows/s -> {self.output}"
 
 
 @dataclass
@@ -245,6 +261,34 @@ def run_evaluate(cfg: Config) -> StepResult:
                              dataset=datasets[split])
         tracking.tag_scores(cfg.model_uri, result, split)
         return StepResult(step, active.info.run_id, result, cfg.model_uri)
+
+
+def run_predict(cfg: Config) -> PredictResult:
+    """Answer every question of `input` with the program at `model_uri` on Spark; write them to `output`.
+    Bad input, an existing output, no Java or no such model stop before any run opens."""
+    missing = [key for key in ("model_uri", "input", "output") if not cfg.get(key)]
+    if missing:
+        raise ConfigError(f"predict needs {' '.join(f'{k}=...' for k in missing)} (e.g. "
+                          "model_uri=models:/NAME@champion input=questions.jsonl output=predictions/)")
+    source = batch.check_input(cfg.input)
+    output = batch.check_output(cfg.output, overwrite=cfg.overwrite)
+    spark.java_home(Path(cfg.paths.cache))
+    tracking.setup(cfg)
+    tracking.check_model(cfg.model_uri)
+    version = tracking.registered_version(cfg.model_uri)
+    tags = {"model_uri": cfg.model_uri, **({"model_version": f"{version[0]}/{version[1]}"} if version else {})}
+    with tracking.run("predict", cfg, tags=tags) as active:
+        session = spark.session(cfg)
+        frame = batch.read(session, source)
+        tracking.log_spark_input(frame, source.path)
+        predictions = batch.predict(session, frame, cfg.model_uri, output, output_format=cfg.output_format,
+                                    num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
+                                    executor_env=tracking.executor_tracing())
+        tracking.log_predictions(predictions, output=output, output_format=cfg.output_format,
+                                 executors=spark.executors(session))
+        result = PredictResult(run_id=active.info.run_id, predictions=predictions, output=output)
+        log.info("predict: %s", result.headline())
+        return result
 
 
 STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}

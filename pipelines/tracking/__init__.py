@@ -22,6 +22,7 @@ from pipelines.tracking.evaluation import (
     log_datasets,
     log_evaluation,
     log_metrics,
+    log_spark_input,
     log_table,
 )
 from pipelines.tracking.models import (
@@ -34,19 +35,9 @@ from pipelines.tracking.models import (
 )
 from pipelines.tracking.optimizers import GEPAProgress, log_optimizer_trials
 from pipelines.tracking.prompts import link_prompts, register_prompts
-from pipelines.tracking.registry import CHAMPION, Registration, register, tag_scores
-from pipelines.tracking.reports import log_comparison, log_index, log_optimization
+from pipelines.tracking.registry import CHAMPION, Registration, register, registered_version, tag_scores
+from pipelines.tracking.reports import log_comparison, log_index, log_optimization, log_predictions
 from pipelines.tracking.runs import SWEEP_JOB_ENV, TrackingServerError, mask_overrides, run
 from pipelines.tracking.store import setup
-from pipelines.tracking.traces import evaluating, last_trace_id, watch_traces
+from pipelines.tracking.traces import evaluating, executor_tracing, last_trace_id, watch_traces
 from pipelines.tracking.usage import timed, usage
-
-__all__ = [
-    "CHAMPION", "SWEEP_JOB_ENV", "GEPAProgress", "Registration", "TrackingServerError", "check_model",
-    "comparison_metrics",
-    "estimate_metrics", "evaluating", "last_trace_id", "link_prompts", "load_program", "load_table",
-    "log_comparison", "log_datasets", "log_evaluation", "log_index", "log_metrics", "log_optimization",
-    "log_optimizer_trials", "log_program", "log_table", "logged_model_of", "mask_overrides", "new_model",
-    "program_signature", "register", "register_prompts", "run", "setup", "tag_scores", "timed", "usage",
-    "watch_traces",
-]

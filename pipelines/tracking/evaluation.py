@@ -38,6 +38,11 @@ def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg: DataConfig) ->
     return datasets
 
 
+def log_spark_input(frame, path: Path) -> None:
+    """A Spark DataFrame read from `path` as the run's input (digest from its plan: no pass over the data)."""
+    mlflow.log_input(mlflow.data.from_spark(frame, path=str(path), name=path.name), context="predict")
+
+
 def dataset_source(data_cfg: DataConfig):
     """Where the examples came from: their download URL, else the local file as a `file://` URI.
 

@@ -97,16 +97,21 @@ def _logged_model_id(source: str) -> str | None:
     return match[1] if match else None
 
 
-def tag_scores(model_uri: str, result: EvalResult, split: str) -> None:
-    """Record a split's primary score on the registry version behind a `models:/NAME/VERSION` or
-    `models:/NAME@ALIAS` URI, for the versions list (the full scores are the run's metrics)."""
+def registered_version(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) of the registry version behind a `models:/NAME/VERSION` or `models:/NAME@ALIAS`
+    URI, as it is now; None for other URIs."""
     match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@(\w+))", model_uri)
     if not match:
-        return
+        return None
     name, version, alias = match.groups()
-    if alias:
-        version = MlflowClient().get_model_version_by_alias(name, alias).version
-    _tag(name, version, {f"{split}_{result.primary}": result.estimates[result.primary].describe()})
+    return name, str(MlflowClient().get_model_version_by_alias(name, alias).version if alias else version)
+
+
+def tag_scores(model_uri: str, result: EvalResult, split: str) -> None:
+    """Record a split's primary score on the registry version behind `model_uri`, for the versions list
+    (the full scores are the run's metrics)."""
+    if found := registered_version(model_uri):
+        _tag(*found, {f"{split}_{result.primary}": result.estimates[result.primary].describe()})
 
 
 def _tag(registered_model: str, version: str, tags: dict[str, str]) -> None:

@@ -1,5 +1,5 @@
 """What a step logs beside its evaluations: the index it retrieved from, the optimize run's
-side-by-side and learned program, and `main`'s comparison of its steps."""
+side-by-side and learned program, `main`'s comparison of its steps, a prediction job's output."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 import dspy
 import mlflow
 
+from pipelines.batch import Predictions
 from pipelines.tracking.evaluation import log_table
 
 
@@ -30,6 +31,15 @@ def log_optimization(optimized: dspy.Module, *, side_by_side: list[dict], learne
         optimized.save(str(path))
         mlflow.log_artifact(str(path), "program")
     mlflow.log_text(learned_prompt, "program/learned_prompt.md")
+
+
+def log_predictions(predictions: Predictions, *, output: Path, output_format: str, executors: int) -> None:
+    """A batch prediction job's counts, speed, where its output went, and a sample of it."""
+    mlflow.log_metrics({"rows": predictions.rows, "failed_rows": predictions.failed, "executors": executors,
+                        "rows_per_second": round(predictions.rows / max(predictions.seconds, 1e-9), 3),
+                        "time_predict_s": round(predictions.seconds, 3)})
+    mlflow.set_tags({"output": str(output), "output_format": output_format})
+    log_table(predictions.sample.to_dict(orient="records"), "predictions/sample.json")
 
 
 def log_comparison(*, metrics: dict[str, float], rows: list[dict], chart, best_variant: str) -> None:

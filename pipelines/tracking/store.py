@@ -37,7 +37,7 @@ def setup(cfg: Config) -> None:
         # One writer: sqlite takes one at a time anyway, and concurrent exporters burn CPU on lock
         # contention and lose traces to "database is locked".
         os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
-    size_connection_pool(max(cfg.num_threads, int(cfg.optimizer.get("num_threads") or 0)))
+    size_connection_pool(max(cfg.num_threads or 1, int(cfg.optimizer.get("num_threads") or 0)))
     uri = store_uri(cfg.tracking)
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):

@@ -12,6 +12,7 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
+from pipelines.packaging import TRACE_EXECUTORS
 from pipelines.scoring import JUDGED, EvalResult
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,20 @@ def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
         message = f"{expected - logged} of {expected} traces were not written to the store ({reasons})"
         log.warning(message)
         mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
+
+
+def executor_tracing() -> dict[str, str]:
+    """What Spark executors need to trace into this run's experiment: with a tracking server, its URI
+    and the experiment (credentials travel as the job's other secrets do, pipelines/spark.py); with a
+    local store, nothing: executors do not trace, and one line says why."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        log.info("Spark executors do not trace: the tracking store %s is a local file, which executors on other "
+                 "machines cannot reach and concurrent writers lock; point MLFLOW_TRACKING_URI at an mlflow server "
+                 "to trace them", uri)
+        return {}
+    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": mlflow.active_run().info.experiment_id,
+            TRACE_EXECUTORS: "true"}
 
 
 def last_trace_id() -> str | None:
