@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,8 +199,11 @@ class IndexBuild:
 
 
 def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int | None, cache_dir: Path,
-                        brute_force_threshold: int = 20_000) -> IndexBuild:
-    """The index for `corpus`, from `cache_dir/<content hash>/` when present and sound, else built there."""
+                        brute_force_threshold: int = 20_000,
+                        embed: Callable[[list[str]], np.ndarray] | None = None) -> IndexBuild:
+    """The index for `corpus`, from `cache_dir/<content hash>/` when present and sound, else built there.
+    `embed` computes the passages' embeddings (default: `embedder` here, in batches; elsewhere, e.g.
+    on Spark: `pipelines.engine.embed_on_spark`); the cache key does not depend on where."""
     if not corpus.texts:
         raise ConfigError(f"{corpus.path}: the corpus is empty")
     identity = embedder_identity(emb_cfg)
@@ -214,7 +218,7 @@ def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int |
             log.warning("Index cache at %s is unusable (%s); rebuilding it", path, e)
             shutil.rmtree(path, ignore_errors=True)
     passages = [t[:max_characters] if max_characters else t for t in corpus.texts]
-    vectors = embed_all(embedder, passages, batch_size=emb_cfg.batch_size)
+    vectors = embed(passages) if embed else embed_all(embedder, passages, batch_size=emb_cfg.batch_size)
     index = Index(normalize(vectors), passages, list(corpus.doc_ids),
                   meta={"key": key, "embedder": identity, "max_characters": max_characters,
                         "corpus": str(corpus.path), "format": INDEX_FORMAT},

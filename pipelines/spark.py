@@ -17,11 +17,13 @@ One session per job, started on first use and stopped when the job ends. What it
 from __future__ import annotations
 
 import atexit
+import hashlib
 import logging
 import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +51,8 @@ for a in "$@"; do
 done
 exec "{java}" "$@"
 """
-QUIET_LOG4J = Path(__file__).with_name("spark-log4j2.properties")
+PACKAGE = Path(__file__).resolve().parent
+QUIET_LOG4J = PACKAGE / "spark-log4j2.properties"
 
 _session: SparkSession | None = None
 
@@ -132,8 +135,26 @@ def session(cfg: Config) -> SparkSession:
         hint = f"; {JAVA_HINT}" if "JAVA_GATEWAY_EXITED" in str(e) else ""
         raise ConfigError(f"Spark did not start ({str(e).strip().splitlines()[0][:300]}){hint}") from None
     _session.sparkContext.setLogLevel(spark_cfg.log_level)
+    _session.sparkContext.addPyFile(str(code_archive(Path(cfg.paths.cache))))
     atexit.register(stop)
     return _session
+
+
+def code_archive(cache: Path) -> Path:
+    """This project's `pipelines` package as a zip, for executors' Python workers to import (named by its
+    content, written once)."""
+    files = sorted(p for p in PACKAGE.rglob("*.py"))
+    digest = hashlib.sha256(b"".join(p.relative_to(PACKAGE.parent).as_posix().encode() + p.read_bytes()
+                                     for p in files)).hexdigest()[:16]
+    archive = cache / "spark" / f"pipelines-{digest}.zip"
+    if not archive.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_suffix(f".{os.getpid()}")
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for path in [*files, *PACKAGE.glob("*.properties")]:
+                zf.write(path, path.relative_to(PACKAGE.parent).as_posix())
+        os.replace(tmp, archive)
+    return archive
 
 
 def stop() -> None:

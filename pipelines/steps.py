@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-from pipelines import batch, spark, tracking
+from pipelines import batch, engine, packaging, spark, tracking
 from pipelines.batch import Predictions
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
@@ -25,6 +25,7 @@ from pipelines.optimizers import build_optimizer, check_reflection, compile_kwar
 from pipelines.programs import build_program
 from pipelines.report import comparison_chart, comparison_row, describe_program, side_by_side
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
+from pipelines.schema import Engine
 from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
 from pipelines.server import LMServerError, healthy
 
@@ -109,9 +110,15 @@ def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
     started = time.monotonic()
     corpus = load_corpus(cfg.data)
     embedder = build_embedder(cfg.embedder)
-    built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.get("max_characters"),
+
+    def on_spark(texts: list[str]):  # started only when the index is not cached
+        return engine.embed_on_spark(spark.session(cfg), texts, packaging.embedder_spec(embedder),
+                                     partitions=cfg.spark.partitions)
+
+    built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.max_characters,
                                 Path(cfg.paths.cache) / "index",
-                                brute_force_threshold=cfg.program.brute_force_threshold)
+                                brute_force_threshold=cfg.program.brute_force_threshold,
+                                embed=on_spark if cfg.index.engine == Engine.spark else None)
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
             "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
             "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string",
@@ -125,12 +132,22 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
     """Evaluate `program` (the LoggedModel `model`) on `examples` in `step`'s run: traces linked to the
     model and tagged; metrics, table and assessments logged; then fail loudly if the LM server died
     underneath us."""
-    tracing = session.cfg.tracking
-    traces_per_example = (1 + bool(tracing.trace_judge)) if tracing.log_traces else 0
+    cfg, tracing = session.cfg, session.cfg.tracking
+    on_spark = cfg.engine == Engine.spark
+    where = tracking.evaluation_tracing(model, split=split, **trace_tags) if on_spark and tracing.log_traces else None
+    traced = tracing.log_traces and (where is not None or not on_spark)
+    # Executors do not trace the judge: one trace per example there.
+    traces_per_example = (1 + bool(tracing.trace_judge and not on_spark)) if traced else 0
     with tracking.watch_traces(len(examples) * traces_per_example, prefix), tracking.timed(f"{prefix}evaluate"), \
             tracking.evaluating(model, split=split, **trace_tags):
-        result = evaluate(program, examples, session.scorer, session.cfg.num_threads,
-                          trace_id=tracking.last_trace_id if tracing.log_traces else None)
+        if on_spark:  # the program answers through whatever LM and adapter DSPy is configured with, as here
+            result = engine.evaluate_on_spark(spark.session(cfg), program, examples, session.scorer,
+                                              lm=dspy.settings.lm, adapter=dspy.settings.adapter,
+                                              num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
+                                              cache_dir=str(Path(cfg.paths.cache) / "dspy"), tracing=where)
+        else:
+            result = evaluate(program, examples, session.scorer, cfg.num_threads,
+                              trace_id=tracking.last_trace_id if tracing.log_traces else None)
     tracking.log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
     log.info("%s %s%s: %s", step, prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")

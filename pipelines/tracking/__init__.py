@@ -39,5 +39,11 @@ from pipelines.tracking.registry import CHAMPION, Registration, register, regist
 from pipelines.tracking.reports import log_comparison, log_index, log_optimization, log_predictions
 from pipelines.tracking.runs import SWEEP_JOB_ENV, TrackingServerError, mask_overrides, run
 from pipelines.tracking.store import setup
-from pipelines.tracking.traces import evaluating, executor_tracing, last_trace_id, watch_traces
+from pipelines.tracking.traces import (
+    evaluating,
+    evaluation_tracing,
+    executor_tracing,
+    last_trace_id,
+    watch_traces,
+)
 from pipelines.tracking.usage import timed, usage

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel
+from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
@@ -17,16 +20,19 @@ from pipelines.scoring import JUDGED, EvalResult
 
 log = logging.getLogger(__name__)
 
-# Tags for every trace of the evaluation in progress (one at a time per process).
+# Tags for every trace of the evaluation in progress (one at a time per process), and metadata: on a
+# Spark executor, the driver's run, which MLflow links traces to only in the process that opened it.
 _trace_tags: dict[str, str] = {}
+_trace_metadata: dict[str, str] = {}
 
 
 def tag_traces(span) -> None:
-    """Span processor: a root span carries the evaluation's tags into its trace before export."""
-    if span.parent_id is None and _trace_tags:
+    """Span processor: a root span carries the evaluation's tags (and metadata) into its trace before export."""
+    if span.parent_id is None and (_trace_tags or _trace_metadata):
         with InMemoryTraceManager.get_instance().get_trace(span.trace_id) as trace:
             if trace is not None:
                 trace.info.tags.update(_trace_tags)
+                trace.info.trace_metadata.update(_trace_metadata)
 
 
 @contextlib.contextmanager
@@ -90,18 +96,58 @@ def watch_traces(expected: int, prefix: str = "") -> Iterator[None]:
         mlflow.set_tag(f"{prefix}traces_missing", message[:5000])
 
 
-def executor_tracing() -> dict[str, str]:
-    """What Spark executors need to trace into this run's experiment: with a tracking server, its URI
-    and the experiment (credentials travel as the job's other secrets do, pipelines/spark.py); with a
-    local store, nothing: executors do not trace, and one line says why."""
+def executors_trace() -> bool:
+    """Whether Spark executors trace: only to a tracking server; a local store is a file that executors
+    on other machines cannot reach and that concurrent writers lock (one line says so)."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        log.info("Spark executors do not trace: the tracking store %s is a local file, which executors on other "
-                 "machines cannot reach and concurrent writers lock; point MLFLOW_TRACKING_URI at an mlflow server "
-                 "to trace them", uri)
+    if uri.startswith(("http://", "https://")):
+        return True
+    log.info("Spark executors do not trace: the tracking store %s is a local file, which executors on other "
+             "machines cannot reach and concurrent writers lock; point MLFLOW_TRACKING_URI at an mlflow server "
+             "to trace them", uri)
+    return False
+
+
+def executor_tracing() -> dict[str, str]:
+    """The environment a `spark_udf` needs to trace this run's predictions (credentials travel as the
+    job's other secrets do, pipelines/spark.py); empty when executors do not trace."""
+    if not executors_trace():
         return {}
-    return {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_ID": mlflow.active_run().info.experiment_id,
-            TRACE_EXECUTORS: "true"}
+    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), TRACE_EXECUTORS: "true",
+            "MLFLOW_EXPERIMENT_ID": mlflow.active_run().info.experiment_id}
+
+
+def evaluation_tracing(model: LoggedModel | None, **tags: str) -> dict[str, Any] | None:
+    """Where executors of a Spark evaluation trace: this run, linked to `model`, with `tags`; None when
+    executors do not trace."""
+    if not executors_trace():
+        return None
+    run = mlflow.active_run()
+    return {"uri": mlflow.get_tracking_uri(), "experiment_id": run.info.experiment_id, "run_id": run.info.run_id,
+            "model_id": model.model_id if model else None, "tags": tags}
+
+
+@contextlib.contextmanager
+def trace_on_executor(where: dict[str, Any] | None) -> Iterator[Callable[[], str | None] | None]:
+    """On a Spark executor: trace the calls inside as `evaluation_tracing` said, and yield the function
+    that tells a row's trace id; with `where` None, trace nothing and yield None."""
+    if where is None:
+        yield None
+        return
+    mlflow.set_tracking_uri(where["uri"])
+    os.environ["MLFLOW_EXPERIMENT_ID"] = where["experiment_id"]
+    mlflow.tracing.configure(span_processors=[tag_traces])
+    mlflow.dspy.autolog(log_traces=True, log_traces_from_eval=True, silent=True)
+    _trace_tags.clear()
+    _trace_tags.update(where["tags"])
+    _trace_metadata.update({TraceMetadataKey.SOURCE_RUN: where["run_id"]})
+    try:
+        with mlflow.set_active_model(model_id=where["model_id"]) if where["model_id"] else contextlib.nullcontext():
+            yield last_trace_id
+        mlflow.flush_trace_async_logging()  # the worker may be stopped before the queue drains
+    finally:
+        _trace_tags.clear()
+        _trace_metadata.clear()
 
 
 def last_trace_id() -> str | None:
