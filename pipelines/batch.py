@@ -63,11 +63,11 @@ def check_input(path: str) -> Source:
         columns, has_rows = _peek(files, fmt)
     except (OSError, ValueError) as e:
         raise ConfigError(f"input={path}: cannot read it as {fmt} ({type(e).__name__}: {e})") from None
-    if "question" not in columns:
-        raise ConfigError(f"input={path} has no `question` column (columns: {', '.join(columns) or 'none'}); "
-                          "rename the column that holds the questions")
     if not has_rows:
         raise ConfigError(f"input={path} has no rows")
+    if "question" not in columns:
+        raise ConfigError(f"input={path} has no `question` column (columns: {', '.join(columns)}); "
+                          "rename the column that holds the questions")
     clashes = [c for c in columns if c in (*OUTPUTS, *RETRIEVAL_OUTPUTS, ERROR, ROW)]
     if clashes:
         raise ConfigError(f"input={path}: column(s) {', '.join(clashes)} would be overwritten by the predictions; "
@@ -136,7 +136,22 @@ def predict(spark: SparkSession, frame: DataFrame, model_uri: str, output: Path,
     written = spark.read.parquet(str(output)) if output_format == "parquet" else spark.read.json(str(output))
     counts = written.agg(F.count("*").alias("rows"), F.sum((F.col(ERROR) != "").cast("int")).alias("failed")).first()
     return Predictions(rows=counts["rows"], failed=counts["failed"] or 0, seconds=seconds,
-                       sample=written.limit(SAMPLE_ROWS).toPandas())
+                       sample=_head(output, output_format, SAMPLE_ROWS))
+
+
+def _head(output: Path, output_format: str, n: int) -> pd.DataFrame:
+    """The first `n` rows of the written output, from its part files in order (Spark reads them back in
+    whatever order it packs them)."""
+    import pandas as pd
+
+    frames, rows = [], 0
+    for part in sorted(output.glob("part-*")):
+        frame = pd.read_parquet(part) if output_format == "parquet" else pd.read_json(part, lines=True)
+        frames.append(frame.head(n - rows))
+        rows += len(frames[-1])
+        if rows >= n:
+            break
+    return pd.concat(frames, ignore_index=True)
 
 
 def _replace(tmp: Path, output: Path) -> None:

@@ -10,6 +10,7 @@ settings, never a key (keys come from the executors' environment, `pipelines/spa
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,7 +42,8 @@ def evaluate_on_spark(spark: SparkSession, program: dspy.Module, examples: list[
     with tempfile.TemporaryDirectory() as tmp:
         name = f"program-{uuid.uuid4().hex[:12]}"
         packaging.save(program, lm, adapter, Path(tmp) / name)
-        spark.sparkContext.addFile(str(Path(tmp) / name), recursive=True)
+        # One file: Spark ships directories only to a local master.
+        spark.sparkContext.addFile(shutil.make_archive(str(Path(tmp) / name), "zip", Path(tmp) / name))
         judge = scorer.judge.judge_lm if scorer.judge else None
         job = {"program": name, "scoring": scorer.scoring, "num_threads": num_threads,
                "judge": packaging.lm_spec(judge) if judge is not None else None, "cache_dir": cache_dir,
@@ -84,7 +86,9 @@ def _program(name: str, cache_dir: str | None) -> packaging.Packaged:
 
         if cache_dir:  # LM responses from the same cache as the driver's, where the executor can reach it
             dspy.configure_cache(disk_cache_dir=cache_dir)
-        _loaded[name] = packaging.load(Path(SparkFiles.get(name)))
+        files = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        shutil.unpack_archive(SparkFiles.get(f"{name}.zip"), files)
+        _loaded[name] = packaging.load(files)
     return _loaded[name]
 
 

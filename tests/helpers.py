@@ -112,3 +112,67 @@ def served(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 180)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # uvicorn runs in a child of the CLI
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def spark_cluster(base: Path, *, workers: int = 2):
+    """A Spark standalone cluster on loopback: a master and `workers` workers (1 core, 1 GiB each)
+    started with pip's pyspark `spark-class`, as an operator would. Yields the master URL; every daemon
+    (and the executors they started) is stopped at the end."""
+    import pyspark
+
+    from pipelines.spark import java_home
+
+    home = java_home(base)
+    env = {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent), "SPARK_LOCAL_IP": "127.0.0.1",
+           "SPARK_LOG_DIR": str(base / "logs"), "SPARK_NO_DAEMONIZE": "1", **({"JAVA_HOME": home} if home else {})}
+    spark_class = str(Path(pyspark.__file__).parent / "bin" / "spark-class")
+    port, ui = free_port(), free_port()
+    daemons: list[subprocess.Popen] = []
+
+    def start(name: str, *args: str) -> None:
+        (base / "logs").mkdir(parents=True, exist_ok=True)
+        with open(base / "logs" / f"{name}.out", "w") as out:
+            daemons.append(subprocess.Popen([spark_class, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True))
+
+    def alive_workers() -> int:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui}/json/", timeout=2) as resp:
+            return sum(w["state"] == "ALIVE" for w in json.loads(resp.read())["workers"])
+
+    def wait(ready, what: str, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while True:
+            try:
+                if ready():
+                    return
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise AssertionError(f"{what} within {timeout} s; see {base / 'logs'}")
+            time.sleep(0.3)
+
+    try:
+        start("master", "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(port),
+              "--webui-port", str(ui))
+        wait(lambda: alive_workers() == 0, "no Spark master answered")  # workers register only once it is up
+        for i in range(workers):
+            start(f"worker{i}", "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}", "--host",
+                  "127.0.0.1", "--cores", "1", "--memory", "1g", "--webui-port", str(free_port()),
+                  "--work-dir", str(base / f"worker{i}"))
+        wait(lambda: alive_workers() == workers, f"not {workers} Spark workers ALIVE")
+        yield f"spark://127.0.0.1:{port}"
+    finally:
+        for daemon in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(daemon.pid, signal.SIGTERM)  # the daemon and the executors it started
+        for daemon in daemons:
+            daemon.wait(timeout=30)
+
+
+def spark_executors() -> list:
+    """The executor JVMs running on this machine (psutil processes)."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if any("CoarseGrainedExecutorBackend" in part for part in p.info["cmdline"] or [])]
