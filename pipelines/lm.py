@@ -5,11 +5,13 @@ An `lm=local` model starts (or finds) the embedded llama.cpp server (pipelines/s
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from typing import Any
 
 import dspy
+from dspy.utils.callback import with_callbacks
 from pydantic import TypeAdapter
 
 from pipelines.config import NO_KEY, ConfigError, require_env
@@ -79,7 +81,23 @@ def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,
     return {"type": "object", "properties": schemas, "required": list(schemas)}
 
 
-class SchemaJSONAdapter(dspy.JSONAdapter):
+def traced_once(cls: type[dspy.Adapter]) -> type[dspy.Adapter]:
+    """DSPy wraps `format` and `parse` in its callbacks once per subclass level, so a call on a subclass
+    of a subclass runs through nested copies of the wrapper and autolog records a span for each (three
+    `format` spans and two `parse` spans per LM call, each with the whole prompt). Wrap the innermost
+    method once."""
+    for name in ("format", "parse"):
+        setattr(cls, name, with_callbacks(inspect.unwrap(getattr(cls, name))))
+    return cls
+
+
+@traced_once
+class JSONAdapter(dspy.JSONAdapter):
+    """DSPy's JSONAdapter, traced once per call."""
+
+
+@traced_once
+class SchemaJSONAdapter(JSONAdapter):
     """JSONAdapter whose decoding is constrained to the output-field schema.
 
     llama-cpp-python takes `{"type": "json_object", "schema": ...}` and compiles it to a grammar; with it
@@ -100,7 +118,7 @@ def build_adapter(lm_cfg: LMConfig) -> dspy.Adapter:
     kind = Adapter(lm_cfg.adapter)  # also a plain string: a logged program's spec
     if kind is Adapter.json_schema:
         return SchemaJSONAdapter(max_field_chars=lm_cfg.max_field_chars)
-    return dspy.JSONAdapter() if kind is Adapter.json else dspy.ChatAdapter()
+    return JSONAdapter() if kind is Adapter.json else dspy.ChatAdapter()  # ChatAdapter is wrapped once already
 
 
 def check_credentials(lm_cfg: LMConfig) -> None:

@@ -117,10 +117,11 @@ def adapter_spec(adapter: dspy.Adapter) -> dict[str, Any]:
     """In the `lm/` config's terms, so `build_adapter` rebuilds it."""
     if isinstance(adapter, SchemaJSONAdapter):
         return {"adapter": "json_schema", "max_field_chars": adapter.max_field_chars}
-    kinds = {dspy.JSONAdapter: "json", dspy.ChatAdapter: "chat"}
-    if type(adapter) not in kinds:
-        raise ConfigError(f"cannot log a program answering through a {type(adapter).__name__}")
-    return {"adapter": kinds[type(adapter)]}
+    if isinstance(adapter, dspy.JSONAdapter):
+        return {"adapter": "json"}
+    if type(adapter) is dspy.ChatAdapter:
+        return {"adapter": "chat"}
+    raise ConfigError(f"cannot log a program answering through a {type(adapter).__name__}")
 
 
 def embedder_spec(embedder) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from pipelines.tracking.evaluation import log_table
 
 
 def log_index(path: Path, build_info: dict[str, Any]) -> None:
-    mlflow.log_artifacts(str(path), "index")
+    """Which index the run retrieved from (its cache key, size, how it was got). The index itself is
+    stored once, in the files of the model the run logs, not again as a run artifact."""
     mlflow.log_params({"index.key": path.name})
     mlflow.log_metrics({"index_passages": build_info["passages"], "index_embedded_texts": build_info["embedded"],
                         "time_index_s": round(build_info["seconds"], 3)})

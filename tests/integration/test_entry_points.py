@@ -83,6 +83,11 @@ def test_rag_caches_its_index_logs_recall_and_answers_with_retrieval(store, fake
     for run in (first, second):
         assert run.info.status == "FINISHED" and 0 <= run.data.metrics["recall_at_k"] <= 100
     client = client_for(store)
+    assert "index" not in {a.path for a in client.list_artifacts(second.info.run_id)}  # one copy: the model's
+    (model,) = client.search_logged_models([second.info.experiment_id],
+                                           filter_string=f"source_run_id = '{second.info.run_id}'")
+    files = {a.path for a in client.list_logged_model_artifacts(model.model_id, "artifacts/program/index")}
+    assert "artifacts/program/index/embeddings.npy" in files
     table = json.loads(open(client.download_artifacts(second.info.run_id, "eval/dev_results.json")).read())
     assert {"passages", "retrieved_doc_ids", "recall_at_k"} <= set(table["columns"])
     version = client.search_model_versions(f"run_id='{second.info.run_id}'")[0].version
