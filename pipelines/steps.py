@@ -139,16 +139,17 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
     # Executors do not trace the judge: one trace per example there.
     traces_per_example = (1 + bool(tracing.trace_judge and not on_spark)) if traced else 0
     with tracking.watch_traces(len(examples) * traces_per_example, prefix), tracking.timed(f"{prefix}evaluate"), \
-            tracking.evaluating(model, split=split, **trace_tags):
-        if on_spark:  # the program answers through whatever LM and adapter DSPy is configured with, as here
-            result = engine.evaluate_on_spark(spark.session(cfg), program, examples, session.scorer,
-                                              lm=dspy.settings.lm, adapter=dspy.settings.adapter,
-                                              num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
-                                              cache_dir=str(Path(cfg.paths.cache) / "dspy"), tracing=where)
-        else:
-            result = evaluate(program, examples, session.scorer, cfg.num_threads,
-                              trace_id=tracking.last_trace_id if tracing.log_traces else None)
-    tracking.log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
+            tracking.held():  # traces wait here for their assessments, then are written with them
+        with tracking.evaluating(model, split=split, **trace_tags):
+            if on_spark:  # the program answers through whatever LM and adapter DSPy is configured with, as here
+                result = engine.evaluate_on_spark(spark.session(cfg), program, examples, session.scorer,
+                                                  lm=dspy.settings.lm, adapter=dspy.settings.adapter,
+                                                  num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
+                                                  cache_dir=str(Path(cfg.paths.cache) / "dspy"), tracing=where)
+            else:
+                result = evaluate(program, examples, session.scorer, cfg.num_threads,
+                                  trace_id=tracking.last_trace_id if tracing.log_traces else None)
+        tracking.log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
     log.info("%s %s%s: %s", step, prefix, split, result.summary())
     base = session.lm.kwargs.get("api_base")
     if result.failed and base and not healthy(base):

@@ -43,6 +43,7 @@ from pipelines.tracking.traces import (
     evaluating,
     evaluation_tracing,
     executor_tracing,
+    held,
     last_trace_id,
     watch_traces,
 )

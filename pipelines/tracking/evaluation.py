@@ -4,6 +4,7 @@ model and dataset), paired differences, the per-example table and the traces' as
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,10 @@ def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg: DataConfig) ->
 
 def log_spark_input(frame, path: Path) -> None:
     """A Spark DataFrame read from `path` as the run's input (digest from its plan: no pass over the data)."""
-    mlflow.log_input(mlflow.data.from_spark(frame, path=str(path), name=path.name), context="predict")
+    with warnings.catch_warnings():  # MLflow's advice on integer columns (an id) is for model signatures
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        dataset = mlflow.data.from_spark(frame, path=str(path), name=path.name)
+    mlflow.log_input(dataset, context="predict")
 
 
 def dataset_source(data_cfg: DataConfig):

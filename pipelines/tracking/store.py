@@ -14,6 +14,7 @@ import mlflow
 from filelock import FileLock
 
 from pipelines.config import ConfigError
+from pipelines.tracking import trace_export
 from pipelines.tracking.traces import tag_traces
 
 if TYPE_CHECKING:
@@ -28,15 +29,10 @@ GRANT_HINT = "python -m deploy.team_server grant USER --experiment NAME --regist
 
 def setup(cfg: Config) -> None:
     """Point MLflow at the configured store and experiment and turn on DSPy autologging."""
-    # Traces are exported off the evaluation threads, so an evaluation never waits on the store; the
-    # queue holds a whole evaluation, and each evaluation flushes it before counting its traces and
-    # adding the metrics to them (`traces.watch_traces`, `traces.log_assessments`).
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "true")
-    os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE", "100000")
-    if str(cfg.tracking.uri).startswith("sqlite:"):
-        # One writer: sqlite takes one at a time anyway, and concurrent exporters burn CPU on lock
-        # contention and lose traces to "database is locked".
-        os.environ.setdefault("MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS", "1")
+    # An evaluation's traces wait in memory and are written in bulk with their assessments once it is
+    # scored (`trace_export`), so MLflow's async export queue buys nothing, and each flush of it waits up
+    # to a second. A user's own setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
     size_connection_pool(max(cfg.num_threads or 1, int(cfg.optimizer.get("num_threads") or 0)))
     uri = store_uri(cfg.tracking)
     mlflow.set_tracking_uri(uri)
@@ -55,6 +51,7 @@ def setup(cfg: Config) -> None:
             with contextlib.suppress(mlflow.exceptions.MlflowException):  # created concurrently
                 mlflow.create_experiment(name, artifact_location=Path(cfg.tracking.artifact_location).as_uri())
         mlflow.set_experiment(name)
+    trace_export.install()
     mlflow.tracing.configure(span_processors=[tag_traces])
     mlflow.dspy.autolog(log_traces=cfg.tracking.log_traces, log_traces_from_eval=True,
                         log_traces_from_compile=False, log_compiles=cfg.tracking.log_compiles,

@@ -6,17 +6,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlflow
-from mlflow.entities import AssessmentSource, AssessmentSourceType, LoggedModel
+from mlflow.entities import AssessmentSource, AssessmentSourceType, Feedback, LoggedModel
 from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
 from pipelines.packaging import TRACE_EXECUTORS
 from pipelines.scoring import JUDGED, EvalResult
+from pipelines.tracking import trace_export
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,17 @@ def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
             yield
     finally:
         _trace_tags.clear()
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """Traces finished inside wait in memory until `log_assessments` writes each with its assessments,
+    in bulk; what no assessment claimed is written when the block ends."""
+    trace_export.hold()
+    try:
+        yield
+    finally:
+        trace_export.release({})
 
 
 def count_traces(run_id: str) -> int:
@@ -136,6 +149,7 @@ def trace_on_executor(where: dict[str, Any] | None) -> Iterator[Callable[[], str
         return
     mlflow.set_tracking_uri(where["uri"])
     os.environ["MLFLOW_EXPERIMENT_ID"] = where["experiment_id"]
+    trace_export.install()
     mlflow.tracing.configure(span_processors=[tag_traces])
     mlflow.dspy.autolog(log_traces=True, log_traces_from_eval=True, silent=True)
     _trace_tags.clear()
@@ -156,11 +170,10 @@ def last_trace_id() -> str | None:
 
 
 def log_assessments(result: EvalResult) -> None:
-    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by."""
-    if not any(row.get("trace_id") for row in result.rows):
-        return
-    mlflow.flush_trace_async_logging()  # with async export a trace may not be stored yet
+    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by:
+    written with the trace itself where it is still held (`held`), else one by one."""
     judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
+    feedback = defaultdict(list)
     for row in result.rows:
         if not row.get("trace_id"):
             continue
@@ -169,5 +182,13 @@ def log_assessments(result: EvalResult) -> None:
                 continue
             source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
                                                                    source_id=f"pipelines.scoring.{name}")
-            mlflow.log_feedback(trace_id=row["trace_id"], name=name, value=row[name], source=source,
-                                rationale=row.get(f"{name}_rationale") or row.get("error") or None)
+            feedback[row["trace_id"]].append(Feedback(
+                trace_id=row["trace_id"], name=name, value=row[name], source=source,
+                rationale=row.get(f"{name}_rationale") or row.get("error") or None))
+    if not feedback:
+        return
+    attached = trace_export.release(feedback)  # also waits for traces still being exported
+    for trace_id, assessments in feedback.items():
+        if trace_id not in attached:  # written before (a Spark executor's, or not `held`)
+            for assessment in assessments:
+                mlflow.log_assessment(trace_id, assessment)

@@ -41,7 +41,7 @@ def test_main_pairs_every_variant_on_the_same_examples(store, caplog, fake):
 
 
 def test_chart_draws_error_bars_only_with_intervals():
-    scoring = Scoring.from_cfg(compose("main").scoring)
+    scoring = Scoring.from_cfg(compose("main", ["scoring.primary=semantic_f1"]).scoring)
     rows = [{"variant": "cot", "semantic_f1": 40.0, "ci_low": 30.0, "ci_high": 52.0, "n": 6},
             {"variant": "rag", "semantic_f1": 50.0, "ci_low": 41.0, "ci_high": 58.0, "n": 6}]
     ax = comparison_chart(rows, scoring).axes[0]

@@ -8,7 +8,7 @@ from pipelines.scoring import EvalResult, Scoring
 
 
 def scoring(rule="significant"):
-    return Scoring.from_cfg(compose("cot", [f"scoring.promotion={rule}"]).scoring)
+    return Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1", f"scoring.promotion={rule}"]).scoring)
 
 
 def result(scores, rule="significant"):

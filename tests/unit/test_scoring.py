@@ -18,7 +18,8 @@ METRICS = ["semantic_f1", "token_f1", "rouge_l"]
 
 
 def scorer_for(lm, *overrides, traced=False):
-    return Scorer(Scoring.from_cfg(compose("cot", list(overrides)).scoring), JudgedF1(lm, traced=traced))
+    cfg = compose("cot", ["scoring.primary=semantic_f1", *overrides])
+    return Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm, traced=traced))
 
 
 @pytest.mark.parametrize("prediction, gold, expected", [
@@ -42,7 +43,11 @@ def test_rouge_l_on_hand_made_pairs():
 
 
 def test_scoring_config_is_checked():
-    assert Scoring.from_cfg(compose("cot").scoring).primary == "semantic_f1"
+    # The embedded LM judging itself is noise: on lm=local a judge-free metric decides; elsewhere the judge.
+    assert Scoring.from_cfg(compose("cot").scoring).primary == "token_f1"
+    assert Scoring.from_cfg(compose("cot", ["lm=openai"]).scoring).primary == "semantic_f1"
+    assert Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1"]).scoring).primary == "semantic_f1"
+    assert "semantic_f1" in Scoring.from_cfg(compose("cot").scoring).metrics  # still scored beside it
     for bad in (["scoring.primary=rouge_l", "scoring.metrics=[token_f1]"], ["scoring.metrics=[]"]):
         with pytest.raises(ConfigError, match="scoring"):
             Scoring.from_cfg(compose("cot", bad).scoring)

@@ -47,7 +47,7 @@ def test_nested_runs_become_children(store):
 
 
 def scoring(rule="significant"):
-    return Scoring.from_cfg(compose("cot", [f"scoring.promotion={rule}"]).scoring)
+    return Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1", f"scoring.promotion={rule}"]).scoring)
 
 
 def dev_result(scores, rule="significant"):
