@@ -4,7 +4,7 @@
 example), against the fake LM server (tests/fake_lm.py, a ThreadingHTTPServer) at 100 ms per
 call (run in its own process, so its Python work does not take the client's GIL), for
 num_threads 1, 4 and 16. ideal = LM calls x latency / threads, the calls counted by
-the server (FakeLM.calls). Two settings, in one process, each after a small warm-up:
+the server. Two settings, in one process, each after a small warm-up:
   * no-mlflow: `evaluate` alone, as `dspy.Evaluate` runs it (no MLflow imported yet);
   * harness:   the same inside an MLflow run after `pipelines.tracking.setup` (DSPy autolog
                tracing on, as every project step runs it).
@@ -17,24 +17,23 @@ With --server the runs go to a team server (PostgreSQL + basic-auth `mlflow serv
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 
-from _common import SERVER_URI, FakeLMProcess, fake_overrides, isolate_mlflow, machine, scratch, table, team_server
-
-
-def examples(n: int):
-    import dspy
-
-    topics = ["git rebase", "ssh keys", "python venvs", "docker volumes", "bash loops", "regex lookahead",
-              "nginx proxies", "SQL joins"]
-    return [dspy.Example(question=f"how do I use {topics[i % len(topics)]} (case {i})?",
-                         response=f"Use {topics[i % len(topics)]} like this: step one, step two, step three. "
-                                  f"Check the manual for the edge cases of case {i}.").with_inputs("question")
-            for i in range(n)]
+from _common import (
+    SERVER_URI,
+    ServerProcess,
+    examples,
+    fake_overrides,
+    isolate_mlflow,
+    machine,
+    parser,
+    scratch,
+    table,
+    team_server,
+)
 
 
 def main(args) -> None:
@@ -53,7 +52,7 @@ def measure_all(args, store) -> None:
 
     devset = examples(args.examples)
     rows = []
-    with FakeLMProcess(latency=args.latency, mode="ok") as fake:
+    with ServerProcess("fake", latency=args.latency) as fake:
         cfg = compose("cot", fake_overrides(fake.api_base, store / "artifacts"))
         lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
         dspy.configure(lm=lm, adapter=adapter)
@@ -92,9 +91,9 @@ def measure_all(args, store) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--latency", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
-    main(parser.parse_args())
+    cli = parser(__doc__)
+    cli.add_argument("--examples", type=int, default=64)
+    cli.add_argument("--latency", type=float, default=0.1)
+    cli.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
+    cli.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
+    main(cli.parse_args())

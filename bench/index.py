@@ -4,7 +4,7 @@
     corpus (texts cut at program.max_characters as the project does), model load timed apart,
     median of 3 passes.
 (b) `pipelines.retrieval.load_or_build_index` twice on an empty cache dir, through the project's
-    embedder (`build_embedder`) wrapped to count calls: build time vs cache-hit time.
+    embedder (`build_embedder`) wrapped to count calls (tests/helpers.py): build time vs cache-hit time.
     Target: the second run makes 0 embedder calls.
 (c) `pipelines.retrieval.Index.search` latency, single-query, k=5, on 28,436 x 512 synthetic
     normalized vectors (the tutorial corpus size and embedding width): FAISS IVF-PQ + exact
@@ -18,24 +18,11 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from _common import ROOT, machine, median, scratch, table
-
-
-class Counting:
-    """Wraps an embedder callable; counts calls and texts."""
-
-    def __init__(self, inner):
-        self.inner, self.calls, self.texts = inner, 0, 0
-
-    def __call__(self, texts):
-        self.calls += 1
-        self.texts += len(texts)
-        return self.inner(texts)
+from _common import ROOT, machine, median, parser, scratch, table
 
 
 def embedding_throughput(cfg, corpus) -> list:
@@ -60,15 +47,17 @@ def embedding_throughput(cfg, corpus) -> list:
 def cache(cfg, corpus) -> list:
     from pipelines.retrieval import build_embedder, load_or_build_index
 
+    from helpers import CountingEmbedder
+
     cache_dir = scratch("index") / "index"
     rows = []
     for attempt in ("first (empty cache)", "second (same corpus)"):
-        embedder = Counting(build_embedder(cfg.embedder))  # fresh: the model loads inside the build
+        embedder = CountingEmbedder(build_embedder(cfg.embedder))  # fresh: the model loads inside the build
         t = time.perf_counter()
         built = load_or_build_index(corpus, embedder, cfg.embedder, cfg.program.max_characters, cache_dir,
                                     brute_force_threshold=int(cfg.program.brute_force_threshold))
         sec = time.perf_counter() - t
-        rows.append([attempt, f"{sec:.3f}", "hit" if built.cache_hit else "built", embedder.calls, embedder.texts,
+        rows.append([attempt, f"{sec:.3f}", "hit" if built.cache_hit else "built", embedder.calls, embedder.embedded,
                      ("met" if embedder.calls == 0 else "MISSED") if attempt.startswith("second") else ""])
     return rows
 
@@ -122,8 +111,8 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--n", type=int, default=28_436)
-    parser.add_argument("--dim", type=int, default=512)
-    main(parser.parse_args())
+    cli = parser(__doc__)
+    cli.add_argument("--queries", type=int, default=1000)
+    cli.add_argument("--n", type=int, default=28_436)
+    cli.add_argument("--dim", type=int, default=512)
+    main(cli.parse_args())

@@ -6,11 +6,12 @@ OpenAI-compatible LM (tests/fake_lm.py, fixed latency, uncached), with the same 
 fresh process; the bare arm never imports MLflow.
 
 Measured, medians of --reps runs after one discarded warm-up per arm:
-  * evaluation phase: the project's `pipelines.scoring.evaluate` call (wrapped inside the run:
-    `dspy.Evaluate` with MLflow DSPy autolog tracing on, plus building the result rows) versus
+  * evaluation phase: the run's own `time_evaluate_s` (the project's evaluation, MLflow DSPy autolog
+    tracing on, plus building the result rows, here until its traces are stored) versus
     `dspy.Evaluate(...)(program)` alone.                               Target: ratio <= 1.05x.
-  * fixed cost: everything else `run_variant` does (config, prepare/store setup, index load,
-    run + params, datasets, tables, usage, `log_model`, registration), reported by phase.
+  * fixed cost: the rest of `run_variant`, by the run's other phase timings (`time_<phase>_s`: index
+    load with the embedding model's load, log_model, register); `other` is what none covers
+    (prepare and store check, run + config, datasets, the evaluation's results and assessments).
 One-off costs are kept out of both eval phases and reported as fixed cost instead: the LiteLLM
 import on the first schema-constrained call (~4-5 s; one warm-up call before the run, both arms) and, for
 rag, the embedding model load (right after the index load, in both arms). A third arm, the
@@ -19,48 +20,49 @@ project with `tracking.log_traces=false`, attributes the overhead to tracing.
     .venv/bin/python bench/overhead.py [--reps 3] [--dev 16] [--threads 2] [--latency 0.05] [--server]
     .venv/bin/python bench/overhead.py --lm local --programs cot --dev 8 --reps 1   # real LM, slow
 
-With --lm local the same comparison runs against the embedded SmolLM2 server (started once by
-this script with a private state dir, `lm.cache=false`), i.e. with realistic LM latency.
+With --lm local the same comparison runs against the embedded SmolLM2 server (started by this script
+with a private state dir under its scratch dir, stopped at its end; `lm.cache=false`), i.e. with
+realistic LM latency.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 T_START = time.perf_counter()
 
-from _common import ROOT, fake_overrides, isolate_mlflow, machine, median, scratch, table, team_server  # noqa: E402
+from _common import (  # noqa: E402
+    ServerProcess,
+    fake_overrides,
+    isolate_mlflow,
+    machine,
+    median,
+    parser,
+    phase_times,
+    run_script,
+    scratch,
+    spawn_worker,
+    table,
+    team_server,
+)
 
 MODES = ("project", "bare", "project-notrace")
-PHASES = ["compose", "prepare", "index_load", "embedder_load", "log_config", "log_datasets", "log_index",
-          "evaluate", "log_evaluation", "log_program", "register"]
+FIXED = ["compose", "litellm_init", "index", "log_model", "register", "other"]
 
 
-def overrides(args, store):
+def overrides(args) -> list[str]:
     sizes = [f"data.dev_size={args.dev}", "data.test_size=1", f"num_threads={args.threads}"]
     if args.lm == "local":  # the embedded SmolLM2 server the parent started, uncached
-        return [f"lm.api_base={args.api_base}", "lm.cache=false", f"tracking.artifact_location={store}/artifacts",
+        return [f"lm.api_base={args.api_base}", "lm.cache=false", f"tracking.artifact_location={args.store}/artifacts",
                 *sizes]
-    return fake_overrides(args.api_base, store / "artifacts", *sizes)
+    return fake_overrides(args.api_base, Path(args.store) / "artifacts", *sizes)
 
 
-def timed(times: dict, name: str, fn):
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            times[name] = times.get(name, 0.0) + time.perf_counter() - t
-    return wrapper
-
-
-def warm_litellm(cfg, times: dict) -> None:
-    """One schema-constrained call before any tracing is set up. Plain calls go through DSPy's
+def warm_litellm(cfg) -> float:
+    """One schema-constrained call before any tracing is set up, timed. Plain calls go through DSPy's
     native engine; the first `response_format` call imports LiteLLM (~4-5 s, once per process)."""
     import dspy
 
@@ -69,54 +71,48 @@ def warm_litellm(cfg, times: dict) -> None:
     t = time.perf_counter()
     with dspy.context(lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm)):
         dspy.Predict("question -> response")(question="warm up")
-    times["litellm_init"] = time.perf_counter() - t
+    return time.perf_counter() - t
 
 
 def worker_project(args) -> dict:
-    isolate_mlflow(args.store)
-    from pipelines import steps, tracking
+    isolate_mlflow(Path(args.store))
+    import mlflow
+
+    from pipelines import steps
     from pipelines.config import compose
 
-    times: dict[str, float] = {"imports": time.perf_counter() - T_START}
-    build_retriever = steps.build_retriever
+    imports = time.perf_counter() - T_START
+    build_embedder, evaluate = steps.build_embedder, steps.evaluate
 
-    def build_and_warm(cfg):
-        retriever, info = build_retriever(cfg)
-        timed(times, "embedder_load", retriever.embedder)(["warm up"])
-        return retriever, info
+    def loaded_embedder(embedder_cfg):  # the model loads inside the index phase, not in the first evaluation
+        embedder = build_embedder(embedder_cfg)
+        embedder(["warm up"])
+        return embedder
 
-    steps.prepare = timed(times, "prepare", steps.prepare)
-    steps.build_retriever = build_and_warm
-    steps.load_or_build_index = timed(times, "index_load", steps.load_or_build_index)
-    evaluate = steps.evaluate
-
-    def evaluate_and_store(*a, **kw):  # traces are exported off the threads: done when they are stored
+    def evaluate_until_stored(*a, **kw):  # traces are exported off the threads: done when they are stored
         result = evaluate(*a, **kw)
-        tracking.mlflow.flush_trace_async_logging()
+        mlflow.flush_trace_async_logging()
         return result
 
-    steps.evaluate = timed(times, "evaluate", evaluate_and_store)
-    for name in ("log_config", "log_datasets", "log_index", "log_evaluation", "log_program", "register"):
-        setattr(tracking, name, timed(times, name, getattr(tracking, name)))
-    extra = ["tracking.log_traces=false"] if args.worker == "project-notrace" else []
-    cfg = timed(times, "compose", compose)(args.program, overrides(args, args.store) + extra)
-    warm_litellm(cfg, times)
+    steps.build_embedder, steps.evaluate = loaded_embedder, evaluate_until_stored
+    t = time.perf_counter()
+    cfg = compose(args.program, overrides(args) + (["tracking.log_traces=false"] if args.mode == "project-notrace"
+                                                   else []))
+    times = {"imports": imports, "compose": time.perf_counter() - t, "litellm_init": warm_litellm(cfg)}
     t = time.perf_counter()
     result = steps.run_variant(cfg)
     times["run_variant"] = time.perf_counter() - t
-    # A phase the step no longer calls through these names would silently count as "other".
-    no_index = {"index_load", "embedder_load", "log_index"} if args.program == "cot" else set()
-    missing = [p for p in PHASES if p not in times and p not in no_index]
+    phases = phase_times(mlflow.get_run(result.run_id))
+    missing = {"evaluate", "log_model", "register"} - set(phases)
     if missing:
-        raise SystemExit(f"phases never timed: {missing}; update bench/overhead.py to the step's code")
-    times["other"] = times["run_variant"] - sum(times.get(p, 0.0) for p in PHASES if p != "compose")
+        raise SystemExit(f"the run logged no time_<phase>_s for {sorted(missing)}; update bench/overhead.py")
+    times.update({k: phases.get(k, 0.0) for k in ("index", "evaluate", "log_model", "register")})
+    times["other"] = times["run_variant"] - sum(times[k] for k in ("index", "evaluate", "log_model", "register"))
     return {"times": times, "score": result.score, "run_id": result.run_id}
 
 
 def worker_bare(args) -> dict:
-    isolate_mlflow(args.store)  # only for RAGQA_CACHE_DIR (the same index cache)
-    from pathlib import Path
-
+    isolate_mlflow(Path(args.store))  # only for RAGQA_CACHE_DIR (the same index cache)
     import dspy
 
     from pipelines.config import compose
@@ -127,11 +123,11 @@ def worker_bare(args) -> dict:
     from pipelines.scoring import JudgedF1
 
     times = {"imports": time.perf_counter() - T_START}
-    cfg = compose(args.program, overrides(args, args.store))
+    cfg = compose(args.program, overrides(args))
     dev = load_splits(cfg.data).dev
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
     dspy.configure(lm=lm, adapter=adapter)
-    warm_litellm(cfg, times)
+    times["litellm_init"] = warm_litellm(cfg)
     retriever = None
     if args.program == "rag":
         embedder = build_embedder(cfg.embedder)
@@ -148,42 +144,15 @@ def worker_bare(args) -> dict:
     return {"times": times, "score": float(result.score)}
 
 
-def spawn(args, mode: str, program: str, store) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--program", program, "--api-base", args.api_base,
-           "--store", str(store), "--dev", str(args.dev), "--threads", str(args.threads), "--lm", args.lm]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode}/{program} worker failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-class LocalServer:
-    """The embedded llama.cpp server (lm=local), started with a private state dir; no call counter."""
-
-    calls = 0
-
-    def __init__(self, state_dir):
-        from pipelines.config import compose
-        from pipelines.server import ensure_server
-
-        self.api_base = ensure_server({**compose("config").lm.server, "state_dir": str(state_dir)})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        from pipelines.server import stop_owned_servers
-
-        stop_owned_servers()
+def worker(args) -> dict:
+    return (worker_bare if args.mode == "bare" else worker_project)(args)
 
 
 def main(args) -> None:
-    from fake_lm import FakeLM
-
     base = scratch("overhead")
-    server = LocalServer(base / "server") if args.lm == "local" else FakeLM(latency=args.latency, mode="ok")
-    with team_server(base) if args.server else contextlib.nullcontext(), server as fake:
-        args.api_base = fake.api_base
+    server = (ServerProcess("local", state_dir=str(base / "server")) if args.lm == "local"
+              else ServerProcess("fake", latency=args.latency))
+    with team_server(base) if args.server else contextlib.nullcontext(), server:
         report = {}
         for program in args.programs:
             store = base / program
@@ -191,9 +160,9 @@ def main(args) -> None:
             runs = {mode: [] for mode in MODES}
             for rep in range(args.reps + 1):  # rep 0: warm-up (store creation, index build, disk cache)
                 for mode in MODES:
-                    before = fake.calls
-                    out = spawn(args, mode, program, store)
-                    out["calls"] = fake.calls - before - 1  # minus the warm-up call
+                    before = server.calls
+                    out = spawn_worker(args, mode=mode, program=program, store=str(store), api_base=server.api_base)
+                    out["calls"] = server.calls - before - 1  # minus the warm-up call
                     print(f"{program:4} {mode:8} rep {rep}: eval {out['times']['evaluate']:.3f} s, "
                           f"{out['calls']} LM calls", file=sys.stderr)
                     if rep:
@@ -217,40 +186,27 @@ def main(args) -> None:
     print("Evaluation phase (s)")
     print(table(["program", "LM calls", "ideal", "bare dspy.Evaluate", "project evaluate()", "ratio",
                  "project, traces off", "extra ms/example", "target <= 1.05x"], rows))
-    print("\nFixed cost of run_variant outside the eval phase (s, medians; 'fixed total' = compose +"
-          " litellm_init + run_variant - evaluate), plus process imports")
-    names = ["compose", "litellm_init", *[p for p in PHASES if p not in ("compose", "evaluate")], "other"]
+    print("\nFixed cost outside the eval phase (s, medians; 'fixed total' = compose + litellm_init + run_variant -"
+          " evaluate; index, log_model, register: the run's time_<phase>_s), plus process imports")
     rows = []
     for program, runs in report.items():
-        med = {n: median([r["times"].get(n, 0.0) for r in runs["project"]])
-               for n in ["imports", "run_variant", *names]}
+        med = {n: median([r["times"][n] for r in runs["project"]]) for n in ["imports", "run_variant", *FIXED]}
         fixed = med["compose"] + med["litellm_init"] + med["run_variant"] - evals[program, "project"]
-        rows.append([program, f"{med['imports']:.2f}", f"{fixed:.2f}", *[f"{med[n]:.2f}" for n in names]])
-    print(table(["program", "imports", "fixed total", *names], rows))
+        rows.append([program, f"{med['imports']:.2f}", f"{fixed:.2f}", *[f"{med[n]:.2f}" for n in FIXED]])
+    print(table(["program", "imports", "fixed total", *FIXED], rows))
     print("\n(bare arm, s: " + ", ".join(
         f"{p} imports {median([r['times']['imports'] for r in runs['bare']]):.2f}, "
         f"litellm_init {median([r['times']['litellm_init'] for r in runs['bare']]):.2f}"
         for p, runs in report.items()) + ")")
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--dev", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latency", type=float, default=0.05)
-    parser.add_argument("--lm", choices=["fake", "local"], default="fake")
-    parser.add_argument("--programs", nargs="+", choices=["cot", "rag"], default=["cot", "rag"])
-    parser.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
-    parser.add_argument("--worker", choices=MODES)
-    parser.add_argument("--program", choices=["cot", "rag"], default="cot")
-    parser.add_argument("--api-base")
-    parser.add_argument("--store")
-    args = parser.parse_args()
-    if args.worker:
-        from pathlib import Path
 
-        args.store = Path(args.store)
-        worker = worker_bare if args.worker == "bare" else worker_project
-        print(json.dumps(worker(args)))
-    else:
-        main(args)
+if __name__ == "__main__":
+    cli = parser(__doc__)
+    cli.add_argument("--reps", type=int, default=3)
+    cli.add_argument("--dev", type=int, default=16)
+    cli.add_argument("--threads", type=int, default=2)
+    cli.add_argument("--latency", type=float, default=0.05)
+    cli.add_argument("--lm", choices=["fake", "local"], default="fake")
+    cli.add_argument("--programs", nargs="+", choices=["cot", "rag"], default=["cot", "rag"])
+    cli.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
+    run_script(cli, main, worker)

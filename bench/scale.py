@@ -16,9 +16,10 @@ threads, MIPROv2 auto=medium) with both api_bases on the fake, one sqlite store 
 
 Per phase: wall time, peak RSS (os.wait4 on `mlflow run`, which covers the job it waits for), chat and
 embedding requests served by the fake, store size (mlflow.db + artifacts) afterwards. Per MLflow run:
-its duration, evaluation windows from metric timestamps (the `index_passages` metric is logged just
-before the first evaluation, `baseline_semantic_f1` / `semantic_f1` right after each), examples
-evaluated and traces logged. Then the demos of every registered MIPROv2 program, loaded back.
+its duration and its own phase timings (`time_<phase>_s`: index load or build before the run opens,
+evaluations, MIPROv2 compile, log model, register; the rest of the run is config, datasets, results
+and assessments, trace export), examples evaluated and traces in the store. Then the demos of every
+registered MIPROv2 program, loaded back.
 Prints Markdown tables and writes results.json to the scratch dir.
 
     .venv/bin/python bench/scale.py                          # 15-30 min on 2 cores
@@ -28,12 +29,9 @@ Prints Markdown tables and writes results.json to the scratch dir.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,11 +40,16 @@ from _common import (
     EXPERIMENT,
     ROOT,
     VENV_BIN,
-    FakeLMProcess,
+    ServerProcess,
     create_experiment,
     machine,
     mlflow_run_env,
+    parser,
+    phase_times,
+    run_job,
     scratch,
+    sqlite_uri,
+    step_runs,
     table,
 )
 
@@ -150,16 +153,6 @@ def generate(data_dir: Path, n_docs: int, n_examples: int, seed: int) -> dict[st
 # Running and measuring the phases
 
 
-def run_measured(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float, float]:
-    """(exit code, wall s, peak RSS MiB of the process and every descendant it waited for)."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
-
-
 def phase_command(phase: str, store: Path, api_base: str, args) -> list[str]:
     if phase == "bare":
         return [sys.executable, str(ROOT / "bench" / "tutorial_bare.py"), "--data-dir", str(store / "cache" / "data"),
@@ -177,104 +170,41 @@ def store_mib(store: Path) -> float:
     return sum(p.stat().st_size for p in files if p.exists()) / 2**20
 
 
-def run_phase(phase: str, store: Path, fake: FakeLMProcess, args) -> dict:
+def run_phase(phase: str, store: Path, fake: ServerProcess, args) -> dict:
     cmd = phase_command(phase, store, fake.api_base, args)
-    env = mlflow_run_env(store, **FAKE_ENV)
     chat0, emb0 = fake.counts()
     start = time.time()
     print(f"[{time.strftime('%H:%M:%S')}] {phase}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    rc, wall, rss = run_measured(cmd, env, store / f"{phase}.log")
+    rc, wall, rss = run_job(cmd, mlflow_run_env(store, **FAKE_ENV), store / f"{phase}.log")
     chat1, emb1 = fake.counts()
-    end = time.time()
     record = {"phase": phase, "cmd": " ".join(cmd), "rc": rc, "wall_s": wall, "peak_rss_mib": rss,
-              "chat_calls": chat1 - chat0, "embedding_calls": emb1 - emb0, "start": start, "end": end,
+              "chat_calls": chat1 - chat0, "embedding_calls": emb1 - emb0, "start": start, "end": time.time(),
               "store_mib": store_mib(store), "log": str(store / f"{phase}.log")}
     if phase == "bare":
         bare = store / "bare.json"
         record["bare"] = json.loads(bare.read_text()) if bare.exists() else None
     else:
-        record["runs"] = describe_runs(store, start, end, store / f"hydra-{phase}")
+        record["runs"] = describe_runs(store, start, record["end"])
     print(f"[{time.strftime('%H:%M:%S')}] {phase}: exit {rc}, {wall:.0f} s, {rss:.0f} MiB, "
           f"{record['chat_calls']} chat / {record['embedding_calls']} embedding calls", file=sys.stderr, flush=True)
     return record
 
 
-def metric_time(client, run_id: str, key: str) -> float | None:
-    """Epoch seconds of the last logged value of a metric."""
-    history = client.get_metric_history(run_id, key)
-    return max(m.timestamp for m in history) / 1000 if history else None
+def describe_runs(store: Path, since: float, until: float) -> list[dict]:
+    """The project's runs started between `since` and `until`, with their own phase timings. MIPROv2's own
+    trial runs (autolog's eval_* children, with tracking.log_compiles) are summed in one row."""
+    import mlflow
 
+    from pipelines.tracking.traces import count_traces
 
-# Each run's timeline, mark by mark: (column, when it ends). An evaluation ends when the project counts its
-# traces (`traces_logged`; `semantic_f1` with traces off); its results (table, one assessment per trace and
-# metric) are logged by the next "<run name> <prefix>dev: ..." log line; MIPROv2's compile ends when its
-# trial scores are logged (`mipro_*` metrics), or at its last trial run's end with tracking.log_compiles.
-SPANS = ("until_eval_s", "eval_s", "eval_logged_s", "compile_s", "optimized_eval_s", "optimized_logged_s",
-         "model_and_register_s")
-
-
-def timeline(client, run, trials: list, log_lines: list[str]) -> dict[str, float]:
-    rid = run.info.run_id
-
-    def metric(*keys):
-        return next((t for t in (metric_time(client, rid, k) for k in keys) if t), None)
-
-    def logged(prefix, after):
-        # Matched by time, not run name: `mlflow run` names the run only after these lines are written.
-        times = [log_time_of(ln) for ln in log_lines if f" {prefix}dev: " in ln]
-        return next((t for t in times if after and t >= after - 0.001), None)
-
-    marks = [("until_eval_s", metric("index_passages"))]
-    if metric("baseline_semantic_f1"):
-        trial_ends = [r.info.end_time / 1000 for r in trials if r.data.tags.get("mlflow.parentRunId") == rid]
-        base, best = metric("baseline_traces_logged", "baseline_semantic_f1"), metric("traces_logged", "semantic_f1")
-        marks += [("eval_s", base), ("eval_logged_s", logged("baseline_", base)),
-                  ("compile_s", metric("mipro_best_score", "mipro_trial_score") or max(trial_ends, default=None)),
-                  ("optimized_eval_s", best), ("optimized_logged_s", logged("", best))]
-    else:
-        scored = metric("traces_logged", "semantic_f1")
-        marks += [("eval_s", scored), ("eval_logged_s", logged("", scored))]
-    if not dict(marks).get("eval_s"):  # the parent of `main` evaluates nothing itself
-        return {}
-    marks.append(("model_and_register_s", run.info.end_time / 1000 if run.info.end_time else None))
-    spans, previous = {}, run.info.start_time / 1000
-    for key, when in marks:
-        if when is not None:  # a missing mark folds its span into the next one
-            spans[key], previous = when - previous, when
-    return spans
-
-
-def log_time_of(line: str) -> float:
-    """Epoch time of a Hydra log line ("[%Y-%m-%d %H:%M:%S,%f][...")."""
-    stamp = line[1:line.index("]")]
-    seconds, millis = stamp.split(",")
-    return time.mktime(time.strptime(seconds, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
-
-
-def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> list[dict]:
-    """The project's runs started between `since` and `until`, with their timelines. MIPROv2's own trial
-    runs (autolog's eval_* children) are summed in one row."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.tracking import count_traces
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}/mlflow.db")
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    window = f"attributes.start_time >= {int(since * 1000)} and attributes.start_time <= {int(until * 1000)}"
-    runs = client.search_runs([exp.experiment_id], window, max_results=1000, order_by=["attributes.start_time ASC"])
+    mlflow.set_tracking_uri(sqlite_uri(store))
+    runs = step_runs(store, since, until)
     trials = [r for r in runs if "step" not in r.data.tags]
-    log_lines = [ln for f in sorted(log_dir.glob("*.log")) for ln in f.read_text(errors="replace").splitlines()
-                 if ln.startswith("[") and "[pipelines.steps]" in ln]
     out = []
-    for run in runs:
-        if run in trials:
-            continue
+    for run in (r for r in runs if "step" in r.data.tags):
         metrics, rid = run.data.metrics, run.info.run_id
-        end = run.info.end_time
-        out.append({"step": run.data.tags["step"], "run_id": rid, "status": run.info.status,
-                    "run_s": (end - run.info.start_time) / 1000 if end else None,
-                    **timeline(client, run, trials, log_lines),
-                    "traces": count_traces(rid, client),
+        out.append({"step": run.data.tags["step"], "run_id": rid, "status": run.info.status, **phase_times(run),
+                    "traces": count_traces(rid),
                     "examples": int(metrics.get("num_examples", 0) + metrics.get("baseline_num_examples", 0)) or None,
                     "semantic_f1": metrics.get("semantic_f1"),
                     "registered_version": run.data.tags.get("registered_version"),
@@ -282,7 +212,7 @@ def describe_runs(store: Path, since: float, until: float, log_dir: Path) -> lis
                     "traces_missing": {k: v for k, v in run.data.tags.items() if k.endswith("traces_missing")}})
     if trials:
         out.append({"step": "(MIPROv2 trial runs)", "runs": len(trials),
-                    "traces": sum(count_traces(r.info.run_id, client) for r in trials)})
+                    "traces": sum(count_traces(r.info.run_id) for r in trials)})
     return out
 
 
@@ -293,10 +223,8 @@ def registered_demos(store: Path) -> list[dict]:
 
     from pipelines.tracking import load_program
 
-    uri = f"sqlite:///{store}/mlflow.db"
-    mlflow.set_tracking_uri(uri)
-    out = []
-    client = MlflowClient(tracking_uri=uri)
+    mlflow.set_tracking_uri(sqlite_uri(store))
+    client, out = MlflowClient(), []
     for mv in client.search_model_versions():
         if client.get_run(mv.run_id).data.tags.get("step") != "optimize":
             continue
@@ -316,6 +244,11 @@ def seconds(value) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def evaluation(run: dict) -> float | None:
+    """The run's (first) evaluation: optimize's baseline, else its only one."""
+    return run.get("baseline_evaluate", run.get("evaluate"))
+
+
 def report(results: dict) -> str:
     phases = {p["phase"]: p for p in results["phases"]}
     lines = [f"Machine: {results['machine']}", f"Scratch: {results['store']}", ""]
@@ -326,26 +259,29 @@ def report(results: dict) -> str:
     for p in results["phases"]:
         for r in p.get("runs", []):
             if "run_id" not in r:
-                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * (len(SPANS) + 3), r["traces"]])
+                rows.append([p["phase"], f"{r['step']} x{r['runs']}", *[""] * 10, r["traces"]])
                 continue
-            rows.append([p["phase"], r["step"], r["status"], seconds(r["run_s"]),
-                         *(seconds(r.get(k)) for k in SPANS), r["examples"] or "—", r["traces"]])
-    lines += ["", table(["phase", "run", "status", "run s", "until eval s", "eval s (optimize: baseline)",
-                         "results logged s", "MIPROv2 compile s", "optimized eval s", "results logged s",
-                         "model + register s", "examples evaluated", "traces logged"], rows)]
+            optimized = r.get("evaluate") if "baseline_evaluate" in r else None
+            rows.append([p["phase"], r["step"], r["status"], *map(seconds, (
+                r.get("run"), r.get("index"), evaluation(r), r.get("compile"), optimized, r.get("log_model"),
+                r.get("register"), r.get("other"))), r["examples"] or "—", r["traces"]])
+    lines += ["", "Inside each run, its own phase timings (time_<phase>_s; the index is loaded before the run opens):",
+              table(["phase", "run", "status", "run s", "index s", "eval s (optimize: baseline)", "MIPROv2 compile s",
+                     "optimized eval s", "log model s", "register s", "rest of run s", "examples evaluated",
+                     "traces logged"], rows)]
     missing = [f"- {p['phase']} / {r['step']}: " + v[:200].replace("\n", " ")
                for p in results["phases"] for r in p.get("runs", []) for v in r.get("traces_missing", {}).values()]
     if missing:
         lines += ["", "Traces the project reported missing (tag `*traces_missing`):", *missing]
     traced, untraced = (_first_run(phases.get(k)) for k in ("rag-cached", "rag-untraced"))
-    if traced and untraced and traced.get("eval_s") and untraced.get("eval_s"):
+    if traced and untraced and evaluation(traced) and evaluation(untraced):
         moved = [f"{k}: {phases[k]['chat_calls']} chat / {phases[k]['embedding_calls']} embedding"
                  for k in ("rag-cached", "rag-untraced")]
         lines += ["", ("Cached re-evaluation of dev, 300 examples (target traced <= 1.5x untraced, every example "
-                       "traced):"), table(["traces", "eval s", "traces logged", "examples"],
-                                    [["on", seconds(traced["eval_s"]), traced["traces"], traced["examples"]],
-                                     ["off", seconds(untraced["eval_s"]), untraced["traces"], untraced["examples"]]]),
-                  f"ratio {traced['eval_s'] / untraced['eval_s']:.2f}x; requests to the fake: {'; '.join(moved)}"]
+                       "traced):"), table(["traces", "eval s", "rest of run s", "traces logged", "examples"],
+                                    [[on, seconds(evaluation(r)), seconds(r.get("other")), r["traces"], r["examples"]]
+                                     for on, r in (("on", traced), ("off", untraced))]),
+                  f"ratio {evaluation(traced) / evaluation(untraced):.2f}x; requests to the fake: {'; '.join(moved)}"]
     if "optimize" in phases and "bare" in phases:
         opt, bare = phases["optimize"], phases["bare"]
         lines += ["", "LM calls of `optimize` against the bare tutorial script (same fake server):",
@@ -372,8 +308,7 @@ def main(args) -> None:
         results = json.loads((Path(args.analyze) / "results.json").read_text())
         for phase in results["phases"]:
             if "runs" in phase:
-                store = Path(results["store"])
-                phase["runs"] = describe_runs(store, phase["start"], phase["end"], store / f"hydra-{phase['phase']}")
+                phase["runs"] = describe_runs(Path(results["store"]), phase["start"], phase["end"])
         print(report(results))
         return
     store = Path(args.scratch) if args.scratch else scratch("scale")
@@ -383,7 +318,7 @@ def main(args) -> None:
     if not (store / "mlflow.db").exists():
         create_experiment(store)
     results = {"store": str(store), "args": vars(args), "phases": [], "demos": []}
-    with FakeLMProcess(latency=args.latency, score=0.7, demo_score=1.0) as fake:
+    with ServerProcess("fake", latency=args.latency, score=0.7, demo_score=1.0) as fake:
         for phase in (p for p in args.phases if not (args.skip_bare and p == "bare")):
             results["phases"].append(run_phase(phase, store, fake, args))
             (store / "results.json").write_text(json.dumps(results, indent=2))
@@ -394,16 +329,16 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=28_436, help="corpus documents")
-    parser.add_argument("--examples", type=int, default=1_200, help="QA examples (the splits take 1,000)")
-    parser.add_argument("--seed", type=int, default=0, help="data generator seed")
-    parser.add_argument("--latency", type=float, default=0.0, help="fake server seconds per chat request")
-    parser.add_argument("--threads", type=int, default=24, help="num_threads (evaluation and MIPROv2)")
-    parser.add_argument("--auto", default="medium", choices=["light", "medium", "heavy"], help="MIPROv2 auto")
-    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="in this order")
-    parser.add_argument("--skip-bare", action="store_true", help="leave out the bare tutorial script")
-    parser.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's phases")
-    parser.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
-    parser.add_argument("--analyze", help="only print the tables of an earlier run in this dir")
-    main(parser.parse_args())
+    cli = parser(__doc__)
+    cli.add_argument("--docs", type=int, default=28_436, help="corpus documents")
+    cli.add_argument("--examples", type=int, default=1_200, help="QA examples (the splits take 1,000)")
+    cli.add_argument("--seed", type=int, default=0, help="data generator seed")
+    cli.add_argument("--latency", type=float, default=0.0, help="fake server seconds per chat request")
+    cli.add_argument("--threads", type=int, default=24, help="num_threads (evaluation and MIPROv2)")
+    cli.add_argument("--auto", default="medium", choices=["light", "medium", "heavy"], help="MIPROv2 auto")
+    cli.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="in this order")
+    cli.add_argument("--skip-bare", action="store_true", help="leave out the bare tutorial script")
+    cli.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's phases")
+    cli.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
+    cli.add_argument("--analyze", help="only print the tables of an earlier run in this dir")
+    main(cli.parse_args())

@@ -22,16 +22,25 @@ The second is the cached re-evaluation of issue 13: every LM call answered from 
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
 import os
-import subprocess
 import sys
 import threading
 import time
 
-from _common import ROOT, FakeLMProcess, fake_overrides, isolate_mlflow, machine, median, scratch, table
+from _common import (
+    ServerProcess,
+    examples,
+    fake_overrides,
+    isolate_mlflow,
+    machine,
+    median,
+    parser,
+    run_script,
+    scratch,
+    spawn_worker,
+    table,
+)
 
 SETTINGS = ("no-mlflow", "traces-off", "default", "default+judge", "sync", "sync+wal", "async-10")
 
@@ -55,13 +64,11 @@ def sql_counter():
 
 
 def worker(args) -> dict:
-    from concurrency import examples
-
     store = scratch("trace-cost")
     isolate_mlflow(store)
-    if args.worker.startswith("sync"):
+    if args.setting.startswith("sync"):
         os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
-    if args.worker == "async-10":
+    if args.setting == "async-10":
         os.environ["MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS"] = "10"
     import dspy
 
@@ -69,27 +76,27 @@ def worker(args) -> dict:
     from pipelines.lm import build_adapter, build_lm
     from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
 
-    extra = ["tracking.log_traces=false"] if args.worker == "traces-off" else []
+    extra = ["tracking.log_traces=false"] if args.setting == "traces-off" else []
     if args.cached:
         extra += ["lm.cache=true"]
     cfg = compose("cot", fake_overrides(args.api_base, store / "artifacts", *extra))
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
     dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
     dspy.configure(lm=lm, adapter=adapter)
-    judge = JudgedF1(lm, traced=args.worker == "default+judge")
+    judge = JudgedF1(lm, traced=args.setting == "default+judge")
     metric = Scorer(Scoring.from_cfg(cfg.scoring), judge)
     program, devset = dspy.ChainOfThought("question -> response"), examples(args.examples)
     warm_up = devset if args.cached else devset[:4]  # imports LiteLLM etc.; --cached: fills the cache
     stats, walls, evals, cpus, sql, traces = collections.Counter(), [], [], [], [], []
-    traced = args.worker not in ("no-mlflow", "traces-off")
+    traced = args.setting not in ("no-mlflow", "traces-off")
     harness = {}  # with MLflow: each example's trace id, and the logging of its metrics on that trace
 
     def count_traces(run_id):
         if not run_id:
             return 0
-        from pipelines import tracking  # only with MLflow: the no-mlflow setting never imports it
+        from pipelines.tracking.traces import count_traces  # only with MLflow: no-mlflow never imports it
 
-        return tracking.count_traces(run_id)
+        return count_traces(run_id)
 
     def once(run_id=None):
         before = count_traces(run_id)
@@ -106,7 +113,7 @@ def worker(args) -> dict:
         sql.append((stats["statements"] / len(devset), stats["seconds"] / len(devset)))
         traces.append(count_traces(run_id) - before)
 
-    if args.worker == "no-mlflow":
+    if args.setting == "no-mlflow":
         evaluate(program, warm_up, metric, args.threads, progress=False)
         for _ in range(args.evals):
             once()
@@ -115,15 +122,16 @@ def worker(args) -> dict:
         import mlflow
 
         from pipelines import tracking
+        from pipelines.tracking.traces import log_assessments
 
         stats = sql_counter()
         tracking.setup(cfg)
-        if args.worker == "sync+wal":
+        if args.setting == "sync+wal":
             import sqlite3
 
             sqlite3.connect(store / "mlflow.db").execute("PRAGMA journal_mode=WAL").fetchall()
         if cfg.tracking.log_traces:
-            harness.update(trace_id=tracking.last_trace_id, assess=tracking.log_assessments)
+            harness.update(trace_id=tracking.last_trace_id, assess=log_assessments)
         with tracking.run("bench-trace-cost", cfg) as active:
             evaluate(program, warm_up, metric, args.threads, progress=False,
                      trace_id=harness.get("trace_id"))  # first traces
@@ -136,15 +144,9 @@ def worker(args) -> dict:
 
 def main(args) -> None:
     rows, base = [], None
-    with FakeLMProcess(latency=args.latency) as fake:
+    with ServerProcess("fake", latency=args.latency) as fake:
         for setting in args.settings:
-            cmd = [sys.executable, __file__, "--worker", setting, "--api-base", fake.api_base,
-                   "--examples", str(args.examples), "--threads", str(args.threads), "--evals", str(args.evals),
-                   *(["--cached"] if args.cached else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-3000:])
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = spawn_worker(args, setting=setting, api_base=fake.api_base)
             base = r["wall"] if setting == "traces-off" else base
             background = setting in ("default", "default+judge", "async-10")
             wall = f"{r['wall']:.2f}" + (f" ({r['eval']:.2f})" if background else "")
@@ -160,17 +162,11 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latency", type=float, default=0.05)
-    parser.add_argument("--evals", type=int, default=4)
-    parser.add_argument("--cached", action="store_true", help="answer every LM call from DSPy's cache")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--worker", choices=SETTINGS)
-    parser.add_argument("--api-base")
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-    else:
-        main(args)
+    cli = parser(__doc__)
+    cli.add_argument("--examples", type=int, default=16)
+    cli.add_argument("--threads", type=int, default=2)
+    cli.add_argument("--latency", type=float, default=0.05)
+    cli.add_argument("--evals", type=int, default=4)
+    cli.add_argument("--cached", action="store_true", help="answer every LM call from DSPy's cache")
+    cli.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    run_script(cli, main, worker)
