@@ -1,44 +1,62 @@
-"""What the benchmark scripts share: paths and scratch dirs, stores, the servers they run against (fake LM,
-embedded llama.cpp, team server), fresh worker processes, `mlflow run` jobs, the runs' phase timings, tables."""
+"""What the benchmark scripts share: scratch dirs, stores, the servers they run against, worker processes, jobs,
+the runs' own phase timings, tables. MLflow is imported only where used: some benchmarks measure without it."""
+# ruff: noqa: E402 (the project and tests/ are importable once ROOT is on the path)
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
-import statistics
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median  # noqa: F401 (for the scripts)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import dspy
+
+from pipelines.config import compose
+from pipelines.lm import build_adapter, build_lm
+from pipelines.scoring import JudgedF1, Scorer, Scoring
+from pipelines.server import ensure_server
+
+from fake_lm import FakeLM
+from helpers import fake_lm_overrides, free_port, start_team_server
+
 SCRATCH = Path(os.environ.get("BENCH_SCRATCH") or Path(tempfile.gettempdir()) / "ragqa-bench")
-VENV_BIN = Path(sys.executable).parent
 EXPERIMENT = "ragqa-arena-tech"
-# Set by `team_server()`: the benchmark's runs go to that MLflow server instead of a temp sqlite store.
-SERVER_URI = "BENCH_TRACKING_SERVER"
+SERVER_URI = "BENCH_TRACKING_SERVER"  # set by `team_server()`: runs go there instead of a temp sqlite store
+HELP = {"latency": "the fake LM's seconds per chat request", "server": "log to a team server (deploy/team_server.py)",
+        "cached": "answer every LM call from DSPy's cache"}
 
 
 def scratch(name: str) -> Path:
-    """A fresh directory $BENCH_SCRATCH/bench-NAME-XXXX (default under the system temp dir) for stores
-    and caches, never inside the repo."""
+    """A fresh directory $BENCH_SCRATCH/bench-NAME-XXXX (default under the system temp dir), never in the repo."""
     SCRATCH.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f"bench-{name}-", dir=SCRATCH))
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, **options) -> argparse.ArgumentParser:
+    """The script's parser, its docstring as help, with an --OPTION per keyword, typed by its default (bool: a flag)."""
+    cli = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in options.items():
+        typed = {"action": "store_true"} if isinstance(default, bool) else {"type": type(default), "default": default}
+        cli.add_argument(f"--{name}", help=HELP.get(name), **typed)
+    return cli
 
 
-def run_script(args_parser: argparse.ArgumentParser, main, worker=None) -> None:
+def run_script(cli: argparse.ArgumentParser, main, worker=None) -> None:
     """`main(args)`; or, in a process `spawn_worker` started, `worker(args)` with its result printed as JSON."""
-    args_parser.add_argument("--worker-args", help=argparse.SUPPRESS)
-    args = args_parser.parse_args()
+    cli.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = cli.parse_args()
     if args.worker_args:
         print(json.dumps(worker(argparse.Namespace(**json.loads(args.worker_args)))))
     else:
@@ -55,12 +73,32 @@ def spawn_worker(args: argparse.Namespace, **changes) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def fake_overrides(api_base: str, artifacts: Path, *extra: str) -> list[str]:
-    """Point the project at the fake LM server, uncached, schema-constrained, no retries."""
-    from helpers import fake_lm_overrides
-
+def fake_overrides(api_base: str, artifacts: Path, *extra: str, fake: bool = True) -> list[str]:
+    """The project's LM at the fake LM server (schema-constrained, no retries), or with `fake=False` at an embedded
+    server already running, uncached; runs to the team server if there is one, else artifacts in `artifacts`."""
+    lm = fake_lm_overrides(api_base) if fake else [f"lm.api_base={api_base}", "lm.cache=false"]
     tracking = ["tracking=server"] if os.environ.get(SERVER_URI) else [f"tracking.artifact_location={artifacts}"]
-    return [*fake_lm_overrides(api_base, model="openai/fake-bench"), *tracking, *extra]
+    return [*lm, *tracking, *extra]
+
+
+def cot_judged(api_base: str, store: Path, *extra: str, trace_judge: bool = False):
+    """What trace_cost and concurrency evaluate, DSPy configured for it: the cot program (1 LM call per example)
+    and the project's default metrics with its SemanticF1 judge (1 call), on the fake LM. (cfg, program, metric)"""
+    cfg = compose("cot", fake_overrides(api_base, store / "artifacts", *extra))
+    lm = build_lm(cfg.lm)
+    dspy.configure(lm=lm, adapter=build_adapter(cfg.lm))
+    metric = Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm, traced=trace_judge))
+    return cfg, dspy.ChainOfThought("question -> response"), metric
+
+
+def examples(n: int):
+    """`n` made-up technical questions with reference answers."""
+    topics = ["git rebase", "ssh keys", "python venvs", "docker volumes", "bash loops", "regex lookahead",
+              "nginx proxies", "SQL joins"]
+    return [dspy.Example(question=f"how do I use {topics[i % len(topics)]} (case {i})?",
+                         response=f"Use {topics[i % len(topics)]} like this: step one, step two, step three. "
+                                  f"Check the manual for the edge cases of case {i}.").with_inputs("question")
+            for i in range(n)]
 
 
 def sqlite_uri(store: Path) -> str:
@@ -71,18 +109,14 @@ def isolate_mlflow(store: Path) -> None:
     """Temp tracking store (or the team server) and caches, and no run inherited from an outer `mlflow run`."""
     os.environ["MLFLOW_TRACKING_URI"] = os.environ.get(SERVER_URI) or sqlite_uri(store)
     os.environ["RAGQA_CACHE_DIR"] = str(store / "cache")
-    os.environ.pop("MLFLOW_RUN_ID", None)
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    for inherited in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(inherited, None)
 
 
 @contextlib.contextmanager
 def team_server(data_dir: Path):
     """`python -m deploy.team_server serve` (PostgreSQL + basic-auth MLflow) on a free loopback port; this
     process and its children log to it as its admin."""
-    import secrets
-
-    from helpers import free_port, start_team_server
-
     port, password = free_port(), secrets.token_urlsafe(16)
     server = start_team_server(data_dir, port, password, data_dir / "team-server.log")
     os.environ.update({SERVER_URI: f"http://127.0.0.1:{port}", "MLFLOW_TRACKING_USERNAME": "admin",
@@ -94,115 +128,41 @@ def team_server(data_dir: Path):
         server.wait(timeout=60)
 
 
-def _serve(conn, kind: str, options: dict) -> None:
-    with contextlib.ExitStack() as stack:
-        if kind == "fake":
-            from fake_lm import FakeLM
+def private_server(state_dir: Path) -> str:
+    """The embedded llama.cpp server (lm=local) with its own state dir; this process is its only user, so its
+    watchdog stops it once this process has ended. Its api_base."""
+    return ensure_server({**compose("config").lm.server, "state_dir": str(state_dir)})
 
-            started = time.perf_counter()
-            fake = stack.enter_context(FakeLM(**options))
-            api_base, counts = fake.api_base, lambda: (fake.calls, fake.embedding_calls)
-        else:  # this process registers as the server's only user: its watchdog stops it once we exit
-            from pipelines.config import compose
-            from pipelines.server import ensure_server
 
-            settings = {**compose("config").lm.server, **options}
-            started = time.perf_counter()
-            api_base, counts = ensure_server(settings), lambda: (0, 0)
-        conn.send((api_base, time.perf_counter() - started))
+def _serve_fake(conn, options: dict) -> None:
+    with FakeLM(**options) as fake:
+        conn.send(fake.api_base)
         while conn.recv() != "stop":  # any other message asks for the call counters
-            conn.send(counts())
+            conn.send((fake.calls, fake.embedding_calls))
 
 
-class ServerProcess:
-    """A server in a child process of its own: "fake", tests/fake_lm.py's FakeLM (`options` go to it), so
-    its Python work does not take the benchmarked client's GIL; or "local", the embedded llama.cpp server
-    with `options` over `lm.server` (give it a private `state_dir`), gone once `stop()` ends the child.
-    `counts()`: chat and embedding requests the fake served so far (the embedded server: 0, 0)."""
+@contextlib.contextmanager
+def fake_lm(**options):
+    """tests/fake_lm.py's FakeLM (`options` go to it) in a process of its own, so its Python work does not take
+    the benchmarked client's GIL. Yields its api_base and `counts()`: chat and embedding requests served so far."""
+    conn, child = multiprocessing.Pipe()
+    server = multiprocessing.get_context("spawn").Process(target=_serve_fake, args=(child, options), daemon=True)
+    server.start()
+    child.close()  # a server that dies ends recv()
 
-    def __init__(self, kind: str = "fake", **options):
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, kind, options), daemon=True)
-        self._proc.start()
-        child.close()  # so a child that dies unblocks recv()
-        try:
-            self.api_base, self.start_seconds = self._conn.recv()
-        except EOFError:
-            self._proc.join()
-            raise SystemExit(f"the {kind} server did not start (exit code {self._proc.exitcode})") from None
-        self.state_dir = options.get("state_dir")
-
-    def counts(self) -> tuple[int, int]:
-        self._conn.send("counts")
-        return self._conn.recv()
-
-    @property
-    def calls(self) -> int:
-        return self.counts()[0]
-
-    def stop(self) -> None:
-        from pipelines.server import running_servers
-
-        self._conn.send("stop")
-        self._proc.join(timeout=30)
-        deadline = time.monotonic() + 30
-        while self.state_dir and running_servers(Path(self.state_dir)) and time.monotonic() < deadline:
-            time.sleep(0.2)  # the watchdog's next look finds no user
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-
-def create_experiment(store: Path, name: str = EXPERIMENT) -> None:
-    """Create the experiment with its artifacts in the store: `mlflow run --experiment-name` would
-    otherwise create it with artifacts under the working directory (the repo)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=sqlite_uri(store))
-    client.create_experiment(name, artifact_location=(store / "artifacts").as_uri())
-
-
-def mlflow_run_env(store: Path, **extra: str) -> dict[str, str]:
-    """Environment of an `mlflow run --env-manager local` job on the store's tracking URI and caches:
-    the venv first on PATH (MLproject commands call `python`), no run inherited from an outer one."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", MLFLOW_TRACKING_URI=sqlite_uri(store),
-               RAGQA_CACHE_DIR=str(store / "cache"), PYTHONDONTWRITEBYTECODE="1", **extra)
-    return env
-
-
-def run_job(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, float, float]:
-    """Run `cmd` from the repo root, output to `log_path`: (exit code, wall s, peak RSS MiB of the process and
-    every descendant it waited for)."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024
-
-
-def step_runs(store: Path, since: float = 0, until: float | None = None) -> list:
-    """The runs of the store's experiment started between `since` and `until` (epoch s), oldest first."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=sqlite_uri(store))
-    window = f"attributes.start_time >= {int(since * 1000)}"
-    window += f" and attributes.start_time <= {int(until * 1000)}" if until else ""
-    return client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], window,
-                              max_results=1000, order_by=["attributes.start_time ASC"])
+    def counts() -> tuple[int, int]:
+        conn.send("counts")
+        return conn.recv()
+    try:
+        yield conn.recv(), counts
+    finally:
+        conn.send("stop")
+        server.join(timeout=10)
 
 
 def phase_times(run) -> dict[str, float]:
-    """A run's own phase timings, in seconds: its `time_<phase>_s` metrics (index: load or build before the
-    run opens; evaluate, baseline_evaluate, compile, log_model, register: inside it), `run` (its start to
-    end) and `other` (the part of the run in none of its phases: config, datasets, results, trace export)."""
+    """A run's own phase timings (s): its `time_<phase>_s` metrics (index: built or loaded before the run opens),
+    `run` (start to end) and `other` (the run's time in none of them: config, datasets, results, trace export)."""
     phases = {k[5:-2]: v for k, v in run.data.metrics.items() if k.startswith("time_") and k.endswith("_s")}
     if run.info.end_time:
         phases["run"] = (run.info.end_time - run.info.start_time) / 1000
@@ -210,36 +170,23 @@ def phase_times(run) -> dict[str, float]:
     return phases
 
 
-def examples(n: int):
-    """`n` made-up technical questions with reference answers."""
-    import dspy
-
-    topics = ["git rebase", "ssh keys", "python venvs", "docker volumes", "bash loops", "regex lookahead",
-              "nginx proxies", "SQL joins"]
-    return [dspy.Example(question=f"how do I use {topics[i % len(topics)]} (case {i})?",
-                         response=f"Use {topics[i % len(topics)]} like this: step one, step two, step three. "
-                                  f"Check the manual for the edge cases of case {i}.").with_inputs("question")
-            for i in range(n)]
-
-
 def machine() -> str:
     cpu = "unknown"
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                   cpu)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load avg at end {load}")
 
 
-def median(values) -> float:
-    return statistics.median(values)
+def timed(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), its wall time in seconds)"""
+    t = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t
 
 
 def table(headers: list[str], rows: list[list]) -> str:
     """A Markdown table (also readable on a terminal)."""
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    cells = [headers, *([f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in rows)]
+    return "\n".join(["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(headers)]
+                     + ["| " + " | ".join(row) + " |" for row in cells[1:]])
