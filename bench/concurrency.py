@@ -1,73 +1,41 @@
-"""Evaluation concurrency: wall time of `pipelines.scoring.evaluate` versus the ideal.
+"""Evaluation concurrency: wall time of `pipelines.scoring.evaluate` versus the ideal (BENCHMARKS.md, 2 and 6).
 
-64 examples through the cot program, scored by `JudgedF1` (1 program call + 1 judge call per
-example), against the fake LM server (tests/fake_lm.py, a ThreadingHTTPServer) at 100 ms per
-call (run in its own process, so its Python work does not take the client's GIL), for
-num_threads 1, 4 and 16. ideal = LM calls x latency / threads, the calls counted by
-the server (FakeLM.calls). Two settings, in one process, each after a small warm-up:
-  * no-mlflow: `evaluate` alone, as `dspy.Evaluate` runs it (no MLflow imported yet);
-  * harness:   the same inside an MLflow run after `pipelines.tracking.setup` (DSPy autolog
-               tracing on, as every project step runs it).
-Target: wall <= 1.3x ideal at 16 threads.
+cot + JudgedF1 (2 LM calls per example) against the fake LM at --latency per call, for each --threads; ideal
+= calls counted by the fake x latency / threads. In one process, after a warm-up each: no-mlflow, then the
+harness (inside a run after `tracking.setup`, traces on, timed until they are stored). Target: wall <= 1.3x
+ideal at 16 threads. --server logs to a team server (PostgreSQL + basic-auth `mlflow server`).
 
     .venv/bin/python bench/concurrency.py [--examples 64] [--latency 0.1] [--threads 1 4 16] [--server]
-
-With --server the runs go to a team server (PostgreSQL + basic-auth `mlflow server`, deploy/team_server.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 
-from _common import SERVER_URI, FakeLMProcess, fake_overrides, isolate_mlflow, machine, scratch, table, team_server
-
-
-def examples(n: int):
-    import dspy
-
-    topics = ["git rebase", "ssh keys", "python venvs", "docker volumes", "bash loops", "regex lookahead",
-              "nginx proxies", "SQL joins"]
-    return [dspy.Example(question=f"how do I use {topics[i % len(topics)]} (case {i})?",
-                         response=f"Use {topics[i % len(topics)]} like this: step one, step two, step three. "
-                                  f"Check the manual for the edge cases of case {i}.").with_inputs("question")
-            for i in range(n)]
+import _common as common
 
 
 def main(args) -> None:
-    store = scratch("concurrency")
-    with team_server(store) if args.server else contextlib.nullcontext():
-        measure_all(args, store)
+    store, rows = common.scratch("concurrency"), []
+    with common.team_server(store) if args.server else contextlib.nullcontext(), \
+            common.fake_lm(latency=args.latency) as (api_base, counts):
+        common.isolate_mlflow(store)
+        from pipelines.scoring import evaluate
 
-
-def measure_all(args, store) -> None:
-    isolate_mlflow(store)
-    import dspy
-
-    from pipelines.config import compose
-    from pipelines.lm import build_adapter, build_lm
-    from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
-
-    devset = examples(args.examples)
-    rows = []
-    with FakeLMProcess(latency=args.latency, mode="ok") as fake:
-        cfg = compose("cot", fake_overrides(fake.api_base, store / "artifacts"))
-        lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
-        dspy.configure(lm=lm, adapter=adapter)
-        metric = Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm))
-        program = dspy.ChainOfThought("question -> response")
+        devset = common.examples(args.examples)
+        cfg, program, metric = common.cot_judged(api_base, store)
 
         def measure(setting: str) -> None:
             evaluate(program, devset[:4], metric, 4, progress=False)  # warm-up: imports, first calls
             for threads in args.threads:
-                before, t = fake.calls, time.perf_counter()
+                before, t = counts()[0], time.perf_counter()
                 result = evaluate(program, devset, metric, threads, progress=False)
                 if "mlflow" in sys.modules:  # traces are exported off the threads: done when they are stored
                     sys.modules["mlflow"].flush_trace_async_logging()
-                wall, calls = time.perf_counter() - t, fake.calls - before
+                wall, calls = time.perf_counter() - t, counts()[0] - before
                 ideal = calls * args.latency / threads
                 print(f"{setting} threads={threads}: {wall:.2f} s, {calls} calls, failed {result.failed}",
                       file=sys.stderr)
@@ -76,25 +44,19 @@ def measure_all(args, store) -> None:
 
         measure("no-mlflow")
         assert "mlflow" not in sys.modules
-        import mlflow
-
         from pipelines import tracking
 
         tracking.setup(cfg)
         with tracking.run("bench-concurrency", cfg):
             measure("harness")
-        mlflow.dspy.autolog(disable=True)
-    where = f"tracking server {os.environ[SERVER_URI]} (PostgreSQL)" if args.server else "sqlite"
-    print(f"\nMachine: {machine()}; {args.examples} examples, fake LM {args.latency * 1000:.0f} ms/call, "
+    where = f"tracking server {os.environ[common.SERVER_URI]} (PostgreSQL)" if args.server else "sqlite"
+    print(f"\nMachine: {common.machine()}; {args.examples} examples, fake LM {args.latency * 1000:.0f} ms/call, "
           f"cot + JudgedF1, {where}; scratch {store}\n")
-    print(table(["setting", "num_threads", "LM calls", "ideal s", "wall s", "wall/ideal",
-                 "target <= 1.3x @16"], rows))
+    print(common.table(["setting", "num_threads", "LM calls", "ideal s", "wall s", "wall/ideal", "target <= 1.3x @16"],
+                       rows))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--latency", type=float, default=0.1)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--server", action="store_true", help="log to a team server (deploy/team_server.py)")
-    main(parser.parse_args())
+    cli = common.parser(__doc__, examples=64, latency=0.1, server=False)
+    cli.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
+    main(cli.parse_args())

@@ -1,39 +1,33 @@
-"""What MLflow DSPy tracing costs per example, and which export settings bring it down.
+"""What MLflow DSPy tracing costs per example, and which export settings bring it down (BENCHMARKS.md, 1).
 
-In one process per setting, `pipelines.scoring.evaluate` runs the cot program + the project's default
-metrics (JudgedF1, token F1, ROUGE-L; each one an assessment on the example's trace) against the fake
-LM (own process), several times after a warm-up; the table gives medians of wall time (up to the point
-every trace is in the store), process CPU per example, SQL statements and time in sqlite per example
-(SQLAlchemy cursor events), and traces logged per evaluation. Settings:
-  * no-mlflow:  MLflow never imported;
-  * traces-off: `pipelines.tracking.setup` + run with tracking.log_traces=false;
-  * default:    the project's default: traces exported off the evaluation threads by one writer
-                (MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=true, MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS=1),
-                timed up to `mlflow.flush_trace_async_logging()`; the evaluation alone in brackets;
-  * default+judge: same, plus traces of the SemanticF1 judge's calls (tracking.trace_judge=true);
-  * sync:       every evaluation thread writes its own traces (MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false);
-  * sync+wal:   same, on a store switched to sqlite's WAL journal;
-  * async-10:   MLflow's own async default, 10 writer threads.
+In one process per setting, `pipelines.scoring.evaluate` runs cot + the default metrics (each an assessment
+on the example's trace) against the fake LM, --evals times after a warm-up. Medians of: wall time until every
+trace and assessment is stored (the evaluation alone in brackets), CPU, SQL statements and time in sqlite per
+example; traces logged. Settings: no-mlflow; traces-off; default (async export, one writer); default+judge
+(judge traced too); sync (each evaluation thread writes its traces); sync+wal (sqlite in WAL mode); async-10
+(MLflow's 10 writers). With --cached every LM call is answered from DSPy's cache (issue 13: target traced
+<= 1.5x traces-off, one trace per example).
+
     .venv/bin/python bench/trace_cost.py                                   # 16 examples, 50 ms, 2 threads
     .venv/bin/python bench/trace_cost.py --cached --examples 300 --threads 24 --latency 0 --evals 2
-The second is the cached re-evaluation of issue 13: every LM call answered from DSPy's cache
-(target: traced <= 1.5x traces-off, and one trace per example).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
-import json
+import contextlib
 import os
-import subprocess
 import sys
 import threading
 import time
 
-from _common import ROOT, FakeLMProcess, fake_overrides, isolate_mlflow, machine, median, scratch, table
+import dspy
+
+import _common as common
 
 SETTINGS = ("no-mlflow", "traces-off", "default", "default+judge", "sync", "sync+wal", "async-10")
+SYNC = {"MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
+ENVIRONMENT = {"sync": SYNC, "sync+wal": SYNC, "async-10": {"MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "10"}}
 
 
 def sql_counter():
@@ -55,122 +49,74 @@ def sql_counter():
 
 
 def worker(args) -> dict:
-    from concurrency import examples
+    from pipelines.scoring import evaluate
 
-    store = scratch("trace-cost")
-    isolate_mlflow(store)
-    if args.worker.startswith("sync"):
-        os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
-    if args.worker == "async-10":
-        os.environ["MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS"] = "10"
-    import dspy
-
-    from pipelines.config import compose
-    from pipelines.lm import build_adapter, build_lm
-    from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate
-
-    extra = ["tracking.log_traces=false"] if args.worker == "traces-off" else []
-    if args.cached:
-        extra += ["lm.cache=true"]
-    cfg = compose("cot", fake_overrides(args.api_base, store / "artifacts", *extra))
-    lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)
+    store = common.scratch("trace-cost")
+    common.isolate_mlflow(store)
+    os.environ.update(ENVIRONMENT.get(args.setting, {}))
+    extra = ["tracking.log_traces=false"] * (args.setting == "traces-off") + ["lm.cache=true"] * args.cached
     dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
-    dspy.configure(lm=lm, adapter=adapter)
-    judge = JudgedF1(lm, traced=args.worker == "default+judge")
-    metric = Scorer(Scoring.from_cfg(cfg.scoring), judge)
-    program, devset = dspy.ChainOfThought("question -> response"), examples(args.examples)
-    warm_up = devset if args.cached else devset[:4]  # imports LiteLLM etc.; --cached: fills the cache
-    stats, walls, evals, cpus, sql, traces = collections.Counter(), [], [], [], [], []
-    traced = args.worker not in ("no-mlflow", "traces-off")
-    harness = {}  # with MLflow: each example's trace id, and the logging of its metrics on that trace
-
-    def count_traces(run_id):
-        if not run_id:
-            return 0
-        from pipelines import tracking  # only with MLflow: the no-mlflow setting never imports it
-
-        return tracking.count_traces(run_id)
-
-    def once(run_id=None):
-        before = count_traces(run_id)
-        stats.clear()
-        wall, cpu = time.perf_counter(), time.process_time()
-        result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=harness.get("trace_id"))
-        evals.append(time.perf_counter() - wall)
-        if "assess" in harness:
-            harness["assess"](result)
-        if traced:
-            mlflow.flush_trace_async_logging()
-        walls.append(time.perf_counter() - wall)
-        cpus.append((time.process_time() - cpu) / len(devset))
-        sql.append((stats["statements"] / len(devset), stats["seconds"] / len(devset)))
-        traces.append(count_traces(run_id) - before)
-
-    if args.worker == "no-mlflow":
-        evaluate(program, warm_up, metric, args.threads, progress=False)
-        for _ in range(args.evals):
-            once()
-        assert "mlflow" not in sys.modules
-    else:
+    cfg, program, metric = common.cot_judged(args.api_base, store, *extra, trace_judge=args.setting == "default+judge")
+    devset, n = common.examples(args.examples), args.examples
+    traced = args.setting not in ("no-mlflow", "traces-off")
+    stats, samples, run = collections.Counter(), [], contextlib.nullcontext()
+    if args.setting != "no-mlflow":
         import mlflow
 
         from pipelines import tracking
+        from pipelines.tracking.traces import count_traces, log_assessments
 
         stats = sql_counter()
         tracking.setup(cfg)
-        if args.worker == "sync+wal":
+        if args.setting == "sync+wal":
             import sqlite3
 
             sqlite3.connect(store / "mlflow.db").execute("PRAGMA journal_mode=WAL").fetchall()
-        if cfg.tracking.log_traces:
-            harness.update(trace_id=tracking.last_trace_id, assess=tracking.log_assessments)
-        with tracking.run("bench-trace-cost", cfg) as active:
-            evaluate(program, warm_up, metric, args.threads, progress=False,
-                     trace_id=harness.get("trace_id"))  # first traces
+        run = tracking.run("bench-trace-cost", cfg)
+    trace_id = tracking.last_trace_id if traced else None
+    with run as active:
+        count = (lambda: count_traces(active.info.run_id)) if traced else (lambda: 0)
+        # Warm-up: imports LiteLLM etc., the first traces; --cached: fills the cache.
+        evaluate(program, devset if args.cached else devset[:4], metric, args.threads, progress=False,
+                 trace_id=trace_id)
+        if traced:
             mlflow.flush_trace_async_logging()
-            for _ in range(args.evals):
-                once(active.info.run_id if traced else None)
-    return {"wall": median(walls), "eval": median(evals), "cpu": median(cpus), "stmts": median([s[0] for s in sql]),
-            "sql_s": median([s[1] for s in sql]), "traces": min(traces)}
+        for _ in range(args.evals):
+            before = count()
+            stats.clear()
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
+            evaluated = time.perf_counter() - wall
+            if traced:  # each example's metrics as assessments on its trace, and every trace stored
+                log_assessments(result)
+                mlflow.flush_trace_async_logging()
+            samples.append({"wall": time.perf_counter() - wall, "eval": evaluated,
+                            "cpu": (time.process_time() - cpu) / n, "stmts": stats["statements"] / n,
+                            "sql_s": stats["seconds"] / n, "traces": count() - before})
+    assert args.setting != "no-mlflow" or "mlflow" not in sys.modules
+    medians = {k: common.median([s[k] for s in samples]) for k in samples[0]}
+    return {**medians, "traces": min(s["traces"] for s in samples)}
 
 
 def main(args) -> None:
     rows, base = [], None
-    with FakeLMProcess(latency=args.latency) as fake:
+    with common.fake_lm(latency=args.latency) as (api_base, _):
         for setting in args.settings:
-            cmd = [sys.executable, __file__, "--worker", setting, "--api-base", fake.api_base,
-                   "--examples", str(args.examples), "--threads", str(args.threads), "--evals", str(args.evals),
-                   *(["--cached"] if args.cached else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if proc.returncode:
-                raise RuntimeError(proc.stderr[-3000:])
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = common.spawn_worker(args, setting=setting, api_base=api_base)
             base = r["wall"] if setting == "traces-off" else base
-            background = setting in ("default", "default+judge", "async-10")
-            wall = f"{r['wall']:.2f}" + (f" ({r['eval']:.2f})" if background else "")
-            rows.append([setting, wall, f"{r['wall'] / base:.2f}x" if base else "-", f"{r['cpu'] * 1000:.0f}",
-                         f"{r['stmts']:.0f}", f"{r['sql_s'] * 1000:.0f}",
-                         f"{r['traces']}/{args.examples}" if setting not in ("no-mlflow", "traces-off") else "-"])
+            background, traced = setting in ("default", "default+judge", "async-10"), setting not in SETTINGS[:2]
+            rows.append([setting, f"{r['wall']:.2f}" + f" ({r['eval']:.2f})" * background,
+                         f"{r['wall'] / base:.2f}x" if base else "-", f"{r['cpu'] * 1000:.0f}", f"{r['stmts']:.0f}",
+                         f"{r['sql_s'] * 1000:.0f}", f"{r['traces']}/{args.examples}" if traced else "-"])
             print(rows[-1], file=sys.stderr)
-    print(f"\nMachine: {machine()}; {args.examples} examples x (cot + judge), fake LM {args.latency * 1000:.0f} ms, "
-          f"{'all calls cached, ' if args.cached else ''}{args.threads} threads, medians of {args.evals} "
-          "evaluations after warm-up\n")
-    print(table(["setting", "eval wall s", "vs traces-off", "CPU ms/example", "SQL stmts/example",
-                 "ms in sqlite/example", "traces logged"], rows))
+    print(f"\nMachine: {common.machine()}; {args.examples} examples x (cot + judge), fake LM {args.latency * 1000:.0f} "
+          f"ms, {'all calls cached, ' * args.cached}{args.threads} threads, medians of {args.evals} evaluations "
+          "after warm-up\n")
+    print(common.table(["setting", "eval wall s", "vs traces-off", "CPU ms/example", "SQL stmts/example",
+                        "ms in sqlite/example", "traces logged"], rows))
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--latency", type=float, default=0.05)
-    parser.add_argument("--evals", type=int, default=4)
-    parser.add_argument("--cached", action="store_true", help="answer every LM call from DSPy's cache")
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
-    parser.add_argument("--worker", choices=SETTINGS)
-    parser.add_argument("--api-base")
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args)))
-    else:
-        main(args)
+    cli = common.parser(__doc__, examples=16, threads=2, latency=0.05, evals=4, cached=False)
+    cli.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    common.run_script(cli, main, worker)

@@ -1,15 +1,6 @@
-"""DSPy's RAG tutorial as a bare script: no MLflow, no project code, pointed at any OpenAI-compatible server.
-
-The tutorial's steps (https://dspy.ai/tutorials/rag/): load the two JSONL files, shuffle with
-`random.Random(0)`, 200 train / 300 dev / 500 test; embed the corpus, cut at 6000 characters, with
-`openai/text-embedding-3-small` at 512 dimensions into `dspy.retrievers.Embeddings` (k=5); RAG =
-retrieve + `ChainOfThought('context, question -> response')`; `SemanticF1(decompositional=True)` through
-`dspy.Evaluate(num_threads=24)` on dev; `MIPROv2(auto="medium", num_threads=24)` with 2 bootstrapped and
-2 labeled demos; the optimized program on dev. bench/scale.py runs it against the fake server, so its
-LM and embedding call counts can be set beside the project's `optimize`.
-
-DSPy's response cache goes to `--cache-dir` (the tutorial leaves it in ~/.dspy_cache), so a run starts
-cold and answers nothing from an earlier one.
+"""DSPy's RAG tutorial (https://dspy.ai/tutorials/rag/) as a bare script: no MLflow, no project code, pointed at
+any OpenAI-compatible server, each step timed; DSPy's cache in --cache-dir, so a run starts cold. bench/jobs.py
+runs it (phase `bare`) beside the project's `optimize`, against the same fake server.
 
     python bench/tutorial_bare.py --data-dir DIR --api-base http://127.0.0.1:PORT/v1 --cache-dir DIR
 """
@@ -75,8 +66,7 @@ def main(args) -> None:
               "optimized_score": optimized.score,
               "demos": {name: len(p.demos) for name, p in optimized_rag.named_predictors()}}
     print(json.dumps(result, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
@@ -86,5 +76,5 @@ if __name__ == "__main__":
     parser.add_argument("--cache-dir", type=Path, required=True, help="DSPy's disk cache for this run")
     parser.add_argument("--threads", type=int, default=24)
     parser.add_argument("--auto", default="medium", choices=["light", "medium", "heavy"])
-    parser.add_argument("--out", help="write the timings and scores as JSON here")
+    parser.add_argument("--out", required=True, help="write the timings and scores as JSON here")
     main(parser.parse_args())

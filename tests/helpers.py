@@ -15,10 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import dspy
+import numpy as np
 
 from pipelines.config import compose
 
-from fake_lm import fake_model
+from fake_lm import fake_model, hashed_embedding
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -48,6 +49,21 @@ class FixedRetriever:
 
     def __call__(self, query, k=None):
         return dspy.Prediction(passages=self.passages[:k], doc_ids=list(range(len(self.passages)))[:k])
+
+
+class CountingEmbedder:
+    """An embedder that counts its calls and the texts it embeds: `inner`'s vectors, or by default
+    deterministic hashed bag-of-words ones of `dim` dimensions (texts sharing words are near)."""
+
+    def __init__(self, inner=None, dim: int = 64):
+        self.inner, self.dim, self.calls, self.embedded = inner, dim, 0, 0
+
+    def __call__(self, texts):
+        self.calls += 1
+        self.embedded += len(texts)
+        if self.inner is not None:
+            return self.inner(texts)
+        return np.array([hashed_embedding(t, self.dim) for t in texts], dtype=np.float32).reshape(-1, self.dim)
 
 
 def smoke(name: str, store_path: Path, *overrides: str):
@@ -80,6 +96,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_team_server(data_dir: Path, port: int, admin_password: str, log: Path, *options: str,
+                      timeout: float = 240) -> subprocess.Popen:
+    """`python -m deploy.team_server serve` (PostgreSQL + basic-auth `mlflow server`) on a loopback port,
+    its output appended to `log`; returns the process once the server says it is up."""
+    with open(log, "a") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "deploy.team_server", "serve", "--data-dir", str(data_dir), "--port", str(port),
+             *options], cwd=ROOT, env=user_env({"MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}), stdout=out,
+            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while "Ctrl-C stops it" not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.terminate()
+            raise AssertionError(f"the team server did not come up; {log}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    return process
 
 
 @contextlib.contextmanager

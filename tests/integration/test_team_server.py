@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pgserver.utils import PostmasterInfo
 
 from fake_lm import FakeLM, fake_model
-from helpers import ROOT, fake_overrides, free_port, run_cli, user_env
+from helpers import ROOT, fake_overrides, free_port, run_cli, start_team_server, user_env
 
 ADMIN_PASSWORD = "admin-CANARY-7f3a9c21e5"
 ALICE_PASSWORD = "alice-CANARY-0b6d4e8f12"  # the canary: must appear in no store, artifact or log
@@ -24,18 +24,10 @@ EXPERIMENT, MODEL = "team-smoke", "ragqa-tech-smoke"
 
 
 def start_server(server: dict) -> None:
-    """`python -m deploy.team_server serve` on the server's data dir and port; returns once it is healthy."""
-    env = user_env({"MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    """The team server on its data dir and port, one worker, a fresh log; returns once it is healthy."""
     server["log"].write_text("")
-    with open(server["log"], "a") as log:
-        server["process"] = subprocess.Popen(
-            [sys.executable, "-m", "deploy.team_server", "serve", "--data-dir", str(server["data"]),
-             "--port", server["url"].rsplit(":", 1)[1], "--workers", "1"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while "Ctrl-C stops it" not in server["log"].read_text():
-        assert server["process"].poll() is None and time.monotonic() < deadline, server["log"].read_text()[-3000:]
-        time.sleep(0.5)
+    server["process"] = start_team_server(server["data"], int(server["url"].rsplit(":", 1)[1]), ADMIN_PASSWORD,
+                                          server["log"], "--workers", "1")
 
 
 def stop_server(server: dict) -> None:

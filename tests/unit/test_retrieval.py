@@ -1,7 +1,6 @@
 """Index cache keys, cache hits without embedding, rebuilds, FAISS vs brute force, sharing, pickling."""
 
 import copy
-import hashlib
 import json
 import pickle
 
@@ -14,20 +13,7 @@ from pipelines.data import Corpus, load_corpus
 from pipelines.retrieval import Index, LocalEmbedder, Retriever, cache_key, embedder_identity, load_or_build_index
 from pipelines.schema import EmbedderConfig
 
-
-class CountingEmbedder:
-    """Deterministic bag-of-words vectors; counts every text it embeds."""
-
-    def __init__(self, dim=64):
-        self.dim, self.embedded = dim, 0
-
-    def __call__(self, texts):
-        self.embedded += len(texts)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            for word in text.lower().split():
-                out[row, int(hashlib.md5(word.encode()).hexdigest(), 16) % self.dim] += 1.0
-        return out
+from helpers import CountingEmbedder
 
 
 def emb_cfg(**kw):
