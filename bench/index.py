@@ -5,6 +5,8 @@ FAISS IVF-PQ + re-rank vs brute force, queried with noisy copies of corpus vecto
 the source comes back). Target: p50 <= 1 ms.
 
     .venv/bin/python bench/index.py [--queries 1000] [--n 28436] [--dim 512]
+    .venv/bin/python bench/index.py --docs 28436 --spark   # (a) on the sample's texts repeated to 28,436
+                                                           # documents, once, also on local Spark (BENCHMARKS.md, 7)
 """
 
 from __future__ import annotations
@@ -14,17 +16,29 @@ import numpy as np
 import _common as common
 
 
-def embedding_throughput(cfg, corpus) -> list:
+def embedding_throughput(cfg, corpus, docs: int | None, spark: bool) -> list:
     from pipelines.retrieval import LocalEmbedder
 
     texts = [t[:cfg.program.max_characters] for t in corpus.texts]
+    texts = [f"{texts[i % len(texts)]} ({i})" for i in range(docs)] if docs else texts
     embedder = LocalEmbedder(package=cfg.embedder.package, batch_size=int(cfg.embedder.batch_size))
     _, load = common.timed(embedder, ["load the model"])
-    passes = [common.timed(embedder, texts) for _ in range(3)]
+    passes = [common.timed(embedder, texts) for _ in range(1 if docs else 3)]
     vectors, sec = passes[-1][0], common.median([seconds for _, seconds in passes])
-    assert vectors.shape[0] == len(texts)
     chars = sum(map(len, texts)) / len(texts)
-    return [len(texts), f"{chars:.0f}", vectors.shape[1], f"{load:.2f}", f"{sec:.2f}", f"{len(texts) / sec:.1f}"]
+    rows = [["this process", len(texts), f"{chars:.0f}", vectors.shape[1], f"{load:.2f}", f"{sec:.2f}",
+             f"{len(texts) / sec:.1f}"]]
+    if spark:  # index.engine=spark's path: partitions of the corpus embedded in Spark tasks (model load inside)
+        from pipelines.engine import embed_on_spark
+        from pipelines.packaging import embedder_spec
+        from pipelines.retrieval import build_embedder
+        from pipelines.spark import session
+
+        spread, sec = common.timed(embed_on_spark, session(cfg), texts, embedder_spec(build_embedder(cfg.embedder)))
+        assert np.allclose(spread, vectors, atol=1e-4)
+        rows.append([f"local Spark, {session(cfg).sparkContext.defaultParallelism} tasks", len(texts), f"{chars:.0f}",
+                     spread.shape[1], "in tasks", f"{sec:.2f}", f"{len(texts) / sec:.1f}"])
+    return rows
 
 
 def cache(cfg, corpus) -> list:
@@ -67,12 +81,12 @@ def main(args) -> None:
     from pipelines.config import compose
     from pipelines.data import load_corpus
 
-    cfg = compose("rag")
+    cfg = compose("rag", [f"paths.cache={common.scratch('index-spark')}"])
     corpus = load_corpus(cfg.data)
     print(f"Machine: {common.machine()}\nCorpus: {corpus.path.relative_to(common.ROOT)}\n")
     print("(a) Embedding throughput, LocalEmbedder, batch_size", cfg.embedder.batch_size)
-    print(common.table(["docs", "mean chars", "dim", "model load s", "embed s (median of 3)", "docs/s"],
-                       [embedding_throughput(cfg, corpus)]))
+    print(common.table(["where", "docs", "mean chars", "dim", "model load s", "embed s (median of 3; --docs: 1)",
+                        "docs/s"], embedding_throughput(cfg, corpus, args.docs, args.spark)))
     print("\n(b) load_or_build_index: build vs cache hit (fresh embedder each time)")
     print(common.table(["run", "seconds", "index", "embedder calls", "texts embedded", "target: 0 calls"],
                        cache(cfg, corpus)))
@@ -83,5 +97,5 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    cli = common.parser(__doc__, queries=1000, n=28_436, dim=512)
+    cli = common.parser(__doc__, queries=1000, n=28_436, dim=512, docs=0, spark=False)
     main(cli.parse_args())

@@ -6,14 +6,14 @@ readme: the README's main command (`mlflow run . --env-manager local --experimen
 The tutorial preset at full size against a fake server: a seeded synthetic corpus (28,436 documents) and 1,200
   examples where `data=ragqa_arena_tech` finds them, chat and embeddings from tests/fake_lm.py (judge score 0.7,
   1.0 for answers given with demos), each `experiment=tutorial` on one store and cache: rag (cold), optimize,
-  main, rag-cached (all from DSPy's cache), rag-untraced (tracking.log_traces=false), bare (bench/tutorial_bare.py).
+  main, rag-cached (all from DSPy's cache), rag-untraced (tracking.log_traces=false), and bare: DSPy's RAG tutorial
+  (https://dspy.ai/tutorials/rag/) as a plain script (`bare_tutorial`: no MLflow, no project code), cold cache.
 Per phase: wall time, peak RSS, requests to the fake, store size; per run: its start and end within the phase,
 phase timings, examples evaluated, traces stored; the registered MIPROv2 programs' demos. Writes results.json.
 
     .venv/bin/python bench/jobs.py --phases readme     # ~10-15 min
     .venv/bin/python bench/jobs.py                     # the tutorial phases, 15-30 min on 2 cores
     .venv/bin/python bench/jobs.py --docs 2000 --auto light --phases rag optimize   # a quick look
-    .venv/bin/python bench/jobs.py --analyze $TMPDIR/ragqa-bench/bench-jobs-XXXX        # tables again
 """
 
 from __future__ import annotations
@@ -128,9 +128,8 @@ def phase_cells(t: dict[str, float]) -> list[str]:
 
 def phase_command(phase: str, store: Path, api_base: str, args) -> list[str]:
     if phase == "bare":
-        return [sys.executable, str(common.ROOT / "bench" / "tutorial_bare.py"), "--data-dir",
-                str(store / "cache" / "data"), "--api-base", api_base, "--cache-dir", str(store / "bare-dspy-cache"),
-                "--threads", str(args.threads), "--auto", args.auto, "--out", str(store / "bare.json")]
+        spec = {"bare": str(store), "api_base": api_base, "threads": args.threads, "auto": args.auto}
+        return [sys.executable, str(Path(__file__).resolve()), "--worker-args", json.dumps(spec)]
     tutorial = ["experiment=tutorial", f"lm.api_base={api_base}", f"embedder.api_base={api_base}",
                 f"num_threads={args.threads}", f"optimizer.auto={args.auto}"] * (phase != "readme")
     untraced = ["tracking.log_traces=false"] * (phase == "rag-untraced")
@@ -175,8 +174,7 @@ def run_phase(phase: str, store: Path, api_base: str, counts, args) -> dict:
 
 def describe_runs(store: Path, since: float, until: float) -> list[dict]:
     """The project's runs started between `since` and `until`: start and end (s after `since`), phase timings,
-    traces in the store, metrics, `*traces_missing` tags (what the run reported lost). MIPROv2's own trial runs
-    (with tracking.log_compiles) in one row."""
+    traces in the store, metrics. MIPROv2's own trial runs (with tracking.log_compiles) in one row."""
     from pipelines.tracking.traces import count_traces
 
     mlflow.set_tracking_uri(common.sqlite_uri(store))
@@ -186,8 +184,7 @@ def describe_runs(store: Path, since: float, until: float) -> list[dict]:
                               max_results=1000, order_by=["attributes.start_time ASC"])
     out = [{"step": r.data.tags["step"], "run_id": r.info.run_id, "status": r.info.status,
             "from": r.info.start_time / 1000 - since, "to": r.info.end_time / 1000 - since if r.info.end_time else None,
-            "phases": common.phase_times(r), "traces": count_traces(r.info.run_id), "metrics": r.data.metrics,
-            "traces_missing": [v for k, v in r.data.tags.items() if k.endswith("traces_missing")]}
+            "phases": common.phase_times(r), "traces": count_traces(r.info.run_id), "metrics": r.data.metrics}
            for r in runs if "step" in r.data.tags]
     if trials := [r for r in runs if "step" not in r.data.tags]:
         out.append({"step": f"(MIPROv2 trial runs) x{len(trials)}", "traces": sum(count_traces(r.info.run_id)
@@ -208,6 +205,46 @@ def registered_demos(store: Path) -> list[str]:
     return out
 
 
+def bare_tutorial(args) -> dict:
+    """The tutorial's own code against the fake server: its data, splits, SemanticF1, Embeddings retriever, RAG,
+    MIPROv2; each step timed. The key comes from OPENAI_API_KEY, as in the tutorial; only the server differs."""
+    import dspy
+    from dspy.evaluate import SemanticF1
+
+    data_dir, times, t = Path(args.bare) / "cache" / "data", {}, time.perf_counter()
+    dspy.configure_cache(disk_cache_dir=str(Path(args.bare) / "bare-dspy-cache"))
+    dspy.configure(lm=dspy.LM("openai/gpt-4o-mini", api_base=args.api_base))
+    with open(data_dir / "ragqa_arena_tech_examples.jsonl") as f:
+        data = [dspy.Example(**json.loads(line)).with_inputs("question") for line in f]
+    random.Random(0).shuffle(data)
+    trainset, devset = data[:200], data[200:500]
+    metric = SemanticF1(decompositional=True)
+    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=args.threads, display_progress=True)
+    with open(data_dir / "ragqa_arena_tech_corpus.jsonl") as f:
+        corpus = [json.loads(line)["text"][:6000] for line in f]
+    embedder = dspy.Embedder("openai/text-embedding-3-small", dimensions=512, api_base=args.api_base)
+    search = dspy.retrievers.Embeddings(embedder=embedder, corpus=corpus, k=5)
+    times["load_and_index_s"] = time.perf_counter() - t
+
+    class RAG(dspy.Module):
+        def __init__(self):
+            self.respond = dspy.ChainOfThought("context, question -> response")
+
+        def forward(self, question):
+            return self.respond(context=search(question).passages, question=question)
+
+    baseline, times["baseline_eval_s"] = common.timed(evaluate, RAG())
+    tp = dspy.MIPROv2(metric=metric, auto=args.auto, num_threads=args.threads)
+    optimized_rag, times["compile_s"] = common.timed(tp.compile, RAG(), trainset=trainset, max_bootstrapped_demos=2,
+                                                     max_labeled_demos=2)
+    optimized, times["optimized_eval_s"] = common.timed(evaluate, optimized_rag)
+    result = {**times, "corpus": len(corpus), "examples": len(data), "baseline_score": baseline.score,
+              "optimized_score": optimized.score,
+              "demos": {name: len(p.demos) for name, p in optimized_rag.named_predictors()}}
+    (Path(args.bare) / "bare.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
 # Report ------------------------------------------------------------------------------------------------------
 
 
@@ -226,10 +263,6 @@ def report(results: dict) -> str:
     lines += ["", "Each run: its start and end in its phase, and its own phase timings (s):",
               common.table(["phase", "run", "status", "from s", "to s", *PHASE_COLUMNS, "examples evaluated",
                             "traces logged"], rows)]
-    missing = [f"- {p['phase']} / {r['step']}: " + v[:200].replace("\n", " ")
-               for p in results["phases"] for r in p.get("runs", []) for v in r.get("traces_missing", [])]
-    if missing:
-        lines += ["", "Traces the project reported missing (tag `*traces_missing`):", *missing]
     if readme := phases.get("readme"):
         lines += ["", f"readme: the embedded server's start alone took {readme['server_alone_s']:.1f} s; total "
                       f"{readme['wall_s'] / 60:.1f} min, target <= 15 min: "
@@ -251,12 +284,6 @@ def report(results: dict) -> str:
 
 
 def main(args) -> None:
-    if args.analyze:  # the runs are read from the store again
-        results = json.loads((Path(args.analyze) / "results.json").read_text())
-        for phase in (p for p in results["phases"] if "runs" in p):
-            phase["runs"] = describe_runs(Path(results["store"]), phase["start"], phase["end"])
-        print(report(results))
-        return
     store = Path(args.scratch) if args.scratch else common.scratch("jobs")
     if set(args.phases) - {"readme"}:
         generate(store / "cache" / "data", args.docs, args.examples, args.seed)
@@ -283,6 +310,6 @@ if __name__ == "__main__":
     cli.add_argument("--auto", default="medium", choices=["light", "medium", "heavy"], help="MIPROv2 auto")
     cli.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for the project's jobs")
     cli.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
-    cli.add_argument("--analyze", help="only print the tables of an earlier run in this dir")
-    # The worker times the embedded server's start alone; the server is gone once the worker has exited.
-    common.run_script(cli, main, lambda args: {"seconds": common.timed(common.private_server, args.state_dir)[1]})
+    # Workers: the bare tutorial, or the embedded server's start alone (the server dies with the worker).
+    common.run_script(cli, main, lambda args: bare_tutorial(args) if getattr(args, "bare", None) else
+                      {"seconds": common.timed(common.private_server, args.state_dir)[1]})

@@ -52,19 +52,14 @@ def worker_project(args) -> dict:
     from pipelines import steps
 
     times = {"imports": time.perf_counter() - T_START}
-    build_embedder, evaluate = steps.build_embedder, steps.evaluate
+    build_embedder = steps.build_embedder
 
     def loaded_embedder(embedder_cfg):  # the model loads in the index phase, not in the first evaluation
         embedder = build_embedder(embedder_cfg)
         embedder(["warm up"])
         return embedder
 
-    def evaluate_until_stored(*a, **kw):  # traces are exported off the threads: done when they are stored
-        result = evaluate(*a, **kw)
-        mlflow.flush_trace_async_logging()
-        return result
-
-    steps.build_embedder, steps.evaluate = loaded_embedder, evaluate_until_stored
+    steps.build_embedder = loaded_embedder  # time_evaluate_s runs until the traces are stored
     cfg, times["compose"] = common.timed(compose, args, *["tracking.log_traces=false"] * (args.mode != "project"))
     times["litellm_init"] = warm_litellm(cfg)
     result, times["run_variant"] = common.timed(steps.run_variant, cfg)

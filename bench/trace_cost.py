@@ -1,12 +1,11 @@
-"""What MLflow DSPy tracing costs per example, and which export settings bring it down (BENCHMARKS.md, 1).
-
-In one process per setting, `pipelines.scoring.evaluate` runs cot + the default metrics (each an assessment
-on the example's trace) against the fake LM, --evals times after a warm-up. Medians of: wall time until every
-trace and assessment is stored (the evaluation alone in brackets), CPU, SQL statements and time in sqlite per
-example; traces logged. Settings: no-mlflow; traces-off; default (async export, one writer); default+judge
-(judge traced too); sync (each evaluation thread writes its traces); sync+wal (sqlite in WAL mode); async-10
-(MLflow's 10 writers). With --cached every LM call is answered from DSPy's cache (issue 13: target traced
-<= 1.5x traces-off, one trace per example).
+"""What tracing costs per example, by way of writing the traces (BENCHMARKS.md, 1). In one process per setting,
+`pipelines.scoring.evaluate` runs cot + the default metrics (assessments on the traces) against the fake LM, --evals
+times after a warm-up; medians of wall time until traces and assessments are stored (evaluation alone in brackets),
+CPU, SQL statements and sqlite time per example, kB per trace, traces logged. Settings: no-mlflow; traces-off;
+default (the project's bulk writer: traces held, then written once with their assessments); mlflow-async (MLflow's
+exporter, spans written as they end, one writer off the threads, assessments one by one: the project before
+2026-11-28); mlflow-sync (the same, each thread writing). --cached: every LM call from DSPy's cache (target: traced
+<= 5x traces-off, one trace per example).
 
     .venv/bin/python bench/trace_cost.py                                   # 16 examples, 50 ms, 2 threads
     .venv/bin/python bench/trace_cost.py --cached --examples 300 --threads 24 --latency 0 --evals 2
@@ -25,9 +24,10 @@ import dspy
 
 import _common as common
 
-SETTINGS = ("no-mlflow", "traces-off", "default", "default+judge", "sync", "sync+wal", "async-10")
-SYNC = {"MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"}
-ENVIRONMENT = {"sync": SYNC, "sync+wal": SYNC, "async-10": {"MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "10"}}
+SETTINGS = ("no-mlflow", "traces-off", "default", "mlflow-async", "mlflow-sync")
+ENVIRONMENT = {"mlflow-sync": {"MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false"},
+               "mlflow-async": {"MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "true",
+                                "MLFLOW_ASYNC_TRACE_LOGGING_MAX_WORKERS": "1"}}
 
 
 def sql_counter():
@@ -56,46 +56,49 @@ def worker(args) -> dict:
     os.environ.update(ENVIRONMENT.get(args.setting, {}))
     extra = ["tracking.log_traces=false"] * (args.setting == "traces-off") + ["lm.cache=true"] * args.cached
     dspy.configure_cache(disk_cache_dir=str(store / "dspy-cache"))
-    cfg, program, metric = common.cot_judged(args.api_base, store, *extra, trace_judge=args.setting == "default+judge")
+    cfg, program, metric = common.cot_judged(args.api_base, store, *extra)
     devset, n = common.examples(args.examples), args.examples
     traced = args.setting not in ("no-mlflow", "traces-off")
-    stats, samples, run = collections.Counter(), [], contextlib.nullcontext()
+    stats, samples, run, size = collections.Counter(), [], contextlib.nullcontext(), 0
     if args.setting != "no-mlflow":
         import mlflow
 
         from pipelines import tracking
+        from pipelines.tracking import trace_export
         from pipelines.tracking.traces import count_traces, log_assessments
 
+        if args.setting.startswith("mlflow"):
+            trace_export.install = lambda: None  # keep MLflow's own exporter
         stats = sql_counter()
         tracking.setup(cfg)
-        if args.setting == "sync+wal":
-            import sqlite3
-
-            sqlite3.connect(store / "mlflow.db").execute("PRAGMA journal_mode=WAL").fetchall()
         run = tracking.run("bench-trace-cost", cfg)
     trace_id = tracking.last_trace_id if traced else None
+
+    def scored(devset):  # as the project's steps do: traces held (default) until their assessments are known
+        with tracking.held() if traced else contextlib.nullcontext():
+            result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
+            evaluated = time.perf_counter()
+            if traced:
+                log_assessments(result)
+                mlflow.flush_trace_async_logging()
+        return result, evaluated
+
     with run as active:
         count = (lambda: count_traces(active.info.run_id)) if traced else (lambda: 0)
-        # Warm-up: imports LiteLLM etc., the first traces; --cached: fills the cache.
-        evaluate(program, devset if args.cached else devset[:4], metric, args.threads, progress=False,
-                 trace_id=trace_id)
-        if traced:
-            mlflow.flush_trace_async_logging()
+        scored(devset if args.cached else devset[:4])  # warm-up: imports, the first traces; --cached fills the cache
         for _ in range(args.evals):
             before = count()
             stats.clear()
             wall, cpu = time.perf_counter(), time.process_time()
-            result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
-            evaluated = time.perf_counter() - wall
-            if traced:  # each example's metrics as assessments on its trace, and every trace stored
-                log_assessments(result)
-                mlflow.flush_trace_async_logging()
-            samples.append({"wall": time.perf_counter() - wall, "eval": evaluated,
+            result, evaluated = scored(devset)
+            samples.append({"wall": time.perf_counter() - wall, "eval": evaluated - wall,
                             "cpu": (time.process_time() - cpu) / n, "stmts": stats["statements"] / n,
                             "sql_s": stats["seconds"] / n, "traces": count() - before})
+        if traced:
+            size = len(mlflow.get_trace(result.rows[0]["trace_id"]).to_json())
     assert args.setting != "no-mlflow" or "mlflow" not in sys.modules
     medians = {k: common.median([s[k] for s in samples]) for k in samples[0]}
-    return {**medians, "traces": min(s["traces"] for s in samples)}
+    return {**medians, "traces": min(s["traces"] for s in samples), "bytes": size}
 
 
 def main(args) -> None:
@@ -104,16 +107,16 @@ def main(args) -> None:
         for setting in args.settings:
             r = common.spawn_worker(args, setting=setting, api_base=api_base)
             base = r["wall"] if setting == "traces-off" else base
-            background, traced = setting in ("default", "default+judge", "async-10"), setting not in SETTINGS[:2]
-            rows.append([setting, f"{r['wall']:.2f}" + f" ({r['eval']:.2f})" * background,
-                         f"{r['wall'] / base:.2f}x" if base else "-", f"{r['cpu'] * 1000:.0f}", f"{r['stmts']:.0f}",
-                         f"{r['sql_s'] * 1000:.0f}", f"{r['traces']}/{args.examples}" if traced else "-"])
+            traced = setting not in SETTINGS[:2]
+            rows.append([setting, f"{r['wall']:.2f} ({r['eval']:.2f})", f"{r['wall'] / base:.2f}x" if base else "-",
+                         f"{r['cpu'] * 1000:.0f}", f"{r['stmts']:.0f}", f"{r['sql_s'] * 1000:.0f}",
+                         *([f"{r['bytes'] / 1000:.1f}", f"{r['traces']}/{args.examples}"] if traced else ["-", "-"])])
             print(rows[-1], file=sys.stderr)
     print(f"\nMachine: {common.machine()}; {args.examples} examples x (cot + judge), fake LM {args.latency * 1000:.0f} "
           f"ms, {'all calls cached, ' * args.cached}{args.threads} threads, medians of {args.evals} evaluations "
           "after warm-up\n")
-    print(common.table(["setting", "eval wall s", "vs traces-off", "CPU ms/example", "SQL stmts/example",
-                        "ms in sqlite/example", "traces logged"], rows))
+    print(common.table(["setting", "wall s until stored (eval)", "vs traces-off", "CPU ms/example",
+                        "SQL stmts/example", "ms in sqlite/example", "kB/trace", "traces logged"], rows))
 
 
 if __name__ == "__main__":

@@ -121,14 +121,19 @@ def test_team_runs_register_load_and_keep_readers_out(team_server, monkeypatch, 
     assert champion.version == "1" and champion.run_id == runs["cot"].info.run_id
 
     # A fresh process loads the champion through the server, with alice's credentials only, and
-    # with pickles refused (the variable's unset default would allow them): models from code.
-    code = ("import mlflow\n"
+    # with pickles refused (the variable's unset default would allow them): models from code. The
+    # shared registry holds no pickle at all (tracking=server logs no `dspy` flavor by default).
+    code = ("import mlflow, pathlib\n"
+            f"files = pathlib.Path(mlflow.artifacts.download_artifacts('models:/{MODEL}@champion'))\n"
+            "print('PICKLES=' + str([p.name for p in files.rglob('*') if p.is_file() and "
+            "(p.suffix == '.pkl' or p.read_bytes()[:1] == b'\\x80')]))\n"
             f"model = mlflow.pyfunc.load_model('models:/{MODEL}@champion')\n"
-            "print('ANSWER=' + str(model.predict({'question': 'how do I undo a commit?'})['response']))\n")
+            "print('ANSWER=' + model.predict({'question': 'how do I undo a commit?'})['response'][0])\n")
     proc = run_cli([sys.executable, "-c", code], cwd=tmp_path,
                    env={**alice, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})
     logs += [proc.stdout, proc.stderr]
     assert proc.returncode == 0 and "ANSWER=fake response" in proc.stdout, proc.stderr[-3000:]
+    assert "PICKLES=[]" in proc.stdout
 
     # bob may read the experiment and nothing more (default_permission READ for what nobody granted).
     bob_admin = {**admin, "TEAM_SERVER_USER_PASSWORD": BOB_PASSWORD}
