@@ -60,11 +60,13 @@ def test_overrides_reach_nested_groups():
 
 
 def test_judge_defaults_to_the_task_lm_and_takes_overrides():
-    cfg = compose("cot")
+    cfg = compose("cot", ["lm=openai"])
     assert merged_judge_cfg(cfg) is cfg.lm
     judged = merged_judge_cfg(compose("cot", ["+judge.model=openai/gpt-4o", "+judge.adapter=chat"]))
     assert judged.model == "openai/gpt-4o" and judged.adapter == "chat"
-    assert judged.temperature == cfg.lm.temperature  # everything else comes from lm
+    assert judged.temperature == compose("cot").lm.temperature  # everything else comes from lm
+    embedded = merged_judge_cfg(compose("cot"))  # lm=local: the same model, its verdicts kept short
+    assert embedded.model == compose("cot").lm.model and embedded.max_tokens == 192
 
 
 def test_tracking_uri_follows_the_environment(monkeypatch):
