@@ -73,11 +73,12 @@ def prediction(args, api_base, store) -> None:
     rows = [["(a) one process, pyfunc", 1, f"{seconds:.1f}", f"{args.examples / seconds:.1f}"]]
 
     def job(name: str, *extra: str) -> None:
+        output = store / f"predictions-{len(rows)}"
         subprocess.run([sys.executable, "-m", "pipelines.predict", f"model_uri={uri}",
-                        f"input={store / 'questions.jsonl'}", f"output={store / name}",
+                        f"input={store / 'questions.jsonl'}", f"output={output}",
                         f"tracking.artifact_location={store}/artifacts", *extra],
                        cwd=common.ROOT, check=True, capture_output=True)
-        (run,) = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.output = '{store / name}'",
+        (run,) = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.output = '{output}'",
                                     output_format="list")
         m = run.data.metrics
         rows.append([name, int(m["executors"]), f"{m['time_predict_s']:.1f}", f"{m['rows_per_second']:.1f}"])
