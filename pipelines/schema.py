@@ -115,6 +115,8 @@ class DataConfig:
 
 @dataclass
 class ProgramConfig:
+    """The program: `cot`, or `rag` with its retrieval settings."""
+
     name: ProgramName = MISSING
     signature: str | None = None     # cot
     k: int = 5                       # rag: passages per question
@@ -171,6 +173,8 @@ class PathsConfig:
 
 @dataclass
 class Config:
+    """The whole config, every entry point's: one node per config group, then the top-level keys."""
+
     lm: LMConfig = MISSING
     embedder: EmbedderConfig = MISSING
     data: DataConfig = MISSING
