@@ -130,7 +130,11 @@ def predict(spark: SparkSession, frame: DataFrame, model_uri: str, output: Path,
     answered = spread.withColumn("_prediction", udf(F.struct("question"))).select(*columns, "_prediction.*")
     tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.part")
     writer = answered.write.mode("errorifexists")
-    (writer.parquet if output_format == "parquet" else writer.json)(str(tmp))
+    try:
+        (writer.parquet if output_format == "parquet" else writer.json)(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written output left beside the real one
+        raise
     _replace(tmp, output)
     seconds = time.monotonic() - started
     written = spark.read.parquet(str(output)) if output_format == "parquet" else spark.read.json(str(output))

@@ -27,7 +27,9 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config import ConfigError, flatten, to_container
+from omegaconf import OmegaConf
+
+from pipelines.config import ConfigError, flatten
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -91,7 +93,8 @@ def secret_variables(cfg: Config) -> list[str]:
 def properties(spark_cfg: SparkConfig) -> dict[str, str]:
     """`spark.conf` as Spark properties: the tree below `spark.` flattened (`executor: {memory: 2g}`
     is `spark.executor.memory=2g`), values as strings."""
-    tree = to_container(spark_cfg.conf) if not isinstance(spark_cfg.conf, dict) else spark_cfg.conf
+    tree = OmegaConf.to_container(spark_cfg.conf, resolve=True) if OmegaConf.is_config(spark_cfg.conf) \
+        else spark_cfg.conf  # not `config.to_container`: it drops secret-looking keys, Spark may need them
     return {f"spark.{key}": str(value).lower() if isinstance(value, bool) else str(value)
             for key, value in flatten(tree).items() if value is not None}
 

@@ -3,16 +3,19 @@
   store       the tracking store: URI, server check, sqlite creation, autolog
   runs        a step's run: where it opens, its config, how it always ends
   evaluation  datasets, scores with intervals, paired differences, per-example tables
-  traces      evaluation traces: tags, model links, counts, assessments
-  models      programs as MLflow models: log and load
+  traces      evaluation traces: tags, model links, counts, assessments; where Spark executors trace
+  trace_export  the bulk trace writer (the one module on MLflow internals, tested against them)
+  models      programs as MLflow models: log and load (the flavor itself: pipelines/flavor.py)
   registry    registration, scores on versions, the `champion` alias (rule: pipelines/promotion.py)
   prompts     learned instructions and demos in the prompt registry
-  usage       token use and cost per LM
+  usage       token use, cost and wall time of a step's phases
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
-  reports     what steps log beside evaluations: index, optimization, comparison
+  reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
-Elsewhere MLflow is called only by the retriever (its own trace span travels with the model) and by
-`pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run).
+Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
+`pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run), by the
+program's pyfunc (`packaging.ProgramModel`, which turns on tracing on a Spark executor that traces),
+and by `pipelines/batch.py` (`mlflow.pyfunc.spark_udf`).
 """
 
 from pipelines.tracking.evaluation import (
