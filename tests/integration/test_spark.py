@@ -2,34 +2,43 @@
 evaluation and corpus embedding on executors matching the local engine, and a standalone cluster on
 loopback (master + 2 workers) that loses an executor mid-job and still answers every row once."""
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
+from pipelines.config import compose
 from pipelines.data import load_corpus
 from pipelines.engine import embed_on_spark
 from pipelines.retrieval import build_embedder, embed_all
 from pipelines.spark import session
-from pipelines.steps import run_variant
+from pipelines.steps import run_evaluate, run_predict, run_variant
 
 from fake_lm import fake_model
 from helpers import (
     FAKE_KEY,
+    MLFLOW,
     ROOT,
     fake_lm_overrides,
     fake_overrides,
+    free_port,
     mlflow_run,
     run_cli,
     smoke,
     spark_cluster,
     spark_executors,
+    user_env,
 )
 
 
@@ -171,3 +180,55 @@ def test_a_standalone_cluster_loses_an_executor_mid_job_and_answers_every_row_on
     tables = [mlflow.load_table("eval/test_results.json", run_ids=[r.info.run_id]) for r in evaluations]
     assert tables[0]["question"].tolist() == tables[1]["question"].tolist()
     assert tables[0]["token_f1"].tolist() == tables[1]["token_f1"].tolist()
+
+
+def healthy_server(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def tracking_server(base):
+    """A plain `mlflow server` on loopback (sqlite behind it), as a team without auth would run one."""
+    port = free_port()
+    with open(base / "server.log", "w") as log:
+        server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                   "--backend-store-uri", f"sqlite:///{base}/server.db",
+                                   "--artifacts-destination", str(base / "server-artifacts")],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while not healthy_server(uri):
+            assert server.poll() is None and time.time() < deadline, (base / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_with_a_tracking_server_executors_trace_predictions_and_evaluations(tmp_path, fake, monkeypatch):
+    with tracking_server(tmp_path) as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        cfg = compose("evaluate", ["experiment=smoke", *fake_overrides(fake), "data.test_size=4", "engine=spark"])
+        logged = run_variant(compose("cot", ["experiment=smoke", *fake_overrides(fake)]))
+        model_uri = f"models:/ragqa-tech-smoke/{logged.version}"
+        run_predict(compose("predict", [f"model_uri={model_uri}", f"output={tmp_path / 'out'}",
+                                        f"input={questions(tmp_path / 'questions.jsonl', 6)}"]))
+        experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        predicted = [t for t in mlflow.search_traces(locations=[experiment], return_type="list")
+                     if "how do I fix problem number" in str(t.data.request)]
+        assert len(predicted) == 6  # one per question, written by the executors
+
+        evaluated = run_evaluate(OmegaConf.merge(cfg, {"model_uri": model_uri}))
+        run = mlflow.get_run(evaluated.run_id)
+        traces = mlflow.search_traces(locations=[experiment], run_id=evaluated.run_id, return_type="list")
+        assert run.data.metrics["traces_logged"] == 4 == len(traces) and "traces_missing" not in run.data.tags
+        assert {r["trace_id"] for r in evaluated.result.rows} == {t.info.trace_id for t in traces}
+        for trace in traces:  # the executors' traces, with the driver's assessments on them
+            assert trace.info.tags["split"] == "test" and len(trace.info.assessments) == 3
