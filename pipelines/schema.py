@@ -107,10 +107,10 @@ class DataConfig:
     corpus: str = MISSING
     examples_url: str | None = None
     corpus_url: str | None = None
-    shuffle_seed: int = 0
     train_size: int = MISSING
     dev_size: int = MISSING
     test_size: int = MISSING
+    shuffle_seed: int = 0            # the split's shuffle: same seed, same train/dev/test
 
 
 @dataclass
@@ -166,6 +166,8 @@ class SparkConfig:
 
 @dataclass
 class PathsConfig:
+    """The checkout, the caches (data, index, DSPy, Java, the code shipped to Spark) and Hydra's run dirs."""
+
     root: str = MISSING
     cache: str = MISSING
     outputs: str = MISSING
