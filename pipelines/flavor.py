@@ -20,6 +20,7 @@ from pathlib import Path
 
 import dspy
 import mlflow
+import pandas as pd
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.utils.file_utils import get_total_file_size
@@ -32,14 +33,17 @@ PROGRAM = "program"  # the pyfunc artifact holding the program's files
 
 
 def save_model(path: str, mlflow_model: Model, *, program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter,
-               signature: ModelSignature, dspy_flavor: bool, pip_requirements: str) -> None:
-    """Write `program`, answering through `lm` and `adapter`, as an MLflow model directory at `path`."""
+               signature: ModelSignature, input_example: pd.DataFrame, dspy_flavor: bool, pip_requirements: str,
+               validate_serving_input: bool = False) -> None:
+    """Write `program`, answering through `lm` and `adapter`, as an MLflow model directory at `path`.
+    `validate_serving_input` is read by `Model.log`, which would answer the example through the LM."""
     with tempfile.TemporaryDirectory() as tmp:
         files = Path(tmp) / PROGRAM
         packaging.save(program, lm, adapter, files)
         mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, python_model=str(MODEL_CODE),
                                  artifacts={PROGRAM: str(files)}, code_paths=[str(PROJECT_ROOT / "pipelines")],
-                                 signature=signature, pip_requirements=pip_requirements)
+                                 signature=signature, input_example=input_example,
+                                 pip_requirements=pip_requirements)
         if dspy_flavor:
             _add_dspy_flavor(Path(path), mlflow_model, files)
 

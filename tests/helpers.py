@@ -119,16 +119,17 @@ def start_team_server(data_dir: Path, port: int, admin_password: str, log: Path,
 @contextlib.contextmanager
 def served(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 180):
     """`mlflow models serve` of `model_uri` on a loopback port, as a user starts it (log in `cwd/serve.log`);
-    yields `ask(records)` (one record, a dict, or a list of them), which waits for the server to come up
-    and returns its JSON answer."""
+    yields `ask(records)` (one record, a dict, a list of them, or a request body as a string), which waits
+    for the server to come up and returns its JSON answer."""
     port = free_port()
     with open(cwd / "serve.log", "w") as log:
         server = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
             cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env(env))
 
-    def ask(records: dict | list[dict]) -> dict:
-        body = json.dumps({"dataframe_records": records if isinstance(records, list) else [records]}).encode()
+    def ask(records: dict | list[dict] | str) -> dict:
+        body = (records if isinstance(records, str) else
+                json.dumps({"dataframe_records": records if isinstance(records, list) else [records]})).encode()
         deadline = time.time() + timeout
         while True:
             try:

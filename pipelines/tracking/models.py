@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dspy
 import mlflow
+import pandas as pd
 from mlflow.entities import LoggedModel
 from mlflow.entities.model_registry import PromptVersion
 from mlflow.models import Model, ModelSignature
@@ -14,6 +15,10 @@ from mlflow.types.schema import Array
 
 from pipelines import flavor, packaging
 from pipelines.config import PROJECT_ROOT, ConfigError
+
+# What a request to a served program looks like, shown with the model in the UI; answering it at log
+# time would be an LM call per logged version, so MLflow's check of it is off.
+EXAMPLE = pd.DataFrame({"question": ["How do I undo my last git commit but keep its changes?"]})
 
 
 def new_model(name: str, *, variant: str, external: bool = False) -> LoggedModel:
@@ -46,6 +51,7 @@ def log_program(program: dspy.Module, *, lm: dspy.LM, adapter: dspy.Adapter, mod
     return Model.log(artifact_path=None, name=model.name, model_id=model.model_id, flavor=flavor,
                      flavor_name="dspy" if dspy_flavor else "python_function", prompts=prompts or None,
                      program=program, lm=lm, adapter=adapter, signature=signature, dspy_flavor=dspy_flavor,
+                     input_example=EXAMPLE, validate_serving_input=False,
                      pip_requirements=str(PROJECT_ROOT / "requirements.txt"))
 
 

@@ -53,11 +53,13 @@ def log_rag_with_demos(store, fake, *, dspy_flavor: bool = True) -> tuple[str, d
     predictor = program.respond.predict
     predictor.signature = predictor.signature.with_instructions(LEARNED)
     predictor.demos = [dspy.Example(**DEMO)]
+    calls = fake.calls
     with mlflow.start_run():
         model = tracking.new_model("rag-mipro", variant="rag-mipro")
         info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
                                     signature=tracking.program_signature(retrieves=True, num_threads=3),
                                     dspy_flavor=dspy_flavor)
+    assert fake.calls == calls  # its input example is saved, not answered, as it is logged
     version = mlflow.register_model(info.model_uri, "ragqa-packaging").version
     return f"models:/ragqa-packaging/{version}", program
 
@@ -158,12 +160,16 @@ def test_a_served_version_answers_a_batch_in_order_with_pickles_refused(store, u
     with served(uri, store, {**user, PICKLE_VARIABLE: "false"}) as ask:
         single = ask({"question": QUESTION})["predictions"]
         batch = ask([{"question": "how do I free disk space?"}, {"question": " "}, {"question": QUESTION}])
+        shown = mlflow.artifacts.download_artifacts(f"{uri}/serving_input_example.json")
+        example = ask(pathlib.Path(shown).read_text())
     assert len(single) == 1 and single[0]["doc_ids"] == rag.retriever(QUESTION).doc_ids
     assert single[0]["response"] == f"fake response {DEMO_MARKER}" and single[0]["error"] == ""
     first, empty, third = batch["predictions"]
     assert first["doc_ids"] == rag.retriever("how do I free disk space?").doc_ids and first["error"] == ""
     assert empty["error"] == "empty question" and empty["response"] == "" and empty["doc_ids"] == []
     assert third == single[0]
+    (answer,) = example["predictions"]  # the request shown with the model in the UI works as it is
+    assert answer["error"] == "" and answer["response"] and len(answer["doc_ids"]) == 5
 
 
 def test_a_pickled_version_loads_only_when_the_user_opts_in(store, monkeypatch):
