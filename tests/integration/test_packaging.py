@@ -154,10 +154,11 @@ def test_without_the_dspy_flavor_no_file_is_a_pickle(store, user, fake):
     assert pickles(mlflow.artifacts.download_artifacts(with_flavor))  # MLflow's dspy flavor is a cloudpickle
 
 
-def test_a_served_version_answers_a_batch_in_order_with_pickles_refused(store, user, fake):
+def test_the_served_champion_answers_a_batch_in_order_with_pickles_refused(store, user, fake):
     uri, rag = log_rag_with_demos(store, fake)
+    mlflow.MlflowClient().set_registered_model_alias("ragqa-packaging", "champion", uri.rsplit("/", 1)[1])
     # MLflow 3.17 reads the unset variable as true; false makes it refuse any pickle it meets.
-    with served(uri, store, {**user, PICKLE_VARIABLE: "false"}) as ask:
+    with served("models:/ragqa-packaging@champion", store, {**user, PICKLE_VARIABLE: "false"}) as ask:
         single = ask({"question": QUESTION})["predictions"]
         batch = ask([{"question": "how do I free disk space?"}, {"question": " "}, {"question": QUESTION}])
         shown = mlflow.artifacts.download_artifacts(f"{uri}/serving_input_example.json")
