@@ -173,11 +173,13 @@ def watch_users(state_dir: Path, key: str, keep_alive: float) -> None:
     idle_since = None
     while True:
         time.sleep(WATCH_INTERVAL)
-        dead = [u for u in users.glob("*") if not alive(u.name)]
-        for user in dead:
+        seen = list(users.glob("*"))
+        live = [u for u in seen if alive(u.name)]
+        for user in set(seen) - set(live):
             user.unlink(missing_ok=True)
-        if any(users.glob("*")):
+        if seen:  # a user alive now, or gone since the last look (it came and went between two): idle from now
             idle_since = None
+        if live:
             continue
         idle_since = idle_since or time.monotonic()
         if time.monotonic() - idle_since < keep_alive:

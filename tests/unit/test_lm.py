@@ -3,10 +3,13 @@
 import json
 import os
 import re
+import threading
+import time
 
 import dspy
 import pytest
 
+from pipelines import server
 from pipelines.config import ConfigError, compose
 from pipelines.lm import build_lm, ensure_reachable, output_schema
 from pipelines.server import LMServerError, ensure_server, process_id, running_servers
@@ -58,3 +61,24 @@ def test_running_servers_lists_only_live_processes(tmp_path):
     (tmp_path / "dead.json").write_text(json.dumps({"process": f"{2**22 + 12345}-1.00", "api_base": "x"}))
     (tmp_path / "torn.json").write_text("{not json")
     assert [s["api_base"] for s in running_servers(tmp_path)] == ["http://127.0.0.1:1/v1"]
+
+
+def test_a_user_that_came_and_went_between_two_looks_restarts_the_keep_alive(tmp_path, monkeypatch):
+    monkeypatch.setattr(server, "WATCH_INTERVAL", 0.05)
+    stopped = []
+
+    def stop(code):
+        stopped.append(time.monotonic())
+        raise SystemExit(code)
+
+    monkeypatch.setattr(server.os, "_exit", stop)
+    users = tmp_path / "k.users"
+    users.mkdir()
+    watcher = threading.Thread(target=server.watch_users, args=(tmp_path, "k", 1.0), daemon=True)
+    watcher.start()
+    time.sleep(0.8)  # idle for most of its keep_alive
+    came = time.monotonic()
+    (users / "999999999-1.00").touch()  # registered and already dead by the watchdog's next look
+    watcher.join(timeout=5)
+    assert stopped and stopped[0] - came >= 1.0, "stopped before keep_alive had passed since the last user"
+    assert list(users.iterdir()) == []
