@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import mlflow
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from deploy.team_server import wait_healthy
 from pipelines.config import compose
 from pipelines.data import load_corpus
 from pipelines.engine import embed_on_spark
@@ -182,14 +182,6 @@ def test_a_standalone_cluster_loses_an_executor_mid_job_and_answers_every_row_on
     assert tables[0]["token_f1"].tolist() == tables[1]["token_f1"].tolist()
 
 
-def healthy_server(uri: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def tracking_server(base):
     """A plain `mlflow server` on loopback (sqlite behind it), as a team without auth would run one."""
@@ -201,10 +193,10 @@ def tracking_server(base):
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env())
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while not healthy_server(uri):
-            assert server.poll() is None and time.time() < deadline, (base / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
+        try:
+            wait_healthy(uri, server, timeout=120)
+        except SystemExit as e:
+            raise AssertionError(f"{e}\n{(base / 'server.log').read_text()[-3000:]}") from None
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)
