@@ -65,7 +65,7 @@ def worker(args) -> dict:
 
         from pipelines import tracking
         from pipelines.tracking import trace_export
-        from pipelines.tracking.traces import count_traces, log_assessments
+        from pipelines.tracking.traces import annotate_traces, count_traces
 
         if args.setting.startswith("mlflow"):
             trace_export.install = lambda: None  # keep MLflow's own exporter
@@ -79,7 +79,7 @@ def worker(args) -> dict:
             result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
             evaluated = time.perf_counter()
             if traced:
-                log_assessments(result)
+                annotate_traces(result)
                 mlflow.flush_trace_async_logging()
         return result, evaluated
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError
-from pipelines.packaging import ERROR, OUTPUTS, RETRIEVAL_OUTPUTS
+from pipelines.packaging import ERROR
+from pipelines.programs import ALL_OUTPUTS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,7 +69,7 @@ def check_input(path: str) -> Source:
     if "question" not in columns:
         raise ConfigError(f"input={path} has no `question` column (columns: {', '.join(columns)}); "
                           "rename the column that holds the questions")
-    clashes = [c for c in columns if c in (*OUTPUTS, *RETRIEVAL_OUTPUTS, ERROR, ROW)]
+    clashes = [c for c in columns if c in (*ALL_OUTPUTS, ERROR, ROW)]
     if clashes:
         raise ConfigError(f"input={path}: column(s) {', '.join(clashes)} would be overwritten by the predictions; "
                           "rename them")

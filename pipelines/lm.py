@@ -14,6 +14,7 @@ import dspy
 from dspy.utils.callback import with_callbacks
 from pydantic import TypeAdapter
 
+from pipelines import meter
 from pipelines.config import NO_KEY, ConfigError, require_env
 from pipelines.schema import Adapter, LMConfig
 from pipelines.server import LMServerError, ensure_server, healthy
@@ -58,6 +59,11 @@ class ProjectLM(dspy.LM):
     async def acall(self, *args, **kwargs):
         self.ensure_ready()
         return await super().acall(*args, **kwargs)
+
+    def _process_completion(self, response, merged_kwargs):
+        # Every response, fresh or from the cache, passes here once: the question's cost is counted here.
+        meter.record(response)
+        return super()._process_completion(response, merged_kwargs)
 
 
 def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,

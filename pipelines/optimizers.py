@@ -7,6 +7,7 @@ feedback metric), and those are built in `pipelines.steps`.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dspy
@@ -17,9 +18,9 @@ from omegaconf import OmegaConf
 from pipelines.config import ConfigError
 from pipelines.lm import check_credentials, merged_reflection_cfg
 
-# Keys of a preset that are ours, not the constructor's: the variant label, compile() arguments and
-# the reflection LM's config (the constructor gets the built LM).
-OWN_KEYS = ("name", "compile", "reflection_lm")
+# Keys of a preset that are ours, not the constructor's: the variant label, compile() arguments, the
+# reflection LM's config (the constructor gets the built LM) and how many scored candidates the run keeps.
+OWN_KEYS = ("name", "compile", "reflection_lm", "keep_candidates")
 GEPA_DEFAULT_REFLECTION_MINIBATCH = 3
 
 
@@ -69,3 +70,20 @@ def gepa_candidates(details) -> list[dict[str, Any]]:
              "found_at_metric_calls": details.discovery_eval_counts[i], "best": i == details.best_idx,
              **{f"instructions.{name}": p.signature.instructions for name, p in candidate.named_predictors()}}
             for i, (candidate, score) in enumerate(zip(details.candidates, details.val_aggregate_scores, strict=True))]
+
+
+def ranked_candidates(optimized: dspy.Module, details=None) -> list[tuple[float, dspy.Module]]:
+    """The distinct programs an optimizer scored, best first, as (score 0-100, program): MIPROv2's fully
+    evaluated trials (`candidate_programs`), or GEPA's kept candidates (`detailed_results` of
+    `track_stats=True`, scored on its validation set). Programs with the same instructions and demos are one."""
+    if details is not None:
+        scored = [(100 * s, p) for p, s in zip(details.candidates, details.val_aggregate_scores, strict=True)]
+    else:
+        scored = [(float(c["score"]), c["program"]) for c in getattr(optimized, "candidate_programs", None) or []]
+    seen, ranked = set(), []
+    for score, program in sorted(scored, key=lambda c: -c[0]):
+        state = json.dumps(program.dump_state(), sort_keys=True, default=str)
+        if state not in seen:
+            seen.add(state)
+            ranked.append((score, program))
+    return ranked

@@ -5,8 +5,10 @@ One directory holds:
   spec.json   what to build: the program's kind and constructor settings, the LM's settings (never
               its key: keys come from the environment at call time), the adapter, the embedder
   state.json  DSPy's own JSON state (`program.save`): each predictor's instructions and demos
-  index/      RAG only: the retriever's index as `write_index` lays it out (embeddings, passages,
+  index/      RAG and multihop: the retriever's index as `write_index` lays it out (embeddings, passages,
               doc ids), so a loaded program retrieves without re-embedding the corpus
+  members/    an ensemble: one such directory per distinct member program (samples of one program share
+              one), their indexes stored once each under indexes/<index key>/
 
 `ProgramModel` is the pyfunc model that `pipelines/model_code.py` hands to MLflow ("models from code").
 """
@@ -27,12 +29,12 @@ from omegaconf import OmegaConf
 
 from pipelines.config import NO_KEY, ConfigError, is_secret
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
-from pipelines.programs import RAG
+from pipelines.programs import RAG, Ensemble, Member, MultiHop, outputs
 from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
 from pipelines.scoring import NO_PREDICTION
 
 FORMAT = 1  # bump when the files change meaning; a model in another format then fails to load in one line
-SPEC, STATE, INDEX = "spec.json", "state.json", "index"
+SPEC, STATE, INDEX, MEMBERS, INDEXES = "spec.json", "state.json", "index", "members", "indexes"
 
 
 @dataclass
@@ -42,12 +44,12 @@ class Packaged:
     adapter: dspy.Adapter
 
 
-def save(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, path: Path) -> None:
-    """Write `program`, answering through `lm` and `adapter`, into the new directory `path`."""
+def save(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, path: Path, *, indexes: Path | None = None) -> None:
+    """Write `program`, answering through `lm` and `adapter`, into the new directory `path`. A retriever's
+    index goes to `path/index`, or, given `indexes`, once per index key below it (an ensemble's members)."""
     path.mkdir(parents=True)
-    spec = {"format": FORMAT, "program": program_spec(program), "lm": lm_spec(lm), "adapter": adapter_spec(adapter)}
-    if isinstance(program, RAG):
-        write_index(program.retriever.index, path / INDEX)
+    spec = {"format": FORMAT, "program": program_spec(program, path, indexes), "lm": lm_spec(lm),
+            "adapter": adapter_spec(adapter)}
     program.save(str(path / STATE))
     (path / SPEC).write_text(json.dumps(spec, indent=2))
 
@@ -63,37 +65,74 @@ def load(path: Path) -> Packaged:
     return Packaged(program, restore_lm(spec["lm"]), build_adapter(OmegaConf.create(spec["adapter"])))
 
 
-def program_spec(program: dspy.Module) -> dict[str, Any]:
+def program_spec(program: dspy.Module, path: Path, indexes: Path | None = None) -> dict[str, Any]:
+    """The program's kind and settings; a retriever's index and an ensemble's members are written below `path`."""
     if isinstance(program, RAG):
         retriever = program.retriever
         if not isinstance(retriever, Retriever):
-            raise ConfigError(f"cannot log a RAG over a {type(retriever).__name__}: only the project's Retriever "
-                              "travels as files")
-        return {"kind": "rag", "k": program.k, "context_window": program.context_window,
+            raise ConfigError(f"cannot log a {type(program).__name__} over a {type(retriever).__name__}: only the "
+                              "project's Retriever travels as files")
+        index = path / INDEX if indexes is None else indexes / retriever.index.meta["key"]
+        if not index.exists():
+            write_index(retriever.index, index)
+        spec = {"kind": "rag", "k": program.k, "context_window": program.context_window,
                 "max_tokens": program.max_tokens, "reserve_tokens": program.reserve_tokens,
                 "retriever": {"k": retriever.k, "brute_force_threshold": retriever.index.brute_force_threshold,
                               "index_embedder": retriever.index.meta["embedder"],
+                              "index": os.path.relpath(index, path),
                               "embedder": embedder_spec(retriever.embedder)}}
+        if isinstance(program, MultiHop):
+            spec.update(kind="multihop", hops=program.hops)
+        return spec
+    if isinstance(program, Ensemble):
+        return ensemble_spec(program, path, indexes or path / INDEXES)
     if type(program) is dspy.ChainOfThought:
         signature = program.predict.signature
-        outputs = {name: f for name, f in signature.output_fields.items() if name != "reasoning"}
-        fields = {**signature.input_fields, **outputs}
+        fields = {name: f for name, f in signature.output_fields.items() if name != "reasoning"}
+        fields = {**signature.input_fields, **fields}
         if any(f.annotation is not str for f in fields.values()):
             raise ConfigError(f"cannot log a ChainOfThought with typed fields ({signature.signature}): the spec "
                               "keeps field names only")
-        return {"kind": "cot", "signature": f"{', '.join(signature.input_fields)} -> {', '.join(outputs)}"}
-    raise ConfigError(f"cannot log a {type(program).__name__}: only the project's cot and rag programs are "
-                      "logged as files")
+        outputs_ = [name for name in signature.output_fields if name != "reasoning"]
+        return {"kind": "cot", "signature": f"{', '.join(signature.input_fields)} -> {', '.join(outputs_)}"}
+    raise ConfigError(f"cannot log a {type(program).__name__}: only the project's cot, rag, multihop and ensemble "
+                      "programs are logged as files")
+
+
+def ensemble_spec(ensemble: Ensemble, path: Path, indexes: Path) -> dict[str, Any]:
+    """Each distinct member program in its own directory (its LM and adapter with it); members that are
+    samples of one program point at the same directory, with their rollout id and temperature."""
+    directories: dict[int, str] = {}
+    members = []
+    for member in ensemble.members:
+        if id(member.program) not in directories:
+            directory = f"{MEMBERS}/{len(directories)}"
+            save(member.program, member.answer_lm, member.adapter, path / directory, indexes=indexes)
+            directories[id(member.program)] = directory
+        members.append({"program": directories[id(member.program)], "label": member.label,
+                        "rollout": member.rollout, "temperature": member.temperature})
+    return {"kind": "ensemble", "reducer": str(ensemble.reducer), "similarity": ensemble.similarity,
+            "members": members}
 
 
 def build(spec: dict[str, Any], path: Path) -> dspy.Module:
     if spec["kind"] == "cot":
         return dspy.ChainOfThought(spec["signature"])
+    if spec["kind"] == "ensemble":
+        packaged = {d: load(path / d) for d in dict.fromkeys(m["program"] for m in spec["members"])}
+        members = [Member(packaged[m["program"]].program, lm=packaged[m["program"]].lm,
+                          adapter=packaged[m["program"]].adapter, label=m["label"], rollout=m["rollout"],
+                          temperature=m["temperature"]) for m in spec["members"]]
+        return Ensemble(members, reducer=spec["reducer"], similarity=spec["similarity"])
     retriever_spec = spec["retriever"]
-    index = read_index(path / INDEX, retriever_spec["index_embedder"], retriever_spec["brute_force_threshold"])
+    index = read_index(path / retriever_spec.get("index", INDEX), retriever_spec["index_embedder"],
+                       retriever_spec["brute_force_threshold"])
     retriever = Retriever(index, restore_embedder(retriever_spec["embedder"]), k=retriever_spec["k"])
-    return RAG(retriever, k=spec["k"], context_window=spec["context_window"], max_tokens=spec["max_tokens"],
-               reserve_tokens=spec["reserve_tokens"])
+    settings = {"k": spec["k"], "context_window": spec["context_window"], "max_tokens": spec["max_tokens"],
+                "reserve_tokens": spec["reserve_tokens"]}
+    if spec["kind"] == "multihop":
+        return MultiHop(retriever, hops=spec["hops"], **settings)
+    return RAG(retriever, **settings)
 
 
 def _public(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -143,25 +182,24 @@ def restore_embedder(spec: dict[str, Any]) -> dspy.Embedder:
     return dspy.Embedder(local, batch_size=spec["batch_size"], caching=False)
 
 
-OUTPUTS = ("reasoning", "response")       # every program's outputs
-RETRIEVAL_OUTPUTS = ("context", "doc_ids")  # RAG's, beside them
 ERROR = "error"                             # why a row has no answer ("" when it has one)
 TRACE_EXECUTORS = "RAGQA_TRACE_EXECUTORS"   # "true": trace the calls (a Spark executor of a job with a tracking server)
+EMPTY = {"context": [], "doc_ids": [], "queries": [], "candidates": []}  # a list output of a row with no answer
 
 
 class ProgramModel(mlflow.pyfunc.PythonModel):
     """A logged program as pyfunc: rebuilt from its files (the `program` artifact), it answers a batch.
 
-    N rows with a `question` column in, N rows out in the same order: `reasoning`, `response`, for RAG
-    `context` and `doc_ids`, and `error`. Rows are answered concurrently (`num_threads`, an inference
-    param whose default is the logged run's); a row whose program fails gets its error and empty
-    outputs, and the other rows still answer.
+    N rows with a `question` column in, N rows out in the same order: `reasoning`, `response`, what else the
+    program answers with (`pipelines.programs.outputs`: a RAG's `context` and `doc_ids`, ...) and `error`.
+    Rows are answered concurrently (`num_threads`, an inference param whose default is the logged run's); a
+    row whose program fails gets its error and empty outputs, and the other rows still answer.
     """
 
     def load_context(self, context) -> None:
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
-        self.retrieves = isinstance(self.program, RAG)
+        self.outputs = outputs(self.program)
         # A Spark executor of a job that logs to a tracking server traces its calls there (the driver
         # sets this, with MLflow's own MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID).
         self.traced = os.environ.get(TRACE_EXECUTORS) == "true"
@@ -175,11 +213,10 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
             rows = list(pool.map(self._answer, questions))
         if self.traced:  # a Spark worker may be stopped before MLflow's export queue drains on its own
             mlflow.flush_trace_async_logging()
-        columns = [*OUTPUTS, *(RETRIEVAL_OUTPUTS if self.retrieves else ()), ERROR]
-        return pd.DataFrame(rows, columns=columns)
+        return pd.DataFrame(rows, columns=[*self.outputs, ERROR])
 
     def _answer(self, question) -> dict[str, Any]:
-        empty = {**dict.fromkeys(OUTPUTS, ""), **({"context": [], "doc_ids": []} if self.retrieves else {})}
+        empty = {name: EMPTY.get(name, "") for name in self.outputs}
         if not isinstance(question, str) or not question.strip():
             return {**empty, ERROR: "empty question"}
         try:

@@ -3,8 +3,11 @@
 Pure functions over per-example scores, beside `stats.py`; `pipelines.tracking.registry` reads the
 current champion from MLflow and applies the decision. The rule (`scoring.promotion`):
 
-- `significant` (default): the interval of the paired difference new - champion, example by example
-  on the primary metric, lies above 0. Unpaired (the champion's table is missing) means no move.
+- `significant` (default): new - champion, example by example on the primary metric, is above 0 by every
+  test the project prints: the paired bootstrap interval lies above 0 and the sign-flip permutation test
+  gives p below 1 - `scoring.confidence`. At small n the percentile interval is too narrow (with 6
+  examples no permutation p can fall below 1/32), so the two can disagree; the verdict names the test
+  that decided. Unpaired (the champion's table is missing) means no move.
 - `better`: the new point score beats the champion's, however slightly.
 
 Either way programs are compared only on the same dev set (by content hash): a champion scored on
@@ -15,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.scoring import LABELS, EvalResult, Scoring, paired_scores
-from pipelines.stats import Comparison
+from pipelines.scoring import EvalResult, Scoring, label, paired_scores
+from pipelines.stats import Comparison, tidy
 
 FIRST = "first registered version becomes champion"
 
@@ -48,25 +51,34 @@ def decide(*, new: EvalResult, dev_set: str, champion: Champion | None, scoring:
     if champion.dev_set != dev_set:
         return Promotion(promoted=False, reason=f"champion v{champion.version} was scored on another dev set "
                                                 f"({champion.dev_set}); not comparable, champion unchanged")
-    metric, label = scoring.primary, LABELS[scoring.primary]
+    metric, name = scoring.primary, label(scoring.primary)
     comparison = None
     if champion.rows is not None:
         ours, theirs = paired_scores(new.rows, champion.rows, metric)
         comparison = scoring.paired(ours, theirs) if ours else None
     if scoring.promotion == "better":
-        return _point_rule(new.score, champion, label, comparison)
+        return _point_rule(new.score, champion, name, comparison)
     if comparison is None:
         return Promotion(promoted=False, reason=f"cannot pair with champion v{champion.version}'s per-example "
-                                                f"{label} scores (its dev table is missing or has no such column); "
+                                                f"{name} scores (its dev table is missing or has no such column); "
                                                 "champion unchanged")
     if comparison.p_value is None:
-        return Promotion(promoted=False, reason=f"{label} {comparison.describe()}: too few paired examples; "
+        return Promotion(promoted=False, reason=f"{name} {comparison.describe()}: too few paired examples; "
                                                 "champion unchanged", comparison=comparison)
-    if comparison.above_zero:
-        return Promotion(promoted=True, reason=f"beats champion v{champion.version} beyond noise: {label} "
+    alpha = tidy(1 - scoring.confidence)
+    low, p = comparison.delta.low, comparison.p_value
+    if not comparison.above_zero:
+        why = f"its {scoring.confidence:.0%} interval's low end {low:.1f} is not above 0"
+    elif p >= alpha:
+        why = (f"its {scoring.confidence:.0%} bootstrap interval lies above 0, but the permutation test gives "
+               f"p={p:.3f}, not below {alpha:g}")
+    else:
+        return Promotion(promoted=True, reason=f"beats champion v{champion.version} beyond noise by both tests "
+                                               f"(interval above 0, p={p:.3f} < {alpha:g}): {name} "
                                                f"{comparison.describe()}", comparison=comparison)
-    return Promotion(promoted=False, reason=f"not better than champion v{champion.version} beyond noise: {label} "
-                                            f"{comparison.describe()}; champion unchanged", comparison=comparison)
+    return Promotion(promoted=False, comparison=comparison,
+                     reason=f"not better than champion v{champion.version} beyond noise: {why}; {name} "
+                            f"{comparison.describe()}; champion unchanged")
 
 
 def _point_rule(score: float, champion: Champion, label: str, comparison: Comparison | None) -> Promotion:

@@ -1,4 +1,5 @@
-"""What runs show a reader: side-by-side tables, readable prompts, the comparison table and chart."""
+"""What runs show a reader: side-by-side tables, readable prompts, the comparison table and chart, where
+each variant fails, and its quality against its cost."""
 
 from __future__ import annotations
 
@@ -7,8 +8,21 @@ from typing import Any
 
 import dspy
 
-from pipelines.scoring import LABELS, EvalResult, Scoring
+from pipelines.analysis import FAILURE_MODES, pareto_front
+from pipelines.scoring import EvalResult, Scoring, label
 from pipelines.stats import Estimate, tidy
+
+PALETTE = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d", "#8e5ba6", "#c9a227", "#3a8f9e", "#b3475b"]
+FAILURE_COLORS = {"retrieval_miss": "#c2703d", "answer_miss": "#e3b448", "ok": "#2f6f4f", "failed": "#8b1e2d"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
@@ -36,13 +50,9 @@ def comparison_row(estimate, metric: str) -> dict[str, Any]:
 
 def comparison_chart(rows: list[dict], scoring: Scoring):
     """One bar per variant, its confidence interval as an error bar."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     metric = scoring.primary
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4))
     # Score ± half-width under each name, clear of the error bars.
     names = [f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
              for r in rows]
@@ -50,10 +60,76 @@ def comparison_chart(rows: list[dict], scoring: Scoring):
     yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
     if all(r["ci_low"] is not None for r in rows):
         yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
-    palette = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d"]
-    ax.bar(names, scores, yerr=yerr, capsize=6, color=[palette[i % len(palette)] for i in range(len(rows))])
-    ax.set_ylabel(f"{LABELS[metric]} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
+    ax.bar(names, scores, yerr=yerr, capsize=6, color=[PALETTE[i % len(PALETTE)] for i in range(len(rows))])
+    ax.set_ylabel(f"{label(metric)} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
     ax.set_ylim(0, 100)
     ax.set_title(" -> ".join(r["variant"] for r in rows))
+    fig.tight_layout()
+    return fig
+
+
+def failure_chart(results: list[tuple[str, EvalResult]]):
+    """One stacked bar per variant: the share of its examples in each failure mode (`pipelines/analysis.py`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4))
+    names = [name for name, _ in results]
+    bottoms = [0.0] * len(results)
+    for mode in FAILURE_MODES:
+        shares = [100 * r.failure_counts[mode] / max(r.num_examples, 1) for _, r in results]
+        ax.bar(names, shares, bottom=bottoms, label=mode.replace("_", " "), color=FAILURE_COLORS[mode])
+        bottoms = [b + v for b, v in zip(bottoms, shares, strict=True)]
+    n = results[0][1].num_examples if results else 0
+    ax.set_ylabel(f"share of dev examples, % (n={n})")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    ax.set_title("where each variant fails")
+    fig.tight_layout()
+    return fig
+
+
+def quality_cost_rows(results: list[tuple[str, EvalResult]], metric: str) -> list[dict[str, Any]]:
+    """Per variant: the primary score with its interval, LM calls, tokens and dollars per question, and
+    whether no other variant beats it on both quality and tokens (`pareto`)."""
+    rows = []
+    for name, result in results:
+        usage = result.usage
+        if not usage:
+            continue
+        rows.append({"variant": name, **comparison_row(result.estimates[metric], metric),
+                     **{key: None if v is None else round(v, 4) for key, v in usage.items()}})
+    front = pareto_front([(r["tokens_per_question"], r[metric]) for r in rows])
+    return [{**row, "pareto": on_front} for row, on_front in zip(rows, front, strict=True)]
+
+
+def quality_cost_chart(rows: list[dict[str, Any]], scoring: Scoring):
+    """Each variant's primary score (with its interval) against its LM tokens per question; the variants no
+    other beats on both are filled and joined, the others hollow; dollars per 1,000 questions where known."""
+    plt = _pyplot()
+    metric = scoring.primary
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    notes: dict[tuple[float, float], list[str]] = {}  # variants at the same point share one label
+    for i, row in enumerate(rows):
+        color = PALETTE[i % len(PALETTE)]
+        low, high = row["ci_low"], row["ci_high"]
+        yerr = None if low is None else [[max(0.0, row[metric] - low)], [max(0.0, high - row[metric])]]
+        ax.errorbar([row["tokens_per_question"]], [row[metric]], yerr=yerr, fmt="o", capsize=5, color=color,
+                    markerfacecolor=color if row["pareto"] else "white", markersize=9)
+        cost = row.get("cost_per_1k_questions_usd")
+        notes.setdefault((row["tokens_per_question"], row[metric]), []).append(
+            row["variant"] + ("" if cost is None else f" (${cost:.2f}/1k q)"))
+    for point, names in notes.items():
+        ax.annotate("\n".join(names), point, textcoords="offset points", xytext=(8, 6), fontsize=8)
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["tokens_per_question"])
+    if len(front) > 1:
+        ax.plot([r["tokens_per_question"] for r in front], [r[metric] for r in front], "--", color="#555555",
+                linewidth=1)
+    ax.text(0.99, 0.02, "filled: no other variant is better on both", transform=ax.transAxes, ha="right",
+            fontsize=8, color="#555555")
+    ax.set_xlabel("LM tokens per question (prompt + completion)")
+    n = rows[0]["n"] if rows else 0
+    ax.set_ylabel(f"{label(metric)} (dev, n={n}, {scoring.confidence:.0%} CI)")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 100)
+    ax.set_title("quality against cost")
     fig.tight_layout()
     return fig

@@ -30,6 +30,19 @@ class EmbedderKind(StrEnum):
 class ProgramName(StrEnum):
     cot = "cot"
     rag = "rag"
+    multihop = "multihop"  # the LM writes the search queries of later hops
+    ensemble = "ensemble"  # several programs (or samples of one) answer, a reducer keeps one answer
+
+
+class Reducer(StrEnum):
+    mbr = "mbr"        # judge-free: the answer most similar to the others (minimum Bayes risk)
+    select = "select"  # an LM picks one of the answers
+    merge = "merge"    # an LM writes one answer from them
+
+
+class Similarity(StrEnum):
+    token_f1 = "token_f1"
+    rouge_l = "rouge_l"
 
 
 class Metric(StrEnum):
@@ -115,14 +128,29 @@ class DataConfig:
 
 @dataclass
 class ProgramConfig:
-    """The program: `cot`, or `rag` with its retrieval settings."""
+    """The program: `cot`, `rag` or `multihop` with their retrieval settings, or `ensemble` (see `ensemble`)."""
 
     name: ProgramName = MISSING
     signature: str | None = None     # cot
-    k: int = 5                       # rag: passages per question
+    k: int = 5                       # rag, multihop: passages per search
+    hops: int = 2                    # multihop: searches per question (the first with the question itself)
     max_characters: int | None = None
     brute_force_threshold: int = 20000
     reserve_tokens: int = 1024
+
+
+@dataclass
+class EnsembleConfig:
+    """`program=ensemble`: who answers (exactly one of `members`, `candidates_of`, `samples_of`) and how one
+    answer is kept."""
+
+    members: list[str] = field(default_factory=list)  # model URIs: [models:/NAME/3, models:/NAME/5]
+    candidates_of: str | None = None  # an optimize run's id: its best `size` candidate programs
+    samples_of: str | None = None     # a model URI: `size` samples of that one program
+    size: int = 3                     # candidates_of, samples_of: how many members
+    temperature: float = 0.7          # samples_of: sampling temperature (each sample has its own rollout id)
+    reducer: Reducer = Reducer.mbr
+    similarity: Similarity = Similarity.token_f1  # mbr: how two answers are compared
 
 
 @dataclass
@@ -146,6 +174,7 @@ class ScoringConfig:
     n_resamples: int = 2000
     seed: int = 0
     promotion: PromotionRule = PromotionRule.significant
+    miss_threshold: float = 50.0     # a primary score below it is an `answer_miss` (failure modes)
 
 
 @dataclass
@@ -192,8 +221,10 @@ class Config:
     split: Split = Split.dev
     model_uri: str | None = None
     judge: dict[str, Any] = field(default_factory=dict)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gepa_optimizer: str = "gepa_quick"
     steps: list[str] | None = None   # main only
+    matched_rag: bool = True         # main: beside multihop, rag with as many passages (hops x k)
     input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column
     output: str | None = None        # predict: the directory the predictions go to
     output_format: OutputFormat = OutputFormat.parquet

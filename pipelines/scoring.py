@@ -1,8 +1,10 @@
 """Per-example metrics through `dspy.Evaluate`, one row per example, averaged with intervals.
 
 SemanticF1 asks an LM judge. Token F1 and ROUGE-L compare words with the gold answer: no LM, so a
-rerun gives the same number. recall@k scores retrieval where the data has gold document ids.
-Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them.
+rerun gives the same number. recall@k scores retrieval where the data has gold document ids: on the
+passages the answer step read, and for a multi-hop program on each search's own (`recall_at_k_hop<N>`).
+Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them. Each row
+also records what the question cost (LM calls, tokens, dollars) and its failure mode (`pipelines/analysis.py`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import dspy
 from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
+from pipelines.analysis import failure_counts, failure_mode, usage_means
 from pipelines.config import ConfigError
+from pipelines.meter import metered
 from pipelines.schema import Metric, ScoringConfig
 from pipelines.stats import Comparison, Estimate, interval, paired_difference, tidy
 
@@ -28,8 +32,30 @@ log = logging.getLogger(__name__)
 
 JUDGED = str(Metric.semantic_f1)
 RECALL = "recall_at_k"  # always scored for a retrieving program, never primary: CoT has none
+HOP = "_hop"            # recall_at_k_hop1, ...: a multi-hop program's recall of each search on its own
 LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k"}
 NO_PREDICTION = "no prediction: LM call or output parsing failed"
+USAGE = ("lm_calls", "prompt_tokens", "completion_tokens", "cost_usd")  # per-example cost columns
+
+
+def label(metric: str) -> str:
+    """How a metric is named on the console and in charts: `recall_at_k_hop2` is `recall@k hop 2`."""
+    if metric.startswith(RECALL + HOP):
+        return f"{LABELS[RECALL]} hop {metric[len(RECALL + HOP):]}"
+    return LABELS[metric]
+
+
+def is_recall(metric: str) -> bool:
+    return metric.startswith(RECALL)
+
+
+def recall_metrics(prediction) -> tuple[str, ...]:
+    """The recall metrics of a retrieving program's prediction: overall, and per search where it searched
+    more than once; none for a program that does not retrieve."""
+    if "doc_ids" not in prediction:
+        return ()
+    hops = len(prediction.get("hop_doc_ids") or [])
+    return (RECALL, *(f"{RECALL}{HOP}{h}" for h in range(1, hops + 1) if hops > 1))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +68,7 @@ class Scoring:
     n_resamples: int
     seed: int
     promotion: str
+    miss_threshold: float = 50.0
 
     @classmethod
     def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
@@ -54,7 +81,8 @@ class Scoring:
         if not 0 < cfg.confidence < 1 or cfg.n_resamples < 1:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
         return cls(metrics=metrics, primary=str(cfg.primary), confidence=cfg.confidence,
-                   n_resamples=cfg.n_resamples, seed=cfg.seed, promotion=str(cfg.promotion))
+                   n_resamples=cfg.n_resamples, seed=cfg.seed, promotion=str(cfg.promotion),
+                   miss_threshold=float(cfg.miss_threshold))
 
     def interval(self, values: list[float]) -> Estimate:
         return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
@@ -173,7 +201,7 @@ class Scorer:
     """Scores examples on the configured metrics; as a DSPy metric (MIPROv2), on the primary one only.
 
     It has no `__name__`, on purpose: MLflow's DSPy autolog logs a named metric's return value,
-    DSPy's 0-1 scale, as a trace assessment. Ours are logged by `tracking.log_assessments`, every
+    DSPy's 0-1 scale, as a trace assessment. Ours are logged by `tracking.annotate_traces`, every
     metric once, on 0-100.
     """
 
@@ -196,10 +224,12 @@ class Scorer:
                 judged = self.judge(example, prediction, trace)
                 scored.values[metric] = tidy(100 * float(judged.score))
                 scored.rationales[metric] = judged.feedback
-            elif metric == RECALL:
+            elif is_recall(metric):
                 gold = set(example.get("gold_doc_ids") or [])
                 if gold:  # no gold ids, no recall: the example is left out of its mean
-                    hits = len(gold & set(prediction.get("doc_ids") or []))
+                    retrieved = (prediction.get("doc_ids") if metric == RECALL else
+                                 prediction.hop_doc_ids[int(metric[len(RECALL + HOP):]) - 1])
+                    hits = len(gold & set(retrieved or []))
                     scored.values[metric] = tidy(100 * hits / len(gold))
                     scored.rationales[metric] = f"{hits} of {len(gold)} gold documents retrieved"
             else:
@@ -222,7 +252,7 @@ class _Collector:
         # First: the metric runs in the thread that just ran the program, before a traced judge
         # starts a trace of its own.
         trace_id = self.trace_id() if self.trace_id else None
-        metrics = self.scorer.scoring.metrics + ((RECALL,) if "doc_ids" in prediction else ())
+        metrics = self.scorer.scoring.metrics + recall_metrics(prediction)
         scored = self.scorer.score(example, prediction, metrics)
         scored.trace_id = trace_id
         self.scored[id(example)] = scored
@@ -240,7 +270,8 @@ class EvalResult:
     @classmethod
     def from_rows(cls, rows: list[dict], scoring: Scoring, judge_failures: int = 0,
                   judge: str | None = None) -> EvalResult:
-        names = [m for m in (*scoring.metrics, RECALL) if any(r.get(m) is not None for r in rows)]
+        recalls = sorted({k for r in rows for k in r if is_recall(k) and not k.endswith("_rationale")})
+        names = [m for m in (*scoring.metrics, *recalls) if any(r.get(m) is not None for r in rows)]
         estimates = {m: scoring.interval([r[m] for r in rows if r.get(m) is not None]) for m in names}
         return cls(rows=rows, estimates=estimates, primary=scoring.primary, judge_failures=judge_failures,
                    judge=judge)
@@ -257,15 +288,24 @@ class EvalResult:
     def failed(self) -> int:
         return sum(1 for r in self.rows if r.get("error"))
 
+    @property
+    def failure_counts(self) -> dict[str, int]:
+        return failure_counts(self.rows)
+
+    @property
+    def usage(self) -> dict[str, float | None]:
+        """LM calls, tokens and cost per question (`analysis.usage_means`)."""
+        return usage_means(self.rows)
+
     def headline(self) -> str:
         """`SemanticF1 = 46.3 ± 18.2 (95% CI, n=6)`."""
-        return f"{LABELS[self.primary]} = {self.estimates[self.primary].describe()}"
+        return f"{label(self.primary)} = {self.estimates[self.primary].describe()}"
 
     def summary(self) -> str:
         """Every metric, primary first: `SemanticF1 = 46.3 ± 18.2, token F1 = 20.5 ± 2.0 (95% CI, n=6)`."""
         first = self.estimates[self.primary]
         names = [self.primary, *(m for m in self.estimates if m != self.primary)]
-        scores = ", ".join(f"{LABELS[m]} = {self.estimates[m]}" for m in names)
+        scores = ", ".join(f"{label(m)} = {self.estimates[m]}" for m in names)
         return f"{scores} ({first.no_interval_reason or f'{first.confidence:.0%} CI, n={first.n}'})"
 
 
@@ -284,16 +324,39 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     evaluator = dspy.Evaluate(devset=examples, metric=collector, num_threads=num_threads,
                               display_progress=progress, max_errors=len(examples) + 1,
                               failure_score=0.0, provide_traceback=False)
+    metered_program = Metered(program)
     # Our own table is the record; autolog's duplicate eval run is only wanted inside compile.
-    result = evaluator(program, callback_metadata={"disable_logging": True})
+    result = evaluator(metered_program, callback_metadata={"disable_logging": True})
     retrieves = any("doc_ids" in pred for _, pred, _ in result.results)
-    rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring.metrics, retrieves)
+    rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring, retrieves,
+                       metered_program.usage.get(_inputs_key(ex.inputs())))
             for ex, pred, _ in result.results]
     judge = scorer.judge.judge_lm.model if scorer.judge and scorer.judge.judge_lm else None
     return EvalResult.from_rows(rows, scorer.scoring, judge=judge, judge_failures=judge_failures() - failures_before)
 
 
-def result_row(example, prediction, scored: Scored | None, metrics: tuple[str, ...], retrieves: bool) -> dict:
+def _inputs_key(inputs) -> str:
+    return repr(sorted(dict(inputs).items()))
+
+
+class Metered:
+    """A program whose every call is metered (`pipelines.meter`): what each example's inputs cost, kept
+    also when the program fails, since the calls it made before failing were paid for."""
+
+    def __init__(self, program):
+        self.program = program
+        self.usage: dict[str, dict] = {}
+
+    def __call__(self, **inputs):
+        with metered() as meter:
+            try:
+                return self.program(**inputs)
+            finally:
+                self.usage[_inputs_key(inputs)] = meter.as_row()
+
+
+def result_row(example, prediction, scored: Scored | None, scoring: Scoring, retrieves: bool,
+               usage: dict | None = None) -> dict:
     pred = dict(prediction.items()) if prediction is not None else {}
     failed = not pred.get("response")
     row = {
@@ -303,19 +366,28 @@ def result_row(example, prediction, scored: Scored | None, metrics: tuple[str, .
         "prediction": pred.get("response", ""),
         "error": NO_PREDICTION if failed else "",
     }
-    names = metrics + ((RECALL,) if retrieves else ())
+    names = scoring.metrics + (recall_metrics({"doc_ids": (), **pred}) if retrieves else ())
+    gold = example.get("gold_doc_ids")
     for name in names:
         if failed:  # a failed example counts 0 wherever it would have been scored
-            value = 0.0 if name != RECALL or example.get("gold_doc_ids") else None
+            value = 0.0 if not is_recall(name) or gold else None
         else:
             value = scored.values.get(name) if scored else None
         row[name] = value
         if name in (JUDGED, RECALL):
             row[f"{name}_rationale"] = row["error"] or (scored.rationales.get(name, "") if scored else "")
+    row["failure_mode"] = failure_mode(failed=failed, score=row.get(scoring.primary), threshold=scoring.miss_threshold,
+                                       retrieved=pred.get("doc_ids") or [] if retrieves else None, gold=gold)
     row["trace_id"] = scored.trace_id if scored else None
     if retrieves:
         row["passages"] = "\n\n---\n\n".join(pred.get("context") or [])
         row["retrieved_doc_ids"] = list(pred.get("doc_ids") or [])
+    for name in ("queries", "hop_doc_ids", "candidates"):  # multihop's searches, an ensemble's answers
+        if name in pred:
+            row[name] = list(pred[name] or [])
+    if "member_errors" in pred:
+        row["member_errors"] = int(pred["member_errors"])
+    row.update(usage or dict.fromkeys(USAGE))
     return row
 
 

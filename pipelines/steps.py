@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,18 +16,33 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-from pipelines import batch, engine, packaging, spark, tracking
+from pipelines import batch, engine, members, packaging, spark, tracking
 from pipelines.batch import Predictions
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.feedback import FeedbackF1
 from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
-from pipelines.optimizers import build_optimizer, check_reflection, compile_kwargs, gepa_candidates, reflective
-from pipelines.programs import build_program
-from pipelines.report import comparison_chart, comparison_row, describe_program, side_by_side
+from pipelines.optimizers import (
+    build_optimizer,
+    check_reflection,
+    compile_kwargs,
+    gepa_candidates,
+    ranked_candidates,
+    reflective,
+)
+from pipelines.programs import Ensemble, build_program, check_program, doc_id_type
+from pipelines.report import (
+    comparison_chart,
+    comparison_row,
+    describe_program,
+    failure_chart,
+    quality_cost_chart,
+    quality_cost_rows,
+    side_by_side,
+)
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
-from pipelines.schema import Engine
-from pipelines.scoring import JUDGED, LABELS, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate
+from pipelines.schema import Engine, ProgramName
+from pipelines.scoring import JUDGED, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
 from pipelines.server import LMServerError, healthy
 
 if TYPE_CHECKING:
@@ -77,6 +93,7 @@ class Session:
     adapter: dspy.Adapter
     scorer: Scorer
     splits: Splits
+    ensemble: Ensemble | None = None  # program=ensemble: its members, loaded before any LM starts
 
     @property
     def scoring(self) -> Scoring:
@@ -87,9 +104,11 @@ def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
     """Check and build everything a step needs, cheapest checks first: a tracking server that is down
     or refuses us, or a `model_uri` that names no model, fails before any LM starts."""
     scoring = Scoring.from_cfg(cfg.scoring)
+    check_program(cfg.program)
     tracking.setup(cfg)
     if model_uri:
         tracking.check_model(model_uri)
+    ensemble = members.build(cfg.ensemble) if cfg.program.name == ProgramName.ensemble else None
     check_credentials(cfg.lm)
     judge_cfg = merged_judge_cfg(cfg)
     check_credentials(judge_cfg)
@@ -103,7 +122,7 @@ def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
     judged = JudgedF1(judge, traced=cfg.tracking.trace_judge) if JUDGED in scoring.metrics else None
-    return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits)
+    return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits, ensemble)
 
 
 def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
@@ -121,7 +140,6 @@ def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
                                 embed=on_spark if cfg.index.engine == Engine.spark else None)
     info = {"path": built.path, "cache_hit": built.cache_hit, "embedded": built.embedded,
             "passages": len(built.index.passages), "has_doc_ids": corpus.has_doc_ids,
-            "doc_id_type": "long" if all(isinstance(d, int) for d in corpus.doc_ids) else "string",
             "seconds": time.monotonic() - started}
     return Retriever(built.index, embedder, k=cfg.program.k), info
 
@@ -159,13 +177,12 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
 
 
 def _log_and_register(session: Session, program: dspy.Module, result: EvalResult, *, variant: str,
-                      model: LoggedModel, index_info: dict[str, Any] | None) -> tuple[str, str | None]:
+                      model: LoggedModel) -> tuple[str, str | None]:
     """Log the program into `model`; register it, and its predictors' prompts, whose `champion` alias
     follows the program's."""
     registered = session.cfg.tracking.registered_model
     prompts = tracking.register_prompts(program, registered_model=registered, variant=variant) if registered else []
-    signature = tracking.program_signature(retrieves=index_info is not None,
-                                           doc_id_type=(index_info or {}).get("doc_id_type", "long"),
+    signature = tracking.program_signature(program, doc_id_type=doc_id_type(program),
                                            num_threads=session.cfg.num_threads)
     with tracking.timed("log_model"):
         info = tracking.log_program(program, lm=session.lm, adapter=session.adapter, model=model,
@@ -193,19 +210,24 @@ def _step_run(session: Session, name: str, *, variant: str, index_info: dict[str
         yield active, datasets
 
 
-def run_variant(cfg: Config) -> StepResult:
-    """`cot` or `rag`: evaluate the unoptimized program on dev, log it and register it."""
+RETRIEVING = (ProgramName.rag, ProgramName.multihop)
+
+
+def run_variant(cfg: Config, *, name: str | None = None) -> StepResult:
+    """`cot`, `rag`, `multihop` or `ensemble`: evaluate the program as configured (not compiled) on dev, log
+    it and register it. `name` names the run and variant (default: the program's name)."""
     session = prepare(cfg)
-    variant = cfg.program.name
-    retriever, index_info = build_retriever(cfg) if variant == "rag" else (None, None)
+    variant = name or str(cfg.program.name)
+    retriever, index_info = build_retriever(cfg) if cfg.program.name in RETRIEVING else (None, None)
     with _step_run(session, variant, variant=variant, index_info=index_info) as (active, datasets):
-        program = build_program(cfg.program, cfg.lm, retriever)
+        program = session.ensemble or build_program(cfg.program, cfg.lm, retriever)
+        if session.ensemble:
+            tracking.log_ensemble(session.ensemble)
         model = tracking.new_model(variant, variant=variant)
         with tracking.usage(session.lm, judge=session.judge):
             result = _score(session, program, session.splits.dev, step=variant, split="dev", model=model,
                             dataset=datasets["dev"], variant=variant)
-        model_uri, version = _log_and_register(session, program, result, variant=variant, model=model,
-                                               index_info=index_info)
+        model_uri, version = _log_and_register(session, program, result, variant=variant, model=model)
         return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
@@ -226,19 +248,24 @@ def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
 
 
 def run_optimize(cfg: Config) -> StepResult:
-    """Compile RAG on train with the configured optimizer; score baseline and optimized on dev; log, register,
-    promote. Every optimizer takes this same path; the `variant` tag names it (rag-mipro, rag-gepa)."""
+    """Compile the program (rag, multihop or cot) on train with the configured optimizer, every predictor of
+    it; score baseline and optimized on dev; keep the best scored candidates; log, register, promote. Every
+    optimizer takes this same path; the `variant` tag names both (rag-mipro, multihop-gepa)."""
+    if cfg.program.name == ProgramName.ensemble:
+        raise ConfigError("optimize compiles cot, rag or multihop; an ensemble is made of compiled programs: "
+                          "program=ensemble ensemble.candidates_of=<an optimize run's id>")
     session = prepare(cfg)
     optimizer = session_optimizer(session)
-    retriever, index_info = build_retriever(cfg)
-    variant = f"{cfg.program.name}-{cfg.optimizer.name}"  # rag-mipro, rag-gepa: also the model's name
+    retriever, index_info = build_retriever(cfg) if cfg.program.name in RETRIEVING else (None, None)
+    baseline_variant = str(cfg.program.name)
+    variant = f"{baseline_variant}-{cfg.optimizer.name}"  # rag-mipro, multihop-gepa: also the model's name
     reflection_lm = getattr(optimizer, "reflection_lm", None)
     with _step_run(session, "optimize", variant=variant, index_info=index_info) as (active, datasets), \
             tracking.usage(session.lm, judge=session.judge, reflection=reflection_lm):
         baseline = build_program(cfg.program, cfg.lm, retriever)
         base = _score(session, baseline, session.splits.dev, step="optimize", split="dev", prefix="baseline_",
-                      model=tracking.new_model("rag", variant="rag", external=True), dataset=datasets["dev"],
-                      variant="rag", phase="baseline")
+                      model=tracking.new_model(baseline_variant, variant=baseline_variant, external=True),
+                      dataset=datasets["dev"], variant=baseline_variant, phase="baseline")
         with tracking.timed("compile"):
             optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
                                           **compile_kwargs(cfg.optimizer))
@@ -246,6 +273,8 @@ def run_optimize(cfg: Config) -> StepResult:
         details = optimized.__dict__.pop("detailed_results", None)
         if details is not None:
             tracking.log_table(gepa_candidates(details), "optimizer/gepa_candidates.json")
+        tracking.log_candidates(ranked_candidates(optimized, details),
+                                keep=int(cfg.optimizer.get("keep_candidates", 5)))
         tracking.log_optimizer_trials(optimized)
         model = tracking.new_model(variant, variant=variant)
         best = _score(session, optimized, session.splits.dev, step="optimize", split="dev", model=model,
@@ -253,11 +282,10 @@ def run_optimize(cfg: Config) -> StepResult:
         comparisons = compare(best, base, session.scoring)
         tracking.log_metrics(tracking.comparison_metrics(comparisons))
         primary = session.scoring.primary
-        log.info("optimized - baseline: %s %s", LABELS[primary], comparisons[primary].describe())
+        log.info("optimized - baseline: %s %s", label(primary), comparisons[primary].describe())
         tracking.log_optimization(optimized, side_by_side=side_by_side(base, best),
                                   learned_prompt=describe_program(optimized))
-        model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model,
-                                               index_info=index_info)
+        model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
 
@@ -309,41 +337,84 @@ def run_predict(cfg: Config) -> PredictResult:
         return result
 
 
-STEP_FUNCTIONS = {"cot": run_variant, "rag": run_variant, "optimize": run_optimize, "gepa": run_optimize}
+VARIANTS = ("cot", "rag", "multihop", "ensemble")  # main's steps that evaluate a program as configured
+OPTIMIZING = ("optimize", "gepa")                   # main's steps that compile one
+MATCHED = re.compile(r"rag-k(\d+)")                 # rag with as many passages as multihop reads
+
+
+def main_steps(cfg: Config, overrides: Sequence[str] = ()) -> list[str]:
+    """The steps `main` runs, in order: `steps`, with `rag-k<hops x k>` after multihop (`matched_rag`)."""
+    unknown = [s for s in cfg.steps if s not in (*VARIANTS, *OPTIMIZING)]
+    if unknown:
+        raise ConfigError(f"unknown steps {unknown}; choose from {sorted((*VARIANTS, *OPTIMIZING))}")
+    steps = []
+    for step in cfg.steps:
+        steps.append(step)
+        if step == "multihop" and cfg.matched_rag:
+            multihop = step_config(cfg, step, overrides).program
+            steps.append(f"rag-k{multihop.hops * multihop.k}")
+    return list(dict.fromkeys(steps))
 
 
 def step_config(cfg: Config, step: str, overrides: Sequence[str] = ()) -> Config:
     """A step's own config with main's overrides; `gepa` is the optimize entry point with main's
-    `gepa_optimizer` preset."""
+    `gepa_optimizer` preset, `rag-k<N>` the rag entry point with N passages."""
     from pipelines.config import compose
 
     if step == "gepa":
         return compose("optimize", [*overrides, f"optimizer={cfg.gepa_optimizer}"])
+    if matched := MATCHED.fullmatch(step):
+        return compose("rag", [*overrides, f"program.k={matched[1]}"])
     return compose(step, overrides)
+
+
+def _check_main(cfg: Config, steps: list[str], configs: dict[str, Config], train_size: int) -> None:
+    """What can fail in a later step, checked before the parent run opens."""
+    for step, step_cfg in configs.items():
+        check_program(step_cfg.program)
+        if step in OPTIMIZING and reflective(step_cfg.optimizer):
+            check_reflection(step_cfg, train_size)
+    if "ensemble" in configs:
+        if any(configs["ensemble"].ensemble.get(source) for source in members.SOURCES):
+            members.check(configs["ensemble"].ensemble)
+        elif not any(s in OPTIMIZING for s in steps[:steps.index("ensemble")]):
+            raise ConfigError("the ensemble step is made of the best candidates of an optimize (or gepa) step "
+                              "before it, or of the members ensemble.* names: add optimize before ensemble in "
+                              "steps, or set ensemble.members / ensemble.candidates_of / ensemble.samples_of")
+
+
+def _run_step(step: str, step_cfg: Config, earlier: list[StepResult]) -> StepResult:
+    if step in OPTIMIZING:
+        return run_optimize(step_cfg)
+    if step == "ensemble" and not any(step_cfg.ensemble.get(source) for source in members.SOURCES):
+        compiled = [r for r in earlier if r.name in OPTIMIZING][-1]
+        step_cfg.ensemble.candidates_of = compiled.run_id
+        log.info("ensemble: the %d best candidates of the %s step (run %s)", step_cfg.ensemble.size, compiled.name,
+                 compiled.run_id)
+    return run_variant(step_cfg, name=step if MATCHED.fullmatch(step) else None)
 
 
 def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
     """One parent run; each step composed from its own config with the same overrides, as a child.
 
-    The steps score the same dev set, so every pair is compared example by example, on each metric.
+    The steps score the same dev set, so every pair is compared example by example, on each metric; the
+    parent also shows where each step's answers fail (`failure_modes.png`) and what they cost against
+    what they score (`quality_cost.png`).
     """
-    unknown = [s for s in cfg.steps if s not in STEP_FUNCTIONS]
-    if unknown:
-        raise ConfigError(f"unknown steps {unknown}; choose from {sorted(STEP_FUNCTIONS)}")
+    steps = main_steps(cfg, overrides)
     session = prepare(cfg)  # fail on bad input before the parent run opens
     scoring = session.scoring
-    configs = {step: step_config(cfg, step, overrides) for step in cfg.steps}
-    for step_cfg in configs.values():
-        if step_cfg.program.name == "rag" and reflective(step_cfg.optimizer):
-            check_reflection(step_cfg, len(session.splits.train))
+    configs = {step: step_config(cfg, step, overrides) for step in steps}
+    _check_main(cfg, steps, configs, len(session.splits.train))
     results = []
     with tracking.run("main", cfg) as parent:
-        for step in cfg.steps:
-            results.append(dataclasses.replace(STEP_FUNCTIONS[step](configs[step]), name=step))
+        for step in steps:
+            results.append(dataclasses.replace(_run_step(step, configs[step], results), name=step))
         metrics, rows = {}, []
         for r in results:
             log.info("%s: %s", r.name, r.result.headline())
             metrics.update(tracking.estimate_metrics(r.result.estimates, f"{r.name}_"))
+            metrics.update(tracking.failure_metrics(r.result, f"{r.name}_"))
             rows.append({"variant": r.name, **comparison_row(r.result.estimates[scoring.primary], scoring.primary),
                          "run_id": r.run_id, "model_uri": r.model_uri,
                          "registered_version": str(r.version) if r.version else None})
@@ -354,9 +425,22 @@ def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
                 comparison = comparisons[scoring.primary]
                 rows.append({"variant": f"{new.name} - {old.name}",
                              **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
-                log.info("%s - %s: %s %s", new.name, old.name, LABELS[scoring.primary], comparison.describe())
+                log.info("%s - %s: %s %s", new.name, old.name, label(scoring.primary), comparison.describe())
         best = max(results, key=lambda r: r.score)
+        costs = quality_cost_rows([(r.name, r.result) for r in results], scoring.primary)
+        for row in costs:
+            log.info("%s: %s per question%s", row["variant"], _cost_text(row),
+                     " (not beaten on both quality and cost)" if row["pareto"] else "")
         tracking.log_comparison(metrics=metrics, rows=rows, chart=comparison_chart(rows[: len(results)], scoring),
                                 best_variant=best.name)
+        tracking.log_analysis(failures=failure_chart([(r.name, r.result) for r in results]), costs=costs,
+                              cost_chart=quality_cost_chart(costs, scoring))
         log.info("best variant by point score: %s", best.name)
         return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
+
+
+def _cost_text(row: dict) -> str:
+    text = f"{row['tokens_per_question']:.0f} tokens in {row['lm_calls_per_question']:.1f} LM calls"
+    if row.get("cost_per_1k_questions_usd") is not None:
+        text += f", ${row['cost_per_1k_questions_usd']:.2f} per 1,000 questions"
+    return text

@@ -8,6 +8,9 @@ a capable LM's judge often does (`mode="ok"`); `garbage` and `empty` exercise fa
 With `demo_score`, it also behaves like an LM that few-shot demos help: a request that carries demos
 (more than a system and a user message) is answered with a marker, and a judge request that sees the
 marker gets `demo_score` instead of `score`, so optimizers have something to prefer.
+`field_answers` lets a test answer chosen output fields itself: `fake.field_answers["query"] = fn` makes
+every request that asks for `query` get `fn(request)` there (None: the usual fake value), e.g. a query
+writer that knows words of the gold document, or members of an ensemble that answer differently.
 `/v1/embeddings` returns deterministic hashed bag-of-words vectors, so retrieval finds overlapping
 words. Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1 --score 1.0`.
 
@@ -103,6 +106,7 @@ class FakeLM:
         self.calls = 0  # chat completions
         self.embedding_calls = 0
         self.prompts: list[str] = []  # with keep_prompts: every chat request's messages, joined
+        self.field_answers: dict = {}  # output field -> fn(request) -> its value, or None for the fake one
         self._lock = threading.Lock()
         fake = self
 
@@ -168,6 +172,7 @@ class FakeLM:
         with self._lock:
             self.calls = self.embedding_calls = 0
             self.prompts.clear()
+            self.field_answers.clear()
         return self
 
     def completion(self, request: dict, behaviour: Behaviour | None = None) -> dict:
@@ -183,6 +188,9 @@ class FakeLM:
             score = behaviour.demo_score if demos else behaviour.score
             suffix = f" {DEMO_MARKER}" if len(messages) > 2 else ""
             values = {name: fake_value(name, s, score, suffix) for name, s in fields.items()}
+            for name, answer in self.field_answers.items():
+                if name in values and (value := answer(request)) is not None:
+                    values[name] = value
             if fmt == "json":
                 content = json.dumps(values)
             else:

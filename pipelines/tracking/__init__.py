@@ -6,6 +6,7 @@
   traces      evaluation traces: tags, model links, counts, assessments; where Spark executors trace
   trace_export  the bulk trace writer (the one module on MLflow internals, tested against them)
   models      programs as MLflow models: log and load (the flavor itself: pipelines/flavor.py)
+  candidates  an optimize run's best scored candidate programs, kept for ensembles
   registry    registration, scores on versions, the `champion` alias (rule: pipelines/promotion.py)
   prompts     learned instructions and demos in the prompt registry
   usage       token use, cost and wall time of a step's phases
@@ -18,9 +19,11 @@ program's pyfunc (`packaging.ProgramModel`, which turns on tracing on a Spark ex
 and by `pipelines/batch.py` (`mlflow.pyfunc.spark_udf`).
 """
 
+from pipelines.tracking.candidates import candidate_states, log_candidates
 from pipelines.tracking.evaluation import (
     comparison_metrics,
     estimate_metrics,
+    failure_metrics,
     load_table,
     log_datasets,
     log_evaluation,
@@ -30,16 +33,26 @@ from pipelines.tracking.evaluation import (
 )
 from pipelines.tracking.models import (
     check_model,
+    check_program_model,
+    load_packaged,
     load_program,
     log_program,
     logged_model_of,
     new_model,
+    program_model_of_run,
     program_signature,
 )
 from pipelines.tracking.optimizers import GEPAProgress, log_optimizer_trials
 from pipelines.tracking.prompts import link_prompts, register_prompts
 from pipelines.tracking.registry import CHAMPION, Registration, register, registered_version, tag_scores
-from pipelines.tracking.reports import log_comparison, log_index, log_optimization, log_predictions
+from pipelines.tracking.reports import (
+    log_analysis,
+    log_comparison,
+    log_ensemble,
+    log_index,
+    log_optimization,
+    log_predictions,
+)
 from pipelines.tracking.runs import SWEEP_JOB_ENV, TrackingServerError, mask_overrides, run
 from pipelines.tracking.store import setup
 from pipelines.tracking.traces import (

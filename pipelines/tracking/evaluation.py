@@ -16,7 +16,7 @@ from mlflow.entities import LoggedModel, LoggedModelStatus
 
 from pipelines.scoring import RECALL, EvalResult
 from pipelines.stats import Comparison, Estimate
-from pipelines.tracking.traces import log_assessments
+from pipelines.tracking.traces import annotate_traces
 
 if TYPE_CHECKING:
     from pipelines.schema import DataConfig
@@ -105,7 +105,11 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
         f"{prefix}failed_examples": result.failed,
         f"{prefix}judge_failures": result.judge_failures,
         f"{prefix}num_examples": result.num_examples,
+        **failure_metrics(result, prefix),
+        **{f"{prefix}{name}": round(value, 4) for name, value in result.usage.items() if value is not None},
     }
+    if any("member_errors" in r for r in result.rows):
+        metrics[f"{prefix}member_errors"] = sum(r.get("member_errors") or 0 for r in result.rows)
     missing = [e.no_interval_reason for e in result.estimates.values() if e.no_interval_reason]
     if missing:
         log.warning("%s%s scores have %s", prefix, split, missing[0])
@@ -114,7 +118,16 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
     log_metrics(metrics, model=model, dataset=dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
-    log_assessments(result)
+    annotate_traces(result)
+
+
+def failure_metrics(result: EvalResult, prefix: str = "") -> dict[str, float]:
+    """`failure_<mode>` (examples) and `failure_<mode>_share` (0-1) for every failure mode."""
+    metrics = {}
+    for mode, count in result.failure_counts.items():
+        metrics[f"{prefix}failure_{mode}"] = count
+        metrics[f"{prefix}failure_{mode}_share"] = round(count / max(result.num_examples, 1), 4)
+    return metrics
 
 
 def log_table(rows: list[dict], artifact_file: str) -> None:

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import dspy
 import mlflow
 import pandas as pd
-from mlflow.entities import LoggedModel
+from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.entities.model_registry import PromptVersion
 from mlflow.models import Model, ModelSignature
 from mlflow.models.model import ModelInfo
@@ -15,6 +18,7 @@ from mlflow.types.schema import Array
 
 from pipelines import flavor, packaging
 from pipelines.config import PROJECT_ROOT, ConfigError
+from pipelines.programs import outputs
 
 # What a request to a served program looks like, shown with the model in the UI; answering it at log
 # time would be an LM call per logged version, so MLflow's check of it is off.
@@ -29,14 +33,15 @@ def new_model(name: str, *, variant: str, external: bool = False) -> LoggedModel
     return create(name=name, model_type="agent", tags={"variant": variant})
 
 
-def program_signature(*, retrieves: bool, doc_id_type: str = "long", num_threads: int = 1) -> ModelSignature:
-    """Questions in; per question the answer, its reasoning, for RAG the passages and their doc ids, and
-    the row's error ("" when it answered). `num_threads`: rows answered at once, unless a call says."""
-    outputs = [ColSpec("string", "reasoning"), ColSpec("string", "response")]
-    if retrieves:
-        outputs += [ColSpec(Array("string"), "context"), ColSpec(Array(doc_id_type), "doc_ids")]
-    outputs.append(ColSpec("string", packaging.ERROR))
-    return ModelSignature(inputs=Schema([ColSpec("string", "question")]), outputs=Schema(outputs),
+def program_signature(program: dspy.Module, *, doc_id_type: str = "long", num_threads: int = 1) -> ModelSignature:
+    """Questions in; per question what the program answers with (`pipelines.programs.outputs`: the answer,
+    its reasoning, a RAG's passages and their doc ids, ...) and the row's error ("" when it answered).
+    `num_threads`: rows answered at once, unless a call says."""
+    types = {"doc_ids": Array(doc_id_type), "context": Array("string"), "queries": Array("string"),
+             "candidates": Array("string")}
+    columns = [ColSpec(types.get(name, "string"), name) for name in outputs(program)]
+    return ModelSignature(inputs=Schema([ColSpec("string", "question")]),
+                          outputs=Schema([*columns, ColSpec("string", packaging.ERROR)]),
                           params=ParamSchema([ParamSpec("num_threads", "long", num_threads)]))
 
 
@@ -77,22 +82,65 @@ def load_program(model_uri: str) -> dspy.Module:
     from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION as ALLOW_PICKLE
 
     pyfunc = check_model(model_uri).flavors.get("python_function", {})
-    try:
-        pickled = pyfunc.get("loader_module") == "mlflow.dspy"
-        if pickled and not (ALLOW_PICKLE.is_set() and ALLOW_PICKLE.get()):
-            raise ConfigError(f"{model_uri} is a pickled program from an older version of this project, and "
-                              "unpickling can run arbitrary code: if you trust it, set "
-                              "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true to load it, or re-run the step that logged it")
-        if pickled:
+    pickled = pyfunc.get("loader_module") == "mlflow.dspy"
+    if pickled and not (ALLOW_PICKLE.is_set() and ALLOW_PICKLE.get()):
+        raise ConfigError(f"{model_uri} is a pickled program from an older version of this project, and "
+                          "unpickling can run arbitrary code: if you trust it, set "
+                          "MLFLOW_ALLOW_PICKLE_DESERIALIZATION=true to load it, or re-run the step that logged it")
+    if pickled:
+        with _load_errors(model_uri):
             return mlflow.dspy.load_model(model_uri)
+    packaged = load_packaged(model_uri)
+    dspy.configure(lm=packaged.lm, adapter=packaged.adapter)
+    return packaged.program
+
+
+def load_packaged(model_uri: str) -> packaging.Packaged:
+    """A program of this project with the LM and adapter it answers through, rebuilt from its plain files
+    (no pickle read, DSPy's settings untouched)."""
+    check_program_model(model_uri)
+    with _load_errors(model_uri):
         model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return packaging.Packaged(model.program, model.lm, model.adapter)
+
+
+@contextlib.contextmanager
+def _load_errors(model_uri: str) -> Iterator[None]:
+    try:
+        yield
     except mlflow.exceptions.MlflowException as e:
         raise ConfigError(f"cannot load {model_uri}: {e.message.splitlines()[0]}") from None
     except (ModuleNotFoundError, AttributeError, ImportError) as e:
         raise ConfigError(f"{model_uri} was logged by an incompatible version of this project "
                           f"({type(e).__name__}: {e}); re-run the step that logged it") from None
-    dspy.configure(lm=model.lm, adapter=model.adapter)
-    return model.program
+
+
+def check_program_model(model_uri: str) -> ModelInfo:
+    """The model behind `model_uri` if it is a program this project logged (its pyfunc flavor rebuilds the
+    program from plain files), else a one-line error."""
+    info = check_model(model_uri)
+    pyfunc = info.flavors.get("python_function", {})
+    if flavor.PROGRAM not in (pyfunc.get("artifacts") or {}) or not str(pyfunc.get("model_code_path", "")).endswith(
+            "model_code.py"):
+        raise ConfigError(f"{model_uri} is not a program logged by this project (its pyfunc flavor has no "
+                          f"`{flavor.PROGRAM}` files); give a model that a cot, rag, multihop or optimize run logged")
+    return info
+
+
+def program_model_of_run(run_id: str) -> str:
+    """The URI of the program a step's run logged (the LoggedModel named after its variant)."""
+    try:
+        run = mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise ConfigError(f"no run {run_id}: {e.message.splitlines()[0]}") from None
+    variant = run.data.tags.get("variant")
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{variant}'")
+    ready = [m for m in models if m.status == LoggedModelStatus.READY]
+    if not ready:
+        raise ConfigError(f"run {run_id} logged no program (no READY model named {variant!r}); give an optimize "
+                          "run that finished")
+    return ready[0].model_uri
 
 
 def logged_model_of(model_uri: str) -> LoggedModel | None:

@@ -1,5 +1,6 @@
 """What a step logs beside its evaluations: the index it retrieved from, the optimize run's
-side-by-side and learned program, `main`'s comparison of its steps, a prediction job's output."""
+side-by-side and learned program, an ensemble's members, `main`'s comparison of its steps with where
+they fail and what they cost, a prediction job's output."""
 
 from __future__ import annotations
 
@@ -50,3 +51,22 @@ def log_comparison(*, metrics: dict[str, float], rows: list[dict], chart, best_v
     log_table(rows, "comparison.json")
     mlflow.log_figure(chart, "comparison.png")
     mlflow.set_tag("best_variant", best_variant)
+
+
+def log_ensemble(ensemble) -> None:
+    """Who answers in an ensemble run: N, each member's label (a model version, a candidate's rank and score,
+    a sample's rollout), and the reducer."""
+    mlflow.log_metric("ensemble_members", len(ensemble.members))
+    labels = [m.label for m in ensemble.members]
+    mlflow.set_tags({"ensemble.members": "; ".join(labels)[:5000], "ensemble.reducer": str(ensemble.reducer)})
+    log_table([{"member": i, "label": m.label, "rollout": m.rollout, "temperature": m.temperature,
+                "lm": m.answer_lm.model} for i, m in enumerate(ensemble.members)], "ensemble/members.json")
+
+
+def log_analysis(*, failures, costs: list[dict], cost_chart) -> None:
+    """`main`'s (or a sweep's) failure modes per variant and quality against cost: charts and table."""
+    if failures is not None:
+        mlflow.log_figure(failures, "failure_modes.png")
+    if costs:
+        log_table(costs, "quality_cost.json")
+        mlflow.log_figure(cost_chart, "quality_cost.png")

@@ -100,9 +100,9 @@ def hold() -> None:
             _held = []
 
 
-def release(assessments: dict[str, list[Assessment]]) -> set[str]:
-    """Write the traces held since `hold`, each with its `assessments` attached; returns the ids of the
-    traces that took theirs (the others' assessments are for the caller to log)."""
+def release(assessments: dict[str, list[Assessment]], tags: dict[str, dict[str, str]] | None = None) -> set[str]:
+    """Write the traces held since `hold`, each with its `assessments` and `tags` attached; returns the ids of
+    the traces that took theirs (the others' are for the caller to log)."""
     global _held
     mlflow.flush_trace_async_logging()  # traces still in the export queue join the hold first
     with _lock:
@@ -110,9 +110,11 @@ def release(assessments: dict[str, list[Assessment]]) -> set[str]:
     attached = set()
     by_exporter = defaultdict(list)
     for exporter, trace, prompts, workspace in held:
-        if trace is not None and trace.info.trace_id in assessments:
-            trace.info.assessments.extend(assessments[trace.info.trace_id])
-            attached.add(trace.info.trace_id)
+        trace_id = trace.info.trace_id if trace is not None else None
+        if trace_id in assessments or trace_id in (tags or {}):
+            trace.info.assessments.extend(assessments.get(trace_id, []))
+            trace.info.tags.update((tags or {}).get(trace_id, {}))
+            attached.add(trace_id)
         by_exporter[exporter].append((trace, prompts, workspace))
     for exporter, traces in by_exporter.items():
         for start in range(0, len(traces), BATCH):

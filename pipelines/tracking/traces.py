@@ -22,6 +22,8 @@ from pipelines.tracking import trace_export
 
 log = logging.getLogger(__name__)
 
+FAILURE_MODE = "failure_mode"  # trace tag: the example's failure mode (pipelines/analysis.py)
+
 # Tags for every trace of the evaluation in progress (one at a time per process), and metadata: on a
 # Spark executor, the driver's run, which MLflow links traces to only in the process that opened it.
 _trace_tags: dict[str, str] = {}
@@ -54,7 +56,7 @@ def evaluating(model: LoggedModel | None, **tags: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def held() -> Iterator[None]:
-    """Traces finished inside wait in memory until `log_assessments` writes each with its assessments,
+    """Traces finished inside wait in memory until `annotate_traces` writes each with its assessments,
     in bulk; what no assessment claimed is written when the block ends."""
     trace_export.hold()
     try:
@@ -169,14 +171,17 @@ def last_trace_id() -> str | None:
     return mlflow.get_last_active_trace_id(thread_local=True)
 
 
-def log_assessments(result: EvalResult) -> None:
-    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by:
-    written with the trace itself where it is still held (`held`), else one by one."""
+def annotate_traces(result: EvalResult) -> None:
+    """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by,
+    and its failure mode as the trace tag `failure_mode`, so the Traces tab filters to one kind of
+    failure: written with the trace itself where it is still held (`held`), else one by one."""
     judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
-    feedback = defaultdict(list)
+    feedback, tags = defaultdict(list), {}
     for row in result.rows:
         if not row.get("trace_id"):
             continue
+        if row.get("failure_mode"):
+            tags[row["trace_id"]] = {FAILURE_MODE: row["failure_mode"]}
         for name in result.estimates:
             if row.get(name) is None:
                 continue
@@ -185,10 +190,12 @@ def log_assessments(result: EvalResult) -> None:
             feedback[row["trace_id"]].append(Feedback(
                 trace_id=row["trace_id"], name=name, value=row[name], source=source,
                 rationale=row.get(f"{name}_rationale") or row.get("error") or None))
-    if not feedback:
+    if not feedback and not tags:
         return
-    attached = trace_export.release(feedback)  # also waits for traces still being exported
-    for trace_id, assessments in feedback.items():
+    attached = trace_export.release(feedback, tags)  # also waits for traces still being exported
+    for trace_id in set(feedback) | set(tags):
         if trace_id not in attached:  # written before (a Spark executor's, or not `held`)
-            for assessment in assessments:
+            for assessment in feedback.get(trace_id, []):
                 mlflow.log_assessment(trace_id, assessment)
+            for key, value in tags.get(trace_id, {}).items():
+                mlflow.set_trace_tag(trace_id, key, value)

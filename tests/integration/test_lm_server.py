@@ -94,10 +94,11 @@ def test_a_served_rag_program_takes_its_lm_server_down_with_it(store, fake, tmp_
                 "embedder.api_key_env=null")
     tracking.setup(cfg)
     retriever, _ = build_retriever(cfg)
+    program = build_program(cfg.program, cfg.lm, retriever)
     with mlflow.start_run():
-        info = tracking.log_program(build_program(cfg.program, cfg.lm, retriever), lm=build_lm(cfg.lm),
-                                    adapter=build_adapter(cfg.lm), model=tracking.new_model("rag", variant="rag"),
-                                    signature=tracking.program_signature(retrieves=True), dspy_flavor=False)
+        info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm),
+                                    model=tracking.new_model("rag", variant="rag"),
+                                    signature=tracking.program_signature(program), dspy_flavor=False)
     with served(info.model_uri, store, {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}) as ask:
         (answer,) = ask({"question": "how do I undo my last git commit?"})["predictions"]
         server = server_process(servers)  # started by the serving worker, on the first question

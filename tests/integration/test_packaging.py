@@ -57,7 +57,7 @@ def log_rag_with_demos(store, fake, *, dspy_flavor: bool = True) -> tuple[str, d
     with mlflow.start_run():
         model = tracking.new_model("rag-mipro", variant="rag-mipro")
         info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
-                                    signature=tracking.program_signature(retrieves=True, num_threads=3),
+                                    signature=tracking.program_signature(program, num_threads=3),
                                     dspy_flavor=dspy_flavor)
     assert fake.calls == calls  # its input example is saved, not answered, as it is logged
     version = mlflow.register_model(info.model_uri, "ragqa-packaging").version
@@ -197,4 +197,4 @@ def test_only_the_projects_programs_are_logged(store):
     with mlflow.start_run(), pytest.raises(ConfigError, match="cannot log a Predict"):
         tracking.log_program(program, lm=dspy.LM("openai/x"), adapter=dspy.ChatAdapter(),
                              model=tracking.new_model("predict", variant="predict"),
-                             signature=tracking.program_signature(retrieves=False), dspy_flavor=True)
+                             signature=tracking.program_signature(program), dspy_flavor=True)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from pipelines.config import CONFIG_DIR, compose, flatten, is_secret, to_container
 from pipelines.lm import merged_judge_cfg
 
-ENTRY_POINTS = ["cot", "rag", "optimize", "evaluate", "main"]
+ENTRY_POINTS = ["cot", "rag", "multihop", "ensemble", "optimize", "evaluate", "main"]
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
@@ -30,6 +30,40 @@ def test_entry_points_pick_their_program():
     assert compose("cot").program.name == "cot"
     assert compose("rag").program.name == "rag"
     assert compose("optimize").program.name == "rag"
+    multihop = compose("multihop").program
+    assert (multihop.name, multihop.hops, multihop.k, multihop.max_characters) == ("multihop", 2, 5, 6000)
+    assert compose("optimize", ["program=multihop", "program.hops=3"]).program.hops == 3
+    assert compose("ensemble").program.name == "ensemble" and compose("ensemble").ensemble.reducer == "mbr"
+
+
+def test_main_runs_rag_with_as_many_passages_as_multihop_reads():
+    from pipelines.config import ConfigError
+    from pipelines.steps import main_steps, step_config
+
+    assert main_steps(compose("main")) == ["cot", "rag", "optimize"]
+    overrides = ["steps=[cot,rag,multihop]", "program.hops=3", "program.k=4"]
+    steps = main_steps(compose("main", overrides), overrides)
+    assert steps == ["cot", "rag", "multihop", "rag-k12"]
+    assert step_config(compose("main", overrides), "rag-k12", overrides).program.k == 12
+    assert main_steps(compose("main", [*overrides, "matched_rag=false"]), overrides) == ["cot", "rag", "multihop"]
+    with pytest.raises(ConfigError, match=r"unknown steps \['storm'\]"):
+        main_steps(compose("main", ["steps=[cot,storm]"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "needs exactly one of ensemble.members"),
+    (["ensemble.members=[models:/a/1]", "ensemble.samples_of=models:/a/1"], "got \\['members', 'samples_of'\\]"),
+    (["ensemble.members=[models:/a/1]"], "at least 2 members; ensemble.members lists 1"),
+    (["ensemble.candidates_of=abc", "ensemble.size=1"], "at least 2 members; ensemble.size=1"),
+    (["ensemble.samples_of=models:/a/1", "ensemble.temperature=0"], "temperature > 0"),
+])
+def test_an_ensemble_needs_one_source_and_two_members(overrides, message):
+    from pipelines import members
+    from pipelines.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as error:
+        members.check(compose("ensemble", overrides).ensemble)  # before any model is looked up
+    assert "\n" not in str(error.value)
 
 
 def test_tutorial_preset_is_the_tutorial():

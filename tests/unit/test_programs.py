@@ -1,9 +1,22 @@
-"""The RAG module: retrieval feeds the prompt, passages shrink to fit a small context window."""
+"""The programs: RAG's passages shrink to fit a small context window; multihop writes its later queries and
+keeps each document once; an ensemble keeps the consensus answer and survives a failing member."""
 
 import dspy
+import pytest
 from dspy.utils import DummyLM
 
-from pipelines.programs import RAG, context_char_budget, fit_passages
+from pipelines.config import ConfigError, compose
+from pipelines.programs import (
+    RAG,
+    Ensemble,
+    Member,
+    MembersFailed,
+    MultiHop,
+    build_program,
+    context_char_budget,
+    fit_passages,
+    mbr_pick,
+)
 
 from helpers import FixedRetriever
 
@@ -60,3 +73,110 @@ def test_deepcopy_shares_the_retriever():
     program = RAG(FixedRetriever(["p"]), k=1)
     program.retriever = type("R", (FixedRetriever,), {"__deepcopy__": lambda self, memo: self})(["p"])
     assert program.deepcopy().retriever is program.retriever
+
+
+class WordRetriever:
+    """Top-k passages by words shared with the query; doc ids are given. Records every query."""
+
+    def __init__(self, docs: dict):
+        self.docs, self.queries = docs, []
+
+    def __call__(self, query, k=None):
+        self.queries.append(query)
+        words = set(query.lower().split())
+        ranked = sorted(self.docs, key=lambda d: (-len(words & set(self.docs[d].lower().split())), str(d)))[:k]
+        return dspy.Prediction(passages=[self.docs[d] for d in ranked], doc_ids=ranked)
+
+
+DOCS = {11: "git reset soft keeps changes", 12: "git stash saves work", 13: "reflog finds lost commits",
+        14: "ssh keys live in dot ssh"}
+
+
+def test_multihop_writes_the_second_query_and_keeps_each_document_once_in_first_seen_order():
+    retriever = WordRetriever(DOCS)
+    lm = DummyLM([{"query": "reflog lost commits"}, {"reasoning": "r", "response": "use the reflog"}])
+    program = MultiHop(retriever, hops=2, k=2)
+    with dspy.context(lm=lm):
+        pred = program(question="git undo a reset")
+    assert retriever.queries == ["git undo a reset", "reflog lost commits"]  # the question, then the written one
+    assert pred.queries == retriever.queries and pred.response == "use the reflog"
+    first, second = pred.hop_doc_ids
+    assert first == [11, 12] and second[0] == 13
+    assert pred.doc_ids == list(dict.fromkeys(first + second)) and len(pred.context) == len(pred.doc_ids)
+    # The query writer read what the first search found; the answer step read every distinct passage.
+    writer_prompt, answer_prompt = (entry["messages"][-1]["content"] for entry in lm.history)
+    assert DOCS[11] in writer_prompt and DOCS[13] not in writer_prompt
+    assert all(DOCS[d] in answer_prompt for d in pred.doc_ids)
+    assert [name for name, _ in program.named_predictors()] == ["respond.predict", "write_query"]
+
+
+def test_one_hop_is_rag():
+    lm = DummyLM([{"reasoning": "r", "response": "ok"}])
+    with dspy.context(lm=lm):
+        pred = MultiHop(WordRetriever(DOCS), hops=1, k=2)(question="git stash")
+    assert len(lm.history) == 1 and pred.queries == ["git stash"] and pred.hop_doc_ids == [pred.doc_ids]
+
+
+@pytest.mark.parametrize("override, message", [("program.hops=0", "program.hops=0: multihop needs at least 1 hop"),
+                                               ("program.k=0", "program.k=0: a retrieving program needs at least 1")])
+def test_bad_multihop_settings_fail_in_one_line(override, message):
+    cfg = compose("multihop", [override])
+    with pytest.raises(ConfigError, match=message) as error:
+        build_program(cfg.program, cfg.lm, WordRetriever(DOCS))
+    assert "\n" not in str(error.value)
+
+
+def test_mbr_picks_the_answer_that_agrees_most_with_the_others():
+    # The middle one of three nested answers shares most with the other two; the outlier shares nothing.
+    answers = ["reboot the router", "git reset soft head keeps changes", "git reset soft head",
+               "git reset soft head keeps changes staged"]
+    assert mbr_pick(answers) == 1 and mbr_pick(answers, "rouge_l") == 1
+    assert mbr_pick(["same", "same"]) == 0 and mbr_pick(["only"]) == 0  # ties go to the earlier member
+
+
+class Failing(dspy.Module):
+    def forward(self, question):
+        raise RuntimeError("member down")
+
+
+def member(response: str | None, label: str) -> Member:
+    """A CoT member answering through its own DummyLM (None: a member that fails)."""
+    if response is None:
+        return Member(Failing(), lm=DummyLM([]), adapter=dspy.ChatAdapter(), label=label)
+    lm = DummyLM([{"reasoning": f"{label} thinks", "response": response}] * 3)
+    return Member(dspy.ChainOfThought("question -> response"), lm=lm, adapter=dspy.ChatAdapter(), label=label)
+
+
+def test_an_ensemble_keeps_the_consensus_answer_and_counts_members_that_failed():
+    ensemble = Ensemble([member("reboot the router", "a"), member(None, "down"),
+                         member("git reset --soft HEAD~1 keeps changes", "b"),
+                         member("use git reset --soft HEAD~1 to keep changes", "c")])
+    pred = ensemble(question="undo a commit?")
+    assert pred.chosen in (2, 3) and pred.response.startswith(("git reset", "use git reset"))
+    assert pred.reasoning == f"{'b' if pred.chosen == 2 else 'c'} thinks"  # the kept member's own reasoning
+    assert pred.member_errors == 1 and pred.candidates[1] == "" and pred.candidates[0] == "reboot the router"
+    assert len(ensemble.members[2].answer_lm.history) == 1  # each member asked its own LM once
+
+
+def test_an_ensemble_whose_members_all_fail_raises():
+    with pytest.raises(MembersFailed, match="none of the 2 members answered; first error: RuntimeError"):
+        Ensemble([member(None, "x"), member(None, "y")])(question="q")
+
+
+def test_a_selector_that_names_no_candidate_falls_back_to_the_consensus():
+    ensemble = Ensemble([member("a b c d", "1"), member("a b c", "2"), member("x y z", "3")], reducer="select")
+    with dspy.context(lm=DummyLM([{"reasoning": "r", "best": 9}])):
+        pred = ensemble(question="q")
+    assert pred.chosen in (0, 1)
+    with dspy.context(lm=DummyLM([{"reasoning": "r", "best": 3}])):
+        assert ensemble(question="q").chosen == 2
+
+
+def test_samples_of_one_program_are_distinct_rollouts():
+    lm = dspy.LM("openai/x", temperature=0.0)
+    program = dspy.ChainOfThought("question -> response")
+    samples = [Member(program, lm=lm, adapter=dspy.ChatAdapter(), label=f"s{i}", rollout=i, temperature=0.7)
+               for i in (1, 2)]
+    assert [m.sampling_lm.kwargs["rollout_id"] for m in samples] == [1, 2]
+    assert {m.sampling_lm.kwargs["temperature"] for m in samples} == {0.7} and "rollout_id" not in lm.kwargs
+    assert [n for n, _ in Ensemble(samples).named_predictors()] == ["members[0].program.predict"]  # one program

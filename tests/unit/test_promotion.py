@@ -1,5 +1,7 @@
 """The champion rule as pure functions: no store, only per-example scores."""
 
+import functools
+
 import pytest
 
 from pipelines.config import compose
@@ -7,6 +9,7 @@ from pipelines.promotion import FIRST, Champion, decide
 from pipelines.scoring import EvalResult, Scoring
 
 
+@functools.cache  # composing a config takes a moment; the rule's scoring never changes
 def scoring(rule="significant"):
     return Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1", f"scoring.promotion={rule}"]).scoring)
 
@@ -61,3 +64,18 @@ def test_better_compares_point_scores_strictly_and_still_reports_the_pairing():
     assert not tie.promoted and "50.0 <= 50.0" in tie.reason
     unscored = Champion(version="1", dev_set="dev1", score=None)
     assert not decide(new=result(CLEAR, "better"), dev_set="dev1", champion=unscored, scoring=better).promoted
+
+
+def test_a_percentile_interval_above_zero_does_not_promote_against_the_permutation_test():
+    # The README's old main job: 6 paired examples, one tie. The percentile bootstrap interval lies above 0,
+    # but with 5 non-zero differences no sign-flip test can give p below 2/32 = 0.0625.
+    old = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    new = [s + d for s, d in zip(old, [10, 12, 15, 11, 14, 0], strict=True)]
+    decision = decide(new=result(new), dev_set="dev1", champion=champion_of(old), scoring=scoring())
+    assert decision.comparison.above_zero and decision.comparison.p_value == pytest.approx(0.0625, abs=1e-4)
+    assert not decision.promoted
+    assert "bootstrap interval lies above 0, but the permutation test gives p=0.062, not below 0.05" in decision.reason
+    # Ten such examples carry the evidence: both tests agree and the version is promoted.
+    old10, new10 = old + [15.0, 25.0, 35.0, 45.0], new + [27.0, 36.0, 44.0, 58.0]
+    promoted = decide(new=result(new10), dev_set="dev1", champion=champion_of(old10), scoring=scoring())
+    assert promoted.promoted and "by both tests" in promoted.reason and promoted.comparison.p_value < 0.05

@@ -1,13 +1,10 @@
-"""The tutorial's programs: a Chain-of-Thought baseline and RAG over the retriever."""
+"""RAG: retrieve `k` passages for the question, answer from them with Chain of Thought."""
 
 from __future__ import annotations
 
 import logging
 
 import dspy
-
-from pipelines.config import ConfigError
-from pipelines.schema import LMConfig, ProgramConfig, ProgramName
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +28,12 @@ def fit_passages(passages: list[str], budget: int | None) -> tuple[list[str], bo
     return [p[:share] for p in passages], True
 
 
+def prompt_chars(predictor: dspy.Predict) -> int:
+    """Characters a predictor's instructions and demos add to each of its prompts."""
+    demo_chars = sum(len(str(v)) for demo in predictor.demos for v in dict(demo).values())
+    return demo_chars + len(predictor.signature.instructions)
+
+
 class RAG(dspy.Module):
     """Retrieve `k` passages, then answer with `ChainOfThought('context, question -> response')`.
 
@@ -39,8 +42,8 @@ class RAG(dspy.Module):
     instructions and demos, rather than letting the server reject an overlong prompt.
     """
 
-    def __init__(self, retriever, k: int = 5, context_window: int | None = None,
-                 max_tokens: int | None = None, reserve_tokens: int = 1024):
+    def __init__(self, retriever, *, k: int = 5, context_window: int | None = None, max_tokens: int | None = None,
+                 reserve_tokens: int = 1024):
         super().__init__()
         self.retriever = retriever
         self.k = k
@@ -49,29 +52,20 @@ class RAG(dspy.Module):
         self.reserve_tokens = reserve_tokens
         self.respond = dspy.ChainOfThought("context, question -> response")
 
-    def _demo_chars(self) -> int:
-        predictor = self.respond.predict
-        demo_chars = sum(len(str(v)) for demo in predictor.demos for v in dict(demo).values())
-        return demo_chars + len(predictor.signature.instructions)
-
-    def forward(self, question: str):
-        hits = self.retriever(question, k=self.k)
+    def fit(self, passages: list[str], predictor: dspy.Predict, question: str) -> list[str]:
+        """`passages` trimmed to the room `predictor`'s prompt leaves in the context window."""
         budget = context_char_budget(self.context_window, self.max_tokens, self.reserve_tokens,
-                                     self._demo_chars() + len(question))
-        context, trimmed = fit_passages(hits.passages, budget)
+                                     prompt_chars(predictor) + len(question))
+        context, trimmed = fit_passages(passages, budget)
         if trimmed:
             log.info("Trimmed %d passages to %d chars each to fit a %d-token context",
                      len(context), budget // max(len(context), 1), self.context_window)
+        return context
+
+    def forward(self, question: str):
+        hits = self.retriever(question, k=self.k)
+        context = self.fit(hits.passages, self.respond.predict, question)
         pred = self.respond(context=context, question=question)
         # A new Prediction: `pred` is also the predictor's output recorded in DSPy's trace, and
         # optimizers build demos from it; extra fields there collide with the demo's inputs.
         return dspy.Prediction(**pred, context=context, doc_ids=hits.doc_ids)
-
-
-def build_program(program_cfg: ProgramConfig, lm_cfg: LMConfig, retriever=None) -> dspy.Module:
-    if program_cfg.name == ProgramName.cot:
-        return dspy.ChainOfThought(program_cfg.signature)
-    if retriever is None:
-        raise ConfigError("the rag program needs a retriever")
-    return RAG(retriever, k=program_cfg.k, context_window=lm_cfg.context_window,
-               max_tokens=lm_cfg.max_tokens, reserve_tokens=program_cfg.reserve_tokens)

@@ -1,0 +1,81 @@
+"""Who answers in an ensemble (`program=ensemble`), from the `ensemble` config node: listed programs
+(`members`), an optimize run's best candidates (`candidates_of`), or samples of one program (`samples_of`).
+
+`check` (which `build` runs first) needs no LM and opens no run: one source, at least two members, every
+URI a program of this project, every member asking for the same inputs. `build` then loads them, each
+with the LM and adapter it was logged with, still calling no LM; an optimize run's candidates share its
+program's files (one index, one LM) and differ only in their instructions and demos.
+"""
+
+from __future__ import annotations
+
+from pipelines import tracking
+from pipelines.config import ConfigError
+from pipelines.programs import Ensemble, Member
+from pipelines.schema import EnsembleConfig
+
+SOURCES = ("members", "candidates_of", "samples_of")
+
+
+def source(cfg: EnsembleConfig) -> str:
+    """The one configured source of members, by name."""
+    given = [name for name in SOURCES if cfg.get(name)]
+    if len(given) != 1:
+        raise ConfigError(f"program=ensemble needs exactly one of ensemble.members=[URI,...], "
+                          f"ensemble.candidates_of=RUN_ID, ensemble.samples_of=URI; got {given or 'none'}")
+    return given[0]
+
+
+def check(cfg: EnsembleConfig) -> None:
+    """Everything about the members that can be known without loading them."""
+    kind = source(cfg)
+    count = len(cfg.members) if kind == "members" else cfg.size
+    if count < 2:
+        what = f"ensemble.members lists {count}" if kind == "members" else f"ensemble.size={cfg.size}"
+        raise ConfigError(f"an ensemble needs at least 2 members; {what}")
+    if kind == "samples_of" and cfg.temperature <= 0:
+        raise ConfigError(f"ensemble.samples_of needs ensemble.temperature > 0 (got {cfg.temperature}): at 0 every "
+                          "sample is the same answer")
+    uris = {"members": list(cfg.members), "samples_of": [cfg.samples_of],
+            "candidates_of": [tracking.program_model_of_run(cfg.candidates_of)] if kind == "candidates_of" else []}
+    inputs = {uri: tuple(tracking.check_program_model(uri).signature.inputs.input_names()) for uri in uris[kind]}
+    if len(set(inputs.values())) > 1:
+        listed = "; ".join(f"{uri}: {', '.join(names)}" for uri, names in inputs.items())
+        raise ConfigError(f"ensemble members ask for different inputs ({listed}); every member must answer the "
+                          "same input fields")
+
+
+def build(cfg: EnsembleConfig) -> Ensemble:
+    """The ensemble `cfg` describes, its members loaded (no LM is called)."""
+    check(cfg)
+    kind = source(cfg)
+    if kind == "members":
+        members = [_member(uri, label=uri) for uri in cfg.members]
+    elif kind == "samples_of":
+        packaged = tracking.load_packaged(cfg.samples_of)
+        members = [Member(packaged.program, lm=packaged.lm, adapter=packaged.adapter,
+                          label=f"{cfg.samples_of} sample {i + 1}", rollout=i + 1, temperature=cfg.temperature)
+                   for i in range(cfg.size)]
+    else:
+        members = _candidates(cfg.candidates_of, cfg.size)
+    return Ensemble(members, reducer=cfg.reducer, similarity=str(cfg.similarity))
+
+
+def _member(uri: str, *, label: str) -> Member:
+    packaged = tracking.load_packaged(uri)
+    return Member(packaged.program, lm=packaged.lm, adapter=packaged.adapter, label=label)
+
+
+def _candidates(run_id: str, size: int) -> list[Member]:
+    """The run's `size` best candidates: its logged program with each candidate's instructions and demos."""
+    base = tracking.load_packaged(tracking.program_model_of_run(run_id))
+    states = tracking.candidate_states(run_id, size)
+    if len(states) < 2:
+        raise ConfigError(f"run {run_id} kept {len(states)} candidate program(s); an ensemble needs at least 2")
+    members = []
+    for row, state in states:
+        program = base.program.deepcopy()  # the retriever is shared, not copied
+        program.load(str(state))
+        members.append(Member(program, lm=base.lm, adapter=base.adapter,
+                              label=f"candidate {row['rank']} of run {run_id} (score {row['score']:.1f})"))
+    return members

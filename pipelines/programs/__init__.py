@@ -1,0 +1,66 @@
+"""The programs, one module per family: `ChainOfThought` (the baseline, DSPy's own), RAG, multi-hop RAG
+whose LM writes the search queries, and ensembles of programs with a reducer for long answers."""
+
+from __future__ import annotations
+
+import dspy
+
+from pipelines.config import ConfigError
+from pipelines.programs.ensemble import Ensemble, Member, MembersFailed, Reducer, mbr_pick
+from pipelines.programs.multihop import MultiHop
+from pipelines.programs.rag import RAG, context_char_budget, fit_passages
+from pipelines.schema import LMConfig, ProgramConfig, ProgramName
+
+__all__ = ["RAG", "Ensemble", "Member", "MembersFailed", "MultiHop", "Reducer", "build_program",
+           "context_char_budget", "doc_id_type", "fit_passages", "mbr_pick", "outputs", "retrieves"]
+
+BASE_OUTPUTS = ("reasoning", "response")
+ALL_OUTPUTS = (*BASE_OUTPUTS, "context", "doc_ids", "queries", "candidates")  # what any program may answer with
+
+
+def outputs(program: dspy.Module) -> tuple[str, ...]:
+    """The fields a program's answer carries, beside `reasoning` and `response`, in the order a served
+    program returns them."""
+    if isinstance(program, MultiHop):
+        return (*BASE_OUTPUTS, "context", "doc_ids", "queries")
+    if isinstance(program, RAG):
+        return (*BASE_OUTPUTS, "context", "doc_ids")
+    if isinstance(program, Ensemble):
+        return (*BASE_OUTPUTS, *(("context", "doc_ids") if program.retrieves else ()), "candidates")
+    return BASE_OUTPUTS
+
+
+def retrieves(program: dspy.Module) -> bool:
+    return "doc_ids" in outputs(program)
+
+
+def doc_id_type(program: dspy.Module) -> str:
+    """`long` when every document the program (or any ensemble member) can retrieve has an int id, else `string`."""
+    parts = [m.program for m in program.members] if isinstance(program, Ensemble) else [program]
+    indexes = [getattr(p.retriever, "index", None) for p in parts if isinstance(p, RAG)]
+    ids = [d for index in indexes if index is not None for d in index.doc_ids]
+    return "long" if all(isinstance(d, int) for d in ids) else "string"
+
+
+def check_program(program_cfg: ProgramConfig) -> None:
+    """What the schema's types cannot say: the numbers make sense."""
+    if program_cfg.name in (ProgramName.rag, ProgramName.multihop) and program_cfg.k < 1:
+        raise ConfigError(f"program.k={program_cfg.k}: a retrieving program needs at least 1 passage per search")
+    if program_cfg.name == ProgramName.multihop and program_cfg.hops < 1:
+        raise ConfigError(f"program.hops={program_cfg.hops}: multihop needs at least 1 hop (1 is rag)")
+
+
+def build_program(program_cfg: ProgramConfig, lm_cfg: LMConfig, retriever=None) -> dspy.Module:
+    """`cot`, `rag` or `multihop` from config (an ensemble is built from its members: `pipelines.steps`)."""
+    check_program(program_cfg)
+    if program_cfg.name == ProgramName.cot:
+        return dspy.ChainOfThought(program_cfg.signature)
+    if program_cfg.name == ProgramName.ensemble:
+        raise ConfigError("an ensemble is built from its members, not from program config")
+    if retriever is None:
+        raise ConfigError(f"the {program_cfg.name} program needs a retriever")
+    settings = {"k": program_cfg.k, "context_window": lm_cfg.context_window, "max_tokens": lm_cfg.max_tokens,
+                "reserve_tokens": program_cfg.reserve_tokens}
+    if program_cfg.name == ProgramName.multihop:
+        return MultiHop(retriever, hops=program_cfg.hops, **settings)
+    return RAG(retriever, **settings)

@@ -1,0 +1,103 @@
+"""Where programs fail and what they cost: failure modes, per-question usage, the Pareto front, and the
+meter that counts a question's LM calls also when they come from DSPy's cache."""
+
+import contextvars
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import dspy
+import pytest
+
+from pipelines import meter
+from pipelines.analysis import failure_counts, failure_mode, pareto_front, usage_means
+from pipelines.config import compose
+from pipelines.scoring import Metered, Scorer, Scoring, result_row
+
+
+@pytest.mark.parametrize("failed, score, retrieved, gold, expected", [
+    (True, 0.0, [1], [1], "failed"),              # an error outranks everything
+    (False, 90.0, [1, 2], [3], "retrieval_miss"),  # no gold document found, however good the answer
+    (False, 10.0, [1, 2], [2, 3], "answer_miss"),  # a gold document found, the answer scored low
+    (False, 60.0, [1, 2], [2], "ok"),
+    (False, 10.0, None, [2], "answer_miss"),       # a program that does not retrieve has no retrieval miss
+    (False, 10.0, [1], None, "answer_miss"),       # nor does data without gold document ids
+    (False, 50.0, [1], [], "ok"),                  # the threshold itself is not a miss
+])
+def test_failure_modes(failed, score, retrieved, gold, expected):
+    assert failure_mode(failed=failed, score=score, threshold=50.0, retrieved=retrieved, gold=gold) == expected
+
+
+def test_each_row_gets_its_failure_mode_and_every_recall():
+    scoring = Scoring.from_cfg(compose("multihop", ["scoring.metrics=[token_f1]", "scoring.primary=token_f1",
+                                                    "scoring.miss_threshold=30"]).scoring)
+    example = dspy.Example(question="q", response="git reset soft", gold_doc_ids=[3, 9]).with_inputs("question")
+    pred = dspy.Prediction(reasoning="r", response="git reset soft", doc_ids=[1, 3, 9], hop_doc_ids=[[1, 3], [9, 1]],
+                           context=["a", "b", "c"], queries=["q", "written"])
+    names = ("token_f1", "recall_at_k", "recall_at_k_hop1", "recall_at_k_hop2")
+    scored = Scorer(scoring).score(example, pred, names)
+    assert scored.values == {"token_f1": 100.0, "recall_at_k": 100.0, "recall_at_k_hop1": 50.0,
+                             "recall_at_k_hop2": 50.0}
+    row = result_row(example, pred, scored, scoring, retrieves=True, usage={"lm_calls": 2, "prompt_tokens": 90,
+                                                                           "completion_tokens": 10, "cost_usd": None})
+    assert row["failure_mode"] == "ok" and row["queries"] == ["q", "written"] and row["recall_at_k_hop2"] == 50.0
+    failed = result_row(example, None, None, scoring, retrieves=True)
+    assert failed["failure_mode"] == "failed" and failed["recall_at_k"] == 0.0 and failed["lm_calls"] is None
+    assert failure_counts([row, failed, {"failure_mode": "ok"}]) == {"retrieval_miss": 0, "answer_miss": 0,
+                                                                     "ok": 2, "failed": 1}
+
+
+def test_usage_is_averaged_over_metered_questions_and_priced_only_where_known():
+    rows = [{"lm_calls": 2, "prompt_tokens": 100, "completion_tokens": 20, "cost_usd": None},
+            {"lm_calls": 4, "prompt_tokens": 300, "completion_tokens": 60, "cost_usd": None},
+            {"lm_calls": None}]  # failed before any call was metered
+    assert usage_means(rows) == {"lm_calls_per_question": 3.0, "tokens_per_question": 240.0,
+                                 "cost_per_1k_questions_usd": None}
+    rows[0]["cost_usd"], rows[1]["cost_usd"] = 0.001, 0.003
+    assert usage_means(rows)["cost_per_1k_questions_usd"] == pytest.approx(2.0)
+    assert usage_means([{"lm_calls": None}]) == {}
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_both():
+    # (tokens, score): cheap and weak, dear and strong, dominated, a tie with the cheap one.
+    points = [(100, 40.0), (900, 70.0), (1000, 60.0), (100, 40.0)]
+    assert pareto_front(points) == [True, True, False, True]
+    assert pareto_front([(5, 1.0)]) == [True] and pareto_front([]) == []
+
+
+def response(prompt, completion, *, cost=None, cached_from=None):
+    """A LiteLLM-like response: usage, and the `_hidden_params` DSPy's cache keeps."""
+    if cached_from is not None:  # what DSPy hands back on a cache hit: usage cleared, hidden params kept
+        return types.SimpleNamespace(usage={}, _hidden_params=cached_from._hidden_params)
+    return types.SimpleNamespace(usage={"prompt_tokens": prompt, "completion_tokens": completion},
+                                 _hidden_params={"response_cost": cost})
+
+
+def test_a_question_is_metered_in_its_threads_and_cached_calls_cost_what_they_did():
+    fresh = response(100, 10, cost=0.5)
+    meter.record(fresh)  # outside a meter: counted nowhere, but its usage is kept for the cache
+
+    def member():
+        meter.record(response(0, 0, cached_from=fresh))
+
+    def program(question):
+        meter.record(response(50, 5))
+        with ThreadPoolExecutor(2) as pool:  # as an ensemble's members do: each in a copy of the context
+            for f in [pool.submit(contextvars.copy_context().run, member) for _ in range(2)]:
+                f.result()
+        return dspy.Prediction(response=question)
+
+    metered = Metered(program)
+    metered(question="q1")
+    usage = next(iter(metered.usage.values()))
+    assert usage == {"lm_calls": 3, "prompt_tokens": 250, "completion_tokens": 25, "cost_usd": 1.0}
+
+
+def test_a_failed_question_still_reports_the_calls_it_paid_for():
+    def program(question):
+        meter.record(response(40, 4))
+        raise RuntimeError("parse error")
+
+    metered = Metered(program)
+    with pytest.raises(RuntimeError):
+        metered(question="q")
+    assert next(iter(metered.usage.values()))["lm_calls"] == 1
