@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 FAILED, RETRIEVAL_MISS, ANSWER_MISS, OK = "failed", "retrieval_miss", "answer_miss", "ok"
 FAILURE_MODES = (RETRIEVAL_MISS, ANSWER_MISS, OK, FAILED)  # the order they are drawn in
+USAGE_METRICS = ("lm_calls_per_question", "tokens_per_question", "cost_per_1k_questions_usd")
 
 
 def failure_mode(*, failed: bool, score: float | None, threshold: float, retrieved: Sequence | None,
@@ -48,9 +49,10 @@ def usage_means(rows: Sequence[dict]) -> dict[str, float | None]:
         return {}
     n = len(metered)
     priced = [r["cost_usd"] for r in metered if r.get("cost_usd") is not None]
-    return {"lm_calls_per_question": sum(r["lm_calls"] for r in metered) / n,
-            "tokens_per_question": sum(r["prompt_tokens"] + r["completion_tokens"] for r in metered) / n,
-            "cost_per_1k_questions_usd": 1000 * sum(priced) / n if priced else None}
+    calls, tokens, cost = USAGE_METRICS
+    return {calls: sum(r["lm_calls"] for r in metered) / n,
+            tokens: sum(r["prompt_tokens"] + r["completion_tokens"] for r in metered) / n,
+            cost: 1000 * sum(priced) / n if priced else None}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:

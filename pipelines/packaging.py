@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from pipelines.config import NO_KEY, ConfigError, is_secret
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
-from pipelines.programs import RAG, Ensemble, Member, MultiHop, outputs
+from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs
 from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
 from pipelines.scoring import NO_PREDICTION
 
@@ -190,8 +190,9 @@ EMPTY = {"context": [], "doc_ids": [], "queries": [], "candidates": []}  # a lis
 class ProgramModel(mlflow.pyfunc.PythonModel):
     """A logged program as pyfunc: rebuilt from its files (the `program` artifact), it answers a batch.
 
-    N rows with a `question` column in, N rows out in the same order: `reasoning`, `response`, what else the
-    program answers with (`pipelines.programs.outputs`: a RAG's `context` and `doc_ids`, ...) and `error`.
+    N rows with a `question` column (and the program's other input fields, if any) in, N rows out in the
+    same order: `reasoning`, `response`, what else the program answers with (`pipelines.programs.outputs`:
+    a RAG's `context` and `doc_ids`, ...) and `error`.
     Rows are answered concurrently (`num_threads`, an inference param whose default is the logged run's); a
     row whose program fails gets its error and empty outputs, and the other rows still answer.
     """
@@ -199,7 +200,7 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
-        self.outputs = outputs(self.program)
+        self.inputs, self.outputs = inputs(self.program), outputs(self.program)
         # A Spark executor of a job that logs to a tracking server traces its calls there (the driver
         # sets this, with MLflow's own MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID).
         self.traced = os.environ.get(TRACE_EXECUTORS) == "true"
@@ -207,22 +208,23 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
             mlflow.dspy.autolog(log_traces=True, silent=True)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        questions = model_input["question"].tolist()
-        threads = max(1, min(int((params or {}).get("num_threads") or 1), len(questions) or 1))
+        records = model_input[list(self.inputs)].to_dict(orient="records")
+        threads = max(1, min(int((params or {}).get("num_threads") or 1), len(records) or 1))
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            rows = list(pool.map(self._answer, questions))
+            rows = list(pool.map(self._answer, records))
         if self.traced:  # a Spark worker may be stopped before MLflow's export queue drains on its own
             mlflow.flush_trace_async_logging()
         return pd.DataFrame(rows, columns=[*self.outputs, ERROR])
 
-    def _answer(self, question) -> dict[str, Any]:
+    def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
         empty = {name: EMPTY.get(name, "") for name in self.outputs}
-        if not isinstance(question, str) or not question.strip():
-            return {**empty, ERROR: "empty question"}
+        blank = [name for name, value in record.items() if not isinstance(value, str) or not value.strip()]
+        if blank:
+            return {**empty, ERROR: f"empty {' and '.join(blank)}"}
         try:
             # A context per call, not global settings: rows run on worker threads (and servers' threads).
             with dspy.context(lm=self.lm, adapter=self.adapter):
-                prediction = self.program(question=question)
+                prediction = self.program(**record)
         except Exception as e:
             return {**empty, ERROR: f"{type(e).__name__}: {e}"[:2000]}
         answer = {name: prediction.get(name, empty[name]) for name in empty}

@@ -97,6 +97,12 @@ def quality_cost_rows(results: list[tuple[str, EvalResult]], metric: str) -> lis
             continue
         rows.append({"variant": name, **comparison_row(result.estimates[metric], metric),
                      **{key: None if v is None else round(v, 4) for key, v in usage.items()}})
+    return mark_pareto(rows, metric)
+
+
+def mark_pareto(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """`rows` (a variant each, with `metric` and `tokens_per_question`), each marked `pareto` when no other
+    row has at least its score for at most its tokens and is better in one."""
     front = pareto_front([(r["tokens_per_question"], r[metric]) for r in rows])
     return [{**row, "pareto": on_front} for row, on_front in zip(rows, front, strict=True)]
 

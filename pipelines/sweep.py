@@ -1,5 +1,6 @@
 """Hydra sweeps (`-m`) tracked in MLflow: one parent run per sweep, a child run per job, and on the
-parent, when the jobs are done, a comparison of them (`comparison.json`, `comparison.png`).
+parent, when the jobs are done, a comparison of them (`comparison.json`, `comparison.png`) and their
+quality against their cost (`quality_cost.json`, `quality_cost.png`).
 
 `MlflowSweep` is a Hydra callback (`hydra.callbacks` in conf/config.yaml). Its multirun hooks run in
 the process that launches the sweep; its job hooks run wherever the launcher runs a job (in process,
@@ -25,8 +26,9 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from pipelines import tracking
+from pipelines.analysis import USAGE_METRICS
 from pipelines.cli import JobFailed
-from pipelines.report import comparison_chart, comparison_row
+from pipelines.report import comparison_chart, comparison_row, mark_pareto, quality_cost_chart
 from pipelines.scoring import Scoring
 from pipelines.stats import Estimate
 
@@ -124,6 +126,10 @@ class MlflowSweep(Callback):
         scored = [r for r in rows if r[primary] is not None and r["status"] == "FINISHED"]
         if scored:
             client.log_figure(self.run_id, comparison_chart(scored, self.scoring), "comparison.png")
+            costs = mark_pareto([r for r in scored if r.get("tokens_per_question") is not None], primary)
+            if costs:
+                client.log_table(self.run_id, pd.DataFrame(costs), "quality_cost.json")
+                client.log_figure(self.run_id, quality_cost_chart(costs, self.scoring), "quality_cost.png")
             best = max(scored, key=lambda r: r[primary])
             client.log_batch(self.run_id, tags=[RunTag("best_variant", best["variant"]),
                                                 RunTag("best_run_id", best["run_id"])])
@@ -149,9 +155,10 @@ class MlflowSweep(Callback):
                      comparison_row(Estimate(value=metrics[primary], n=int(metrics.get("num_examples", 0)),
                                              low=metrics.get(f"{primary}_ci_low"),
                                              high=metrics.get(f"{primary}_ci_high")), primary))
+            cost = {name: metrics.get(name) for name in USAGE_METRICS}
             jobs[int(tags["sweep.job"])] = {"variant": run.info.run_name, "overrides": tags["sweep.overrides"],
                                             "run_id": run.info.run_id, "status": run.info.status, **score,
-                                            "error": tags.get("error")}
+                                            **cost, "error": tags.get("error")}
         for num, failure in failures.items():
             if num in jobs:  # its run failed too; the run says so already
                 jobs[num]["status"] = "FAILED"
@@ -159,5 +166,5 @@ class MlflowSweep(Callback):
             else:  # failed before it opened a run (bad input, an LM it could not reach)
                 jobs[num] = {"variant": failure["name"], "overrides": failure["overrides"], "run_id": None,
                              "status": "FAILED", primary: None, "ci_low": None, "ci_high": None, "n": None,
-                             "error": failure["error"]}
+                             **dict.fromkeys(USAGE_METRICS), "error": failure["error"]}
         return [{"job": num, **jobs[num]} for num in sorted(jobs)]

@@ -211,3 +211,35 @@ def spark_executors() -> list:
 
     return [p for p in psutil.process_iter(["cmdline"])
             if any("CoarseGrainedExecutorBackend" in part for part in p.info["cmdline"] or [])]
+
+
+# A logged program in a fresh process that has not imported the project, loaded both ways a user loads it:
+# the pickle-free pyfunc (pickles refused) answering all records at once, and MLflow's dspy flavor answering
+# each question, its predictors listed.
+_BOTH_FLAVORS = """
+import json, os, sys
+import dspy, mlflow
+uri, questions = sys.argv[1], json.loads(sys.argv[2])
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+rows = mlflow.pyfunc.load_model(uri).predict([{"question": q} for q in questions]).to_dict(orient="records")
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "true"
+program = mlflow.dspy.load_model(uri)
+answers = [program(question=q).toDict() for q in questions]
+print("OUT=" + json.dumps({"pyfunc": rows, "dspy": answers, "type": type(program).__name__,
+                           "predictors": [name for name, _ in program.named_predictors()]}, default=list))
+"""
+
+
+def both_flavors_in_fresh_process(uri: str, questions: list[str], cwd: Path, env: dict[str, str]) -> dict:
+    """`uri` loaded in a fresh Python (outside the project) with `mlflow.pyfunc.load_model` and with
+    `mlflow.dspy.load_model`, each answering `questions`: {"pyfunc": rows, "dspy": predictions, "type",
+    "predictors"}."""
+    proc = run_cli([sys.executable, "-c", _BOTH_FLAVORS, uri, json.dumps(questions)], cwd=cwd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("OUT=", 1)[1])
+
+
+def question_of(request: dict, questions: list[str]) -> str | None:
+    """Which of `questions` a chat request to the fake LM is about (its last user message names it)."""
+    content = str((request.get("messages") or [{}])[-1].get("content", ""))
+    return next((q for q in questions if q in content), None)

@@ -12,7 +12,7 @@ from pipelines.programs.rag import RAG, context_char_budget, fit_passages
 from pipelines.schema import LMConfig, ProgramConfig, ProgramName
 
 __all__ = ["RAG", "Ensemble", "Member", "MembersFailed", "MultiHop", "Reducer", "build_program",
-           "context_char_budget", "doc_id_type", "fit_passages", "mbr_pick", "outputs", "retrieves"]
+           "context_char_budget", "doc_id_type", "fit_passages", "inputs", "mbr_pick", "outputs", "retrieves"]
 
 BASE_OUTPUTS = ("reasoning", "response")
 ALL_OUTPUTS = (*BASE_OUTPUTS, "context", "doc_ids", "queries", "candidates")  # what any program may answer with
@@ -28,6 +28,18 @@ def outputs(program: dspy.Module) -> tuple[str, ...]:
     if isinstance(program, Ensemble):
         return (*BASE_OUTPUTS, *(("context", "doc_ids") if program.retrieves else ()), "candidates")
     return BASE_OUTPUTS
+
+
+def inputs(program: dspy.Module) -> tuple[str, ...]:
+    """The input fields a program answers from: `question` for RAG and multihop, a CoT's signature's inputs,
+    an ensemble's members' (which `pipelines.members` checks are the same)."""
+    if isinstance(program, Ensemble):
+        return inputs(program.members[0].program)
+    if isinstance(program, RAG):
+        return ("question",)
+    if isinstance(program, dspy.ChainOfThought):
+        return tuple(program.predict.signature.input_fields)
+    return ("question",)
 
 
 def retrieves(program: dspy.Module) -> bool:

@@ -18,11 +18,11 @@ from mlflow.types.schema import Array
 
 from pipelines import flavor, packaging
 from pipelines.config import PROJECT_ROOT, ConfigError
-from pipelines.programs import outputs
+from pipelines.programs import inputs, outputs
 
 # What a request to a served program looks like, shown with the model in the UI; answering it at log
 # time would be an LM call per logged version, so MLflow's check of it is off.
-EXAMPLE = pd.DataFrame({"question": ["How do I undo my last git commit but keep its changes?"]})
+EXAMPLE = "How do I undo my last git commit but keep its changes?"
 
 
 def new_model(name: str, *, variant: str, external: bool = False) -> LoggedModel:
@@ -34,13 +34,14 @@ def new_model(name: str, *, variant: str, external: bool = False) -> LoggedModel
 
 
 def program_signature(program: dspy.Module, *, doc_id_type: str = "long", num_threads: int = 1) -> ModelSignature:
-    """Questions in; per question what the program answers with (`pipelines.programs.outputs`: the answer,
-    its reasoning, a RAG's passages and their doc ids, ...) and the row's error ("" when it answered).
+    """Questions in (with the program's other input fields, if any); per question what the program answers
+    with (`pipelines.programs.outputs`: the answer, its reasoning, a RAG's passages and their doc ids, ...)
+    and the row's error ("" when it answered).
     `num_threads`: rows answered at once, unless a call says."""
     types = {"doc_ids": Array(doc_id_type), "context": Array("string"), "queries": Array("string"),
              "candidates": Array("string")}
     columns = [ColSpec(types.get(name, "string"), name) for name in outputs(program)]
-    return ModelSignature(inputs=Schema([ColSpec("string", "question")]),
+    return ModelSignature(inputs=Schema([ColSpec("string", name) for name in inputs(program)]),
                           outputs=Schema([*columns, ColSpec("string", packaging.ERROR)]),
                           params=ParamSchema([ParamSpec("num_threads", "long", num_threads)]))
 
@@ -56,7 +57,9 @@ def log_program(program: dspy.Module, *, lm: dspy.LM, adapter: dspy.Adapter, mod
     return Model.log(artifact_path=None, name=model.name, model_id=model.model_id, flavor=flavor,
                      flavor_name="dspy" if dspy_flavor else "python_function", prompts=prompts or None,
                      program=program, lm=lm, adapter=adapter, signature=signature, dspy_flavor=dspy_flavor,
-                     input_example=EXAMPLE, validate_serving_input=False,
+                     input_example=pd.DataFrame({name: [EXAMPLE if name == "question" else f"your {name}"]
+                                                 for name in signature.inputs.input_names()}),
+                     validate_serving_input=False,
                      pip_requirements=str(PROJECT_ROOT / "requirements.txt"))
 
 

@@ -111,6 +111,30 @@ def test_evaluation_and_embedding_on_spark_match_the_local_engine(store, fake):
     assert np.array_equal(spread, embed_all(embedder, corpus.texts, batch_size=64))
 
 
+def test_multihop_and_an_ensemble_evaluate_and_predict_on_spark(store, fake, tmp_path):
+    base = [*fake_overrides(fake), "data.dev_size=6", "scoring.metrics=[token_f1]", "scoring.primary=token_f1"]
+    multihop = run_variant(smoke("multihop", store, *base))
+    on_spark = run_variant(smoke("multihop", store, *base, "engine=spark", "tracking.registered_model=spark-engine"))
+    without_traces = [{k: v for k, v in r.items() if k != "trace_id"} for r in multihop.result.rows]
+    assert [{k: v for k, v in r.items() if k != "trace_id"} for r in on_spark.result.rows] == without_traces
+    assert on_spark.result.estimates == multihop.result.estimates and "recall_at_k_hop2" in multihop.result.estimates
+
+    rag = run_variant(smoke("rag", store, *base))
+    members = f"[models:/ragqa-tech-smoke/{multihop.version},models:/ragqa-tech-smoke/{rag.version}]"
+    ensemble = run_variant(smoke("ensemble", store, *base, f"ensemble.members={members}"))
+    source = questions(tmp_path / "questions.jsonl", 12, empty_at=3)
+    for logged, outputs in ((multihop, {"context", "doc_ids", "queries"}),
+                            (ensemble, {"context", "doc_ids", "candidates"})):
+        output = tmp_path / f"out-{logged.name}"
+        run_predict(compose("predict", [f"model_uri=models:/ragqa-tech-smoke/{logged.version}", f"input={source}",
+                                        f"output={output}", f"tracking.artifact_location={store}/artifacts"]))
+        answers = pd.read_parquet(output)
+        assert list(answers["id"]) == list(range(1000, 1012))
+        assert set(answers.columns) == {"id", "question", "reasoning", "response", "error", *outputs}
+        assert answers.loc[3, "error"] == "empty question" and (answers.drop(index=3)["error"] == "").all()
+        assert all(len(d) > 0 for d in answers.drop(index=3)["doc_ids"])
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with spark_cluster(tmp_path_factory.mktemp("spark-cluster")) as master:

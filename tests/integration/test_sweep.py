@@ -30,8 +30,8 @@ def sweep_runs():
     return parent, sorted(jobs, key=lambda r: int(r.data.tags["sweep.job"]))
 
 
-def comparison(run_id):
-    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/comparison.json"))
+def comparison(run_id, path="comparison.json"):
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{path}"))
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
 
@@ -48,7 +48,12 @@ def check_sweep(proc, ks: list[int]):
     assert [(r["variant"], r["overrides"], r["run_id"], r["status"]) for r in rows] == [
         (j.info.run_name, f"program.k={k}", j.info.run_id, "FINISHED") for j, k in zip(jobs, ks, strict=True)]
     assert all(r["semantic_f1"] == r["ci_low"] == r["ci_high"] == 50.0 and r["n"] == 3 for r in rows)
-    assert "comparison.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"comparison.png", "quality_cost.png"} <= {a.path for a in mlflow.MlflowClient().list_artifacts(
+        parent.info.run_id)}
+    # More passages, more prompt tokens, the same fake score: only the cheapest job is on the front.
+    costs = comparison(parent.info.run_id, "quality_cost.json")
+    tokens = [r["tokens_per_question"] for r in costs]
+    assert tokens == sorted(tokens) and [r["pareto"] for r in costs] == [True] + [False] * (len(ks) - 1)
     assert parent.data.metrics["jobs_finished"] == len(ks) and parent.data.metrics["jobs_failed"] == 0
     return parent, jobs
 
