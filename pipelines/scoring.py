@@ -72,12 +72,9 @@ class Scoring:
 
     @classmethod
     def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
-        """Checks what the schema's types cannot: the values fit together."""
-        metrics = tuple(dict.fromkeys(str(m) for m in cfg.metrics))
-        if not metrics:
-            raise ConfigError(f"scoring.metrics is empty: choose one or more of {[str(m) for m in Metric]}")
-        if cfg.primary not in metrics:
-            raise ConfigError(f"scoring.primary={cfg.primary} must be one of scoring.metrics={list(metrics)}")
+        """Checks what the schema's types cannot: the values fit together. The primary metric is always
+        scored, listed in `scoring.metrics` or not (`scoring.primary=semantic_f1` alone brings the judge)."""
+        metrics = tuple(dict.fromkeys([*(str(m) for m in cfg.metrics), str(cfg.primary)]))
         if not 0 < cfg.confidence < 1 or cfg.n_resamples < 1:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
         return cls(metrics=metrics, primary=str(cfg.primary), confidence=cfg.confidence,

@@ -47,10 +47,12 @@ def test_scoring_config_is_checked():
     assert Scoring.from_cfg(compose("cot").scoring).primary == "token_f1"
     assert Scoring.from_cfg(compose("cot", ["lm=openai"]).scoring).primary == "semantic_f1"
     assert Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1"]).scoring).primary == "semantic_f1"
-    assert "semantic_f1" in Scoring.from_cfg(compose("cot").scoring).metrics  # still scored beside it
-    for bad in (["scoring.primary=rouge_l", "scoring.metrics=[token_f1]"], ["scoring.metrics=[]"]):
-        with pytest.raises(ConfigError, match="scoring"):
-            Scoring.from_cfg(compose("cot", bad).scoring)
+    assert "semantic_f1" not in Scoring.from_cfg(compose("cot").scoring).metrics  # no judge call is paid for
+    assert Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1"]).scoring).metrics == (
+        "token_f1", "rouge_l", "semantic_f1")  # the primary metric is always scored
+    assert Scoring.from_cfg(compose("cot", ["scoring.metrics=[]"]).scoring).metrics == ("token_f1",)
+    with pytest.raises(ConfigError, match="scoring.confidence"):
+        Scoring.from_cfg(compose("cot", ["scoring.confidence=1.5"]).scoring)
     for unknown in ("scoring.metrics=[bleu]", "scoring.promotion=sometimes"):  # the schema's types refuse these
         with pytest.raises(ConfigCompositionException) as error:
             compose("cot", [unknown])
