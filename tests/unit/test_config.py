@@ -31,7 +31,7 @@ def test_entry_points_pick_their_program():
     assert compose("rag").program.name == "rag"
     assert compose("optimize").program.name == "rag"
     multihop = compose("multihop").program
-    assert (multihop.name, multihop.hops, multihop.k, multihop.max_characters) == ("multihop", 2, 5, 6000)
+    assert (multihop.name, multihop.hops, multihop.k, multihop.max_characters) == ("multihop", 2, 5, 500)
     assert compose("optimize", ["program=multihop", "program.hops=3"]).program.hops == 3
     assert compose("ensemble").program.name == "ensemble" and compose("ensemble").ensemble.reducer == "mbr"
 
