@@ -61,9 +61,14 @@ class ProjectLM(dspy.LM):
         return await super().acall(*args, **kwargs)
 
     def _process_completion(self, response, merged_kwargs):
-        # Every response, fresh or from the cache, passes here once: the question's cost is counted here.
-        meter.record(response)
+        # A LiteLLM response passes here before DSPy caches it: its token counts are kept for cache hits.
+        meter.keep_usage(response)
         return super()._process_completion(response, merged_kwargs)
+
+    def update_history(self, entry):
+        # Every call, fresh or from the cache, on either of DSPy's engines, is recorded here once.
+        meter.record(entry)
+        return super().update_history(entry)
 
 
 def output_schema(signature: type[dspy.Signature], max_field_chars: int | None,

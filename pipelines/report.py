@@ -129,13 +129,12 @@ def quality_cost_chart(rows: list[dict[str, Any]], scoring: Scoring):
     if len(front) > 1:
         ax.plot([r["tokens_per_question"] for r in front], [r[metric] for r in front], "--", color="#555555",
                 linewidth=1)
-    ax.text(0.99, 0.02, "filled: no other variant is better on both", transform=ax.transAxes, ha="right",
-            fontsize=8, color="#555555")
     ax.set_xlabel("LM tokens per question (prompt + completion)")
     n = rows[0]["n"] if rows else 0
     ax.set_ylabel(f"{label(metric)} (dev, n={n}, {scoring.confidence:.0%} CI)")
-    ax.set_xlim(left=0)
-    ax.set_ylim(0, 100)
-    ax.set_title("quality against cost")
+    ax.set_xlim(0, 1.2 * max((r["tokens_per_question"] for r in rows), default=1))
+    top = max((r["ci_high"] if r["ci_high"] is not None else r[metric] for r in rows), default=100)
+    ax.set_ylim(0, min(100.0, 1.25 * top + 5))  # the scores' own range: small differences stay visible
+    ax.set_title("quality against cost\n(filled: no other variant scores higher for fewer tokens)", fontsize=10)
     fig.tight_layout()
     return fig

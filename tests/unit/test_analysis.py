@@ -64,23 +64,32 @@ def test_the_pareto_front_keeps_what_nothing_beats_on_both():
     assert pareto_front([(5, 1.0)]) == [True] and pareto_front([]) == []
 
 
-def response(prompt, completion, *, cost=None, cached_from=None):
-    """A LiteLLM-like response: usage, and the `_hidden_params` DSPy's cache keeps."""
-    if cached_from is not None:  # what DSPy hands back on a cache hit: usage cleared, hidden params kept
-        return types.SimpleNamespace(usage={}, _hidden_params=cached_from._hidden_params)
-    return types.SimpleNamespace(usage={"prompt_tokens": prompt, "completion_tokens": completion},
-                                 _hidden_params={"response_cost": cost})
+def fresh(prompt: int, completion: int, cost: float | None = None) -> dict:
+    """The history entry of a fresh LiteLLM call, its counts filed in the response as ProjectLM files them."""
+    response = types.SimpleNamespace(usage={"prompt_tokens": prompt, "completion_tokens": completion},
+                                     _hidden_params={"response_cost": cost})
+    meter.keep_usage(response)
+    return {"usage": dict(response.usage), "cost": cost, "response": response}
+
+
+def cached(entry: dict) -> dict:
+    """The entry of the same call answered from DSPy's cache: usage cleared, response and cost kept."""
+    return {"usage": {}, "cost": entry["cost"], "response": types.SimpleNamespace(
+        usage={}, _hidden_params=entry["response"]._hidden_params)}
 
 
 def test_a_question_is_metered_in_its_threads_and_cached_calls_cost_what_they_did():
-    fresh = response(100, 10, cost=0.5)
-    meter.record(fresh)  # outside a meter: counted nowhere, but its usage is kept for the cache
+    first = fresh(100, 10, cost=0.5)
+    meter.record(first)  # outside a meter: counted nowhere
+    native = {"usage": {}, "cost": None,  # DSPy's native engine: a cached response keeps its own usage
+              "response": types.SimpleNamespace(usage=types.SimpleNamespace(input_tokens=7, output_tokens=3))}
 
     def member():
-        meter.record(response(0, 0, cached_from=fresh))
+        meter.record(cached(first))
 
     def program(question):
-        meter.record(response(50, 5))
+        meter.record(fresh(50, 5))
+        meter.record(native)
         with ThreadPoolExecutor(2) as pool:  # as an ensemble's members do: each in a copy of the context
             for f in [pool.submit(contextvars.copy_context().run, member) for _ in range(2)]:
                 f.result()
@@ -89,12 +98,12 @@ def test_a_question_is_metered_in_its_threads_and_cached_calls_cost_what_they_di
     metered = Metered(program)
     metered(question="q1")
     usage = next(iter(metered.usage.values()))
-    assert usage == {"lm_calls": 3, "prompt_tokens": 250, "completion_tokens": 25, "cost_usd": 1.0}
+    assert usage == {"lm_calls": 4, "prompt_tokens": 257, "completion_tokens": 28, "cost_usd": 1.0}
 
 
 def test_a_failed_question_still_reports_the_calls_it_paid_for():
     def program(question):
-        meter.record(response(40, 4))
+        meter.record(fresh(40, 4))
         raise RuntimeError("parse error")
 
     metered = Metered(program)

@@ -1,0 +1,115 @@
+"""What the programs past the tutorial cost at tutorial size (BENCHMARKS.md, 8): rag, multihop (2 and 3 hops)
+and ensembles (3 and 5 samples of the rag program) through `mlflow run`, `experiment=tutorial` against the
+fake LM at 200 ms per call, uncached: jobs.py's synthetic corpus (28,436 documents) and examples (300 dev),
+24 threads.
+
+Per job: LM calls and tokens per question (the run's own metered figures), seconds per question (the mean
+duration of its evaluation's traces: one question's wall time, its calls' latency included), evaluation
+seconds for all 300, examples traced, peak RSS of the job, requests the fake served. Writes results.json.
+
+    .venv/bin/python bench/programs.py                   # ~10-20 min on 2 cores
+    .venv/bin/python bench/programs.py --docs 2000 --dev 60 --phases rag multihop2   # a quick look
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import _common as common
+from helpers import MLFLOW, user_env
+from jobs import FAKE_ENV, generate
+
+MODEL = "ragqa-tech-tutorial"
+PHASES = {  # name: (entry point, overrides); the ensembles sample the program the rag phase registered
+    "rag": ("rag", []),
+    "multihop2": ("multihop", ["program.hops=2"]),
+    "multihop3": ("multihop", ["program.hops=3"]),
+    "ensemble3": ("ensemble", [f"ensemble.samples_of=models:/{MODEL}/1", "ensemble.size=3"]),
+    "ensemble5": ("ensemble", [f"ensemble.samples_of=models:/{MODEL}/1", "ensemble.size=5"]),
+}
+
+
+def run_phase(name: str, store: Path, api_base: str, counts, args) -> dict:
+    entry, extra = PHASES[name]
+    overrides = ["experiment=tutorial", f"lm.api_base={api_base}", f"embedder.api_base={api_base}", "lm.cache=false",
+                 f"num_threads={args.threads}", f"data.dev_size={args.dev}", f"hydra.run.dir={store}/hydra-{name}",
+                 *extra]
+    cmd = [MLFLOW, "run", ".", "-e", entry, "--env-manager", "local", "--experiment-name", common.EXPERIMENT,
+           "-P", f"overrides={' '.join(overrides)}"]
+    env = user_env({"MLFLOW_TRACKING_URI": common.sqlite_uri(store), "RAGQA_CACHE_DIR": str(store / "cache"),
+                    **FAKE_ENV})
+    env = {k: v for k, v in env.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
+    chat0, _ = counts()
+    start = time.time()
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    with open(store / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)  # peak RSS of the job and every descendant it waited for
+    record = {"phase": name, "rc": os.waitstatus_to_exitcode(status), "wall_s": time.time() - start,
+              "peak_rss_mib": usage.ru_maxrss / 1024, "chat_calls": counts()[0] - chat0}
+    record.update(describe_run(store, start))
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {record['rc']}, {record['wall_s']:.0f} s", file=sys.stderr,
+          flush=True)
+    return record
+
+
+def describe_run(store: Path, since: float) -> dict:
+    """The job's run: its metered cost per question, evaluation time, and its traces' mean duration."""
+    mlflow.set_tracking_uri(common.sqlite_uri(store))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(common.EXPERIMENT).experiment_id
+    (run,) = client.search_runs([experiment], f"attributes.start_time >= {int(since * 1000)}", max_results=5)
+    traces = mlflow.search_traces(locations=[experiment], run_id=run.info.run_id, include_spans=False,
+                                  return_type="list")
+    durations = [t.info.execution_duration / 1000 for t in traces if t.info.execution_duration is not None]
+    metrics = run.data.metrics
+    return {"status": run.info.status, "examples": int(metrics.get("num_examples", 0)), "traces": len(traces),
+            "lm_calls_per_question": metrics.get("lm_calls_per_question"),
+            "tokens_per_question": metrics.get("tokens_per_question"),
+            "seconds_per_question": sum(durations) / len(durations) if durations else None,
+            "evaluate_s": metrics.get("time_evaluate_s"), "primary": metrics.get("semantic_f1")}
+
+
+def report(results: dict) -> str:
+    rows = [[p["phase"], p["rc"], p["status"], p["examples"], p["traces"], f"{p['lm_calls_per_question']:.2f}",
+             f"{p['tokens_per_question']:.0f}", f"{p['seconds_per_question']:.2f}", f"{p['evaluate_s']:.1f}",
+             f"{p['wall_s']:.1f}", f"{p['peak_rss_mib']:.0f}", p["chat_calls"]] for p in results["phases"]]
+    return "\n".join([f"Machine: {results['machine']}", f"Scratch: {results['store']}", "", common.table(
+        ["job", "exit", "status", "examples", "traced", "LM calls / q", "tokens / q", "s / q (trace)",
+         "evaluate s", "job wall s", "peak RSS MiB", "fake chat calls (judge incl.)"], rows)])
+
+
+def main(args) -> None:
+    store = Path(args.scratch) if args.scratch else common.scratch("programs")
+    generate(store / "cache" / "data", args.docs, args.examples, args.seed)
+    if not (store / "mlflow.db").exists():  # artifacts in the store: `mlflow run` would put them in the repo
+        MlflowClient(common.sqlite_uri(store)).create_experiment(common.EXPERIMENT, (store / "artifacts").as_uri())
+    results = {"store": str(store), "args": vars(args), "phases": []}
+    with common.fake_lm(latency=args.latency, score=0.7) as (api_base, counts):
+        for name in args.phases:
+            results["phases"].append(run_phase(name, store, api_base, counts, args))
+            (store / "results.json").write_text(json.dumps(results, indent=2))
+    results["machine"] = common.machine()
+    (store / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    cli = common.parser(__doc__)
+    cli.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES), help="in this order")
+    cli.add_argument("--docs", type=int, default=28_436, help="corpus documents")
+    cli.add_argument("--examples", type=int, default=1_200, help="QA examples (the splits take 1,000)")
+    cli.add_argument("--dev", type=int, default=300, help="dev examples evaluated")
+    cli.add_argument("--seed", type=int, default=0, help="data generator seed")
+    cli.add_argument("--latency", type=float, default=0.2, help="fake server seconds per chat request")
+    cli.add_argument("--threads", type=int, default=24, help="num_threads")
+    cli.add_argument("--scratch", help="reuse this dir (store, caches, data) instead of a fresh one")
+    common.run_script(cli, main)
