@@ -24,8 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dspy
 
 from pipelines.config import compose
+from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring
 from pipelines.lm import build_adapter, build_lm
-from pipelines.scoring import JudgedF1, Scorer, Scoring
 from pipelines.server import ensure_server
 
 from fake_lm import FakeLM

@@ -1,6 +1,7 @@
 """Concurrency against the fake LM at --latency per call (BENCHMARKS.md, 2, 6 and 7). Evaluation: wall time of
-`pipelines.scoring.evaluate` (cot + JudgedF1: 2 calls per example) per --threads versus the ideal (calls x latency /
-threads), without MLflow, then in a run with traces stored (target: <= 1.3x at 16 threads; --server: a team server).
+`pipelines.evaluation.scoring.evaluate` (cot + JudgedF1: 2 calls per example) per --threads versus the ideal
+(calls x latency / threads), without MLflow, then in a run with traces stored (target: <= 1.3x at 16 threads;
+--server: a team server).
 --predict: rows/s of a logged cot program over --examples questions at num_threads=--threads[0], (a) in one process
 (pyfunc), (b) `predict` on local Spark, (c) on a 2-worker standalone cluster on loopback; and what a fresh Python
 worker pays to import the project and load the program.
@@ -25,7 +26,7 @@ LOAD = ("import sys, time; t = time.time(); import mlflow; mlflow.pyfunc.load_mo
 
 
 def evaluation(args, api_base, counts, store) -> None:
-    from pipelines.scoring import evaluate
+    from pipelines.evaluation.scoring import evaluate
 
     devset, rows = common.examples(args.examples), []
     cfg, program, metric = common.cot_judged(api_base, store)

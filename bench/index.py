@@ -29,10 +29,10 @@ def embedding_throughput(cfg, corpus, docs: int | None, spark: bool) -> list:
     rows = [["this process", len(texts), f"{chars:.0f}", vectors.shape[1], f"{load:.2f}", f"{sec:.2f}",
              f"{len(texts) / sec:.1f}"]]
     if spark:  # index.engine=spark's path: partitions of the corpus embedded in Spark tasks (model load inside)
-        from pipelines.engine import embed_on_spark
         from pipelines.packaging import embedder_spec
         from pipelines.retrieval import build_embedder
-        from pipelines.spark import session
+        from pipelines.scale.engine import embed_on_spark
+        from pipelines.scale.spark import session
 
         spread, sec = common.timed(embed_on_spark, session(cfg), texts, embedder_spec(build_embedder(cfg.embedder)))
         assert np.allclose(spread, vectors, atol=1e-4)

@@ -1,11 +1,11 @@
 """What tracing costs per example, by way of writing the traces (BENCHMARKS.md, 1). In one process per setting,
-`pipelines.scoring.evaluate` runs cot + the default metrics (assessments on the traces) against the fake LM, --evals
-times after a warm-up; medians of wall time until traces and assessments are stored (evaluation alone in brackets),
-CPU, SQL statements and sqlite time per example, kB per trace, traces logged. Settings: no-mlflow; traces-off;
-default (the project's bulk writer: traces held, then written once with their assessments); mlflow-async (MLflow's
-exporter, spans written as they end, one writer off the threads, assessments one by one: the project before
-2026-11-28); mlflow-sync (the same, each thread writing). --cached: every LM call from DSPy's cache (target: traced
-<= 5x traces-off, one trace per example).
+`pipelines.evaluation.scoring.evaluate` runs cot + the default metrics (assessments on the traces) against the fake
+LM, --evals times after a warm-up; medians of wall time until traces and assessments are stored (evaluation alone in
+brackets), CPU, SQL statements and sqlite time per example, kB per trace, traces logged. Settings: no-mlflow;
+traces-off; default (the project's bulk writer: traces held, then written once with their assessments); mlflow-async
+(MLflow's exporter, spans written as they end, one writer off the threads, assessments one by one: the project
+before 2026-11-28); mlflow-sync (the same, each thread writing). --cached: every LM call from DSPy's cache (target:
+traced <= 5x traces-off, one trace per example).
 
     .venv/bin/python bench/trace_cost.py                                   # 16 examples, 50 ms, 2 threads
     .venv/bin/python bench/trace_cost.py --cached --examples 300 --threads 24 --latency 0 --evals 2
@@ -49,7 +49,7 @@ def sql_counter():
 
 
 def worker(args) -> dict:
-    from pipelines.scoring import evaluate
+    from pipelines.evaluation.scoring import evaluate
 
     store = common.scratch("trace-cost")
     common.isolate_mlflow(store)

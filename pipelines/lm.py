@@ -14,8 +14,8 @@ import dspy
 from dspy.utils.callback import with_callbacks
 from pydantic import TypeAdapter
 
-from pipelines import meter
 from pipelines.config import NO_KEY, ConfigError, require_env
+from pipelines.evaluation import meter
 from pipelines.schema import Adapter, LMConfig
 from pipelines.server import LMServerError, ensure_server, healthy
 

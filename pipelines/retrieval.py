@@ -203,7 +203,7 @@ def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int |
                         embed: Callable[[list[str]], np.ndarray] | None = None) -> IndexBuild:
     """The index for `corpus`, from `cache_dir/<content hash>/` when present and sound, else built there.
     `embed` computes the passages' embeddings (default: `embedder` here, in batches; elsewhere, e.g.
-    on Spark: `pipelines.engine.embed_on_spark`); the cache key does not depend on where."""
+    on Spark: `pipelines.scale.engine.embed_on_spark`); the cache key does not depend on where."""
     if not corpus.texts:
         raise ConfigError(f"{corpus.path}: the corpus is empty")
     identity = embedder_identity(emb_cfg)

@@ -184,7 +184,7 @@ class IndexConfig:
 
 @dataclass
 class SparkConfig:
-    """A Spark session (pipelines/spark.py): `conf` is the tree of Spark properties below `spark.`."""
+    """A Spark session (pipelines/scale/spark.py): `conf` is the tree of Spark properties below `spark.`."""
 
     master: str = "local[*]"
     log_level: str = "WARN"

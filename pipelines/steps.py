@@ -16,11 +16,20 @@ from typing import TYPE_CHECKING, Any
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 
-from pipelines import batch, engine, members, packaging, spark, tracking
-from pipelines.batch import Predictions
+from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
-from pipelines.feedback import FeedbackF1
+from pipelines.evaluation.feedback import FeedbackF1
+from pipelines.evaluation.report import (
+    comparison_chart,
+    comparison_row,
+    describe_program,
+    failure_chart,
+    quality_cost_chart,
+    quality_cost_rows,
+    side_by_side,
+)
+from pipelines.evaluation.scoring import JUDGED, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
 from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
 from pipelines.optimizers import (
     build_optimizer,
@@ -31,18 +40,10 @@ from pipelines.optimizers import (
     reflective,
 )
 from pipelines.programs import Ensemble, build_program, check_program, doc_id_type
-from pipelines.report import (
-    comparison_chart,
-    comparison_row,
-    describe_program,
-    failure_chart,
-    quality_cost_chart,
-    quality_cost_rows,
-    side_by_side,
-)
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
+from pipelines.scale import batch, engine, spark
+from pipelines.scale.batch import Predictions
 from pipelines.schema import Engine, ProgramName
-from pipelines.scoring import JUDGED, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
 from pipelines.server import LMServerError, healthy
 
 if TYPE_CHECKING:

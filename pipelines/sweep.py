@@ -26,11 +26,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from pipelines import tracking
-from pipelines.analysis import USAGE_METRICS
 from pipelines.cli import JobFailed
-from pipelines.report import comparison_chart, comparison_row, mark_pareto, quality_cost_chart
-from pipelines.scoring import Scoring
-from pipelines.stats import Estimate
+from pipelines.evaluation.analysis import USAGE_METRICS
+from pipelines.evaluation.report import comparison_chart, comparison_row, mark_pareto, quality_cost_chart
+from pipelines.evaluation.scoring import Scoring
+from pipelines.evaluation.stats import Estimate
 
 log = logging.getLogger(__name__)
 

@@ -156,7 +156,7 @@ def spark_cluster(base: Path, *, workers: int = 2):
     (and the executors they started) is stopped at the end."""
     import pyspark
 
-    from pipelines.spark import java_home
+    from pipelines.scale.spark import java_home
 
     home = java_home(base)
     env = {**os.environ, "SPARK_HOME": str(Path(pyspark.__file__).parent), "SPARK_LOCAL_IP": "127.0.0.1",

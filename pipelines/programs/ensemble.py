@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dspy
 
+from pipelines.evaluation.scoring import LEXICAL
 from pipelines.programs.rag import RAG
 from pipelines.schema import Reducer
-from pipelines.scoring import LEXICAL
 
 log = logging.getLogger(__name__)
 

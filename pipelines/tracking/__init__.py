@@ -7,7 +7,7 @@
   trace_export  the bulk trace writer (the one module on MLflow internals, tested against them)
   models      programs as MLflow models: log and load (the flavor itself: pipelines/flavor.py)
   candidates  an optimize run's best scored candidate programs, kept for ensembles
-  registry    registration, scores on versions, the `champion` alias (rule: pipelines/promotion.py)
+  registry    registration, scores on versions, the `champion` alias (rule: pipelines/evaluation/promotion.py)
   prompts     learned instructions and demos in the prompt registry
   usage       token use, cost and wall time of a step's phases
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
@@ -16,7 +16,7 @@
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
 `pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run), by the
 program's pyfunc (`packaging.ProgramModel`, which turns on tracing on a Spark executor that traces),
-and by `pipelines/batch.py` (`mlflow.pyfunc.spark_udf`).
+and by `pipelines/scale/batch.py` (`mlflow.pyfunc.spark_udf`).
 """
 
 from pipelines.tracking.candidates import candidate_states, log_candidates

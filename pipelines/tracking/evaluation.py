@@ -14,8 +14,8 @@ import pandas as pd
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import LoggedModel, LoggedModelStatus
 
-from pipelines.scoring import RECALL, EvalResult
-from pipelines.stats import Comparison, Estimate
+from pipelines.evaluation.scoring import RECALL, EvalResult
+from pipelines.evaluation.stats import Comparison, Estimate
 from pipelines.tracking.traces import annotate_traces
 
 if TYPE_CHECKING:

@@ -1,5 +1,5 @@
 """The model registry: register a logged program, record its scores, and move `champion` by the rule
-in `pipelines.promotion`.
+in `pipelines.evaluation.promotion`.
 
 A version carries the few tags a person reads in the versions list (`variant`, the primary dev score
 with its interval, the promotion verdict); every number (dev scores and intervals, the difference
@@ -17,8 +17,8 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from pipelines.promotion import Champion, Promotion, decide
-from pipelines.scoring import EvalResult, Scoring
+from pipelines.evaluation.promotion import Champion, Promotion, decide
+from pipelines.evaluation.scoring import EvalResult, Scoring
 from pipelines.tracking.evaluation import comparison_metrics, estimate_metrics, load_table
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any
 import dspy
 import mlflow
 
-from pipelines.batch import Predictions
+from pipelines.scale.batch import Predictions
 from pipelines.tracking.evaluation import log_table
 
 

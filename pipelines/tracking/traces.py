@@ -16,13 +16,13 @@ from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
+from pipelines.evaluation.scoring import JUDGED, EvalResult
 from pipelines.packaging import TRACE_EXECUTORS
-from pipelines.scoring import JUDGED, EvalResult
 from pipelines.tracking import trace_export
 
 log = logging.getLogger(__name__)
 
-FAILURE_MODE = "failure_mode"  # trace tag: the example's failure mode (pipelines/analysis.py)
+FAILURE_MODE = "failure_mode"  # trace tag: the example's failure mode (pipelines/evaluation/analysis.py)
 
 # Tags for every trace of the evaluation in progress (one at a time per process), and metadata: on a
 # Spark executor, the driver's run, which MLflow links traces to only in the process that opened it.
@@ -125,7 +125,7 @@ def executors_trace() -> bool:
 
 def executor_tracing() -> dict[str, str]:
     """The environment a `spark_udf` needs to trace this run's predictions (credentials travel as the
-    job's other secrets do, pipelines/spark.py); empty when executors do not trace."""
+    job's other secrets do, pipelines/scale/spark.py); empty when executors do not trace."""
     if not executors_trace():
         return {}
     return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), TRACE_EXECUTORS: "true",
@@ -186,7 +186,7 @@ def annotate_traces(result: EvalResult) -> None:
             if row.get(name) is None:
                 continue
             source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
-                                                                   source_id=f"pipelines.scoring.{name}")
+                                                                   source_id=f"pipelines.evaluation.scoring.{name}")
             feedback[row["trace_id"]].append(Feedback(
                 trace_id=row["trace_id"], name=name, value=row[name], source=source,
                 rationale=row.get(f"{name}_rationale") or row.get("error") or None))

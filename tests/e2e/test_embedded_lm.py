@@ -5,8 +5,8 @@ import dspy
 
 from pipelines.config import compose
 from pipelines.data import load_splits
+from pipelines.evaluation.scoring import JudgedF1
 from pipelines.lm import build_adapter, build_lm
-from pipelines.scoring import JudgedF1
 
 
 def test_constrained_local_lm_parses_cot_and_semantic_f1_on_two_examples(local_server):

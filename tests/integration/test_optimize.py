@@ -10,11 +10,11 @@ from mlflow.entities import LoggedModelStatus, SpanType
 
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
-from pipelines.feedback import FeedbackF1
+from pipelines.evaluation.feedback import FeedbackF1
+from pipelines.evaluation.scoring import JudgedF1
 from pipelines.lm import build_adapter, build_lm
 from pipelines.optimizers import build_optimizer, compile_kwargs
 from pipelines.programs import RAG
-from pipelines.scoring import JudgedF1
 from pipelines.steps import run_optimize
 from pipelines.tracking import load_program
 

@@ -5,8 +5,8 @@ import json
 import mlflow
 
 from pipelines.config import compose
-from pipelines.report import comparison_chart
-from pipelines.scoring import Scoring
+from pipelines.evaluation.report import comparison_chart
+from pipelines.evaluation.scoring import Scoring
 from pipelines.steps import run_optimize, run_pipeline
 
 from helpers import fake_overrides, smoke

@@ -10,8 +10,8 @@ import pytest
 from pipelines import tracking
 from pipelines.config import compose
 from pipelines.data import load_splits
+from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
 from pipelines.lm import build_adapter, build_lm
-from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
 
 from fake_lm import fake_model
 from helpers import fake_lm_overrides

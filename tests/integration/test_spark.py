@@ -20,9 +20,9 @@ from omegaconf import OmegaConf
 from deploy.team_server import wait_healthy
 from pipelines.config import compose
 from pipelines.data import load_corpus
-from pipelines.engine import embed_on_spark
 from pipelines.retrieval import build_embedder, embed_all
-from pipelines.spark import session
+from pipelines.scale.engine import embed_on_spark
+from pipelines.scale.spark import session
 from pipelines.steps import run_evaluate, run_predict, run_variant
 
 from fake_lm import fake_model

@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import dspy
 import pytest
 
-from pipelines import meter
-from pipelines.analysis import failure_counts, failure_mode, pareto_front, usage_means
 from pipelines.config import compose
-from pipelines.scoring import Metered, Scorer, Scoring, result_row
+from pipelines.evaluation import meter
+from pipelines.evaluation.analysis import failure_counts, failure_mode, pareto_front, usage_means
+from pipelines.evaluation.scoring import Metered, Scorer, Scoring, result_row
 
 
 @pytest.mark.parametrize("failed, score, retrieved, gold, expected", [

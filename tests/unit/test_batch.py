@@ -9,8 +9,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipelines import batch, spark
 from pipelines.config import ConfigError, compose
+from pipelines.scale import batch, spark
 from pipelines.steps import run_predict
 
 

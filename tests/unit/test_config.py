@@ -132,7 +132,7 @@ PRESETS = [([], ("MIPROv2", None, 3)), (["optimizer=mipro"], ("MIPROv2", "medium
 def test_every_optimizer_preset_composes_and_builds(overrides, expected):
     import dspy
 
-    from pipelines.feedback import FeedbackF1
+    from pipelines.evaluation.feedback import FeedbackF1
     from pipelines.optimizers import build_optimizer, compile_kwargs, reflective
 
     cfg = compose("optimize", overrides)

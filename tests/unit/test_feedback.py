@@ -6,7 +6,7 @@ from dspy.utils import DummyLM
 
 from pipelines.config import compose
 from pipelines.data import load_splits
-from pipelines.feedback import FeedbackF1
+from pipelines.evaluation.feedback import FeedbackF1
 
 VERDICT = {"reasoning": "r", "ground_truth_key_ideas": "reset the branch", "system_response_key_ideas": "reset",
            "discussion": "the response names the command", "recall": 0.4, "precision": 0.4}

@@ -5,8 +5,8 @@ import functools
 import pytest
 
 from pipelines.config import compose
-from pipelines.promotion import FIRST, Champion, decide
-from pipelines.scoring import EvalResult, Scoring
+from pipelines.evaluation.promotion import FIRST, Champion, decide
+from pipelines.evaluation.scoring import EvalResult, Scoring
 
 
 @functools.cache  # composing a config takes a moment; the rule's scoring never changes

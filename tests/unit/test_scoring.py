@@ -9,8 +9,8 @@ from hydra.errors import ConfigCompositionException
 from pipelines import tracking
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
+from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
 from pipelines.programs import RAG
-from pipelines.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
 
 from helpers import FixedRetriever
 

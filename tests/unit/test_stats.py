@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from pipelines.stats import Estimate, interval, paired_difference, tidy
+from pipelines.evaluation.stats import Estimate, interval, paired_difference, tidy
 
 
 def test_all_equal_scores_give_a_zero_width_interval_without_warnings():

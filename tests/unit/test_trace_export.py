@@ -15,7 +15,7 @@ from mlflow.tracing.export import mlflow_v3
 from pipelines import tracking
 from pipelines.config import compose
 from pipelines.data import load_splits
-from pipelines.scoring import Scorer, Scoring, evaluate
+from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.tracking import trace_export
 
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from pipelines import tracking
 from pipelines.config import compose
-from pipelines.scoring import EvalResult, Scoring
+from pipelines.evaluation.scoring import EvalResult, Scoring
 from pipelines.tracking.evaluation import dataset_source
 
 

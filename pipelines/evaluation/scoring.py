@@ -4,7 +4,7 @@ SemanticF1 asks an LM judge. Token F1 and ROUGE-L compare words with the gold an
 rerun gives the same number. recall@k scores retrieval where the data has gold document ids: on the
 passages the answer step read, and for a multi-hop program on each search's own (`recall_at_k_hop<N>`).
 Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them. Each row
-also records what the question cost (LM calls, tokens, dollars) and its failure mode (`pipelines/analysis.py`).
+also records what the question cost (LM calls, tokens, dollars) and its failure mode (`analysis.py`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import dspy
 from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
-from pipelines.analysis import failure_counts, failure_mode, usage_means
 from pipelines.config import ConfigError
-from pipelines.meter import metered
+from pipelines.evaluation.analysis import failure_counts, failure_mode, usage_means
+from pipelines.evaluation.meter import metered
+from pipelines.evaluation.stats import Comparison, Estimate, interval, paired_difference, tidy
 from pipelines.schema import Metric, ScoringConfig
-from pipelines.stats import Comparison, Estimate, interval, paired_difference, tidy
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def _inputs_key(inputs) -> str:
 
 
 class Metered:
-    """A program whose every call is metered (`pipelines.meter`): what each example's inputs cost, kept
+    """A program whose every call is metered (`pipelines.evaluation.meter`): what each example's inputs cost, kept
     also when the program fails, since the calls it made before failing were paid for."""
 
     def __init__(self, program):

@@ -8,9 +8,9 @@ from typing import Any
 
 import dspy
 
-from pipelines.analysis import FAILURE_MODES, pareto_front
-from pipelines.scoring import EvalResult, Scoring, label
-from pipelines.stats import Estimate, tidy
+from pipelines.evaluation.analysis import FAILURE_MODES, pareto_front
+from pipelines.evaluation.scoring import EvalResult, Scoring, label
+from pipelines.evaluation.stats import Estimate, tidy
 
 PALETTE = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d", "#8e5ba6", "#c9a227", "#3a8f9e", "#b3475b"]
 FAILURE_COLORS = {"retrieval_miss": "#c2703d", "answer_miss": "#e3b448", "ok": "#2f6f4f", "failed": "#8b1e2d"}
@@ -69,7 +69,7 @@ def comparison_chart(rows: list[dict], scoring: Scoring):
 
 
 def failure_chart(results: list[tuple[str, EvalResult]]):
-    """One stacked bar per variant: the share of its examples in each failure mode (`pipelines/analysis.py`)."""
+    """One stacked bar per variant: the share of its examples in each failure mode (`analysis.py`)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4))
     names = [name for name, _ in results]

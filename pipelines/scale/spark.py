@@ -53,8 +53,8 @@ for a in "$@"; do
 done
 exec "{java}" "$@"
 """
-PACKAGE = Path(__file__).resolve().parent
-QUIET_LOG4J = PACKAGE / "spark-log4j2.properties"
+PACKAGE = Path(__file__).resolve().parents[1]  # the `pipelines` package, shipped to executors
+QUIET_LOG4J = Path(__file__).resolve().parent / "spark-log4j2.properties"
 
 _session: SparkSession | None = None
 
@@ -154,7 +154,7 @@ def code_archive(cache: Path) -> Path:
         archive.parent.mkdir(parents=True, exist_ok=True)
         tmp = archive.with_suffix(f".{os.getpid()}")
         with zipfile.ZipFile(tmp, "w") as zf:
-            for path in [*files, *PACKAGE.glob("*.properties")]:
+            for path in [*files, *PACKAGE.rglob("*.properties")]:
                 zf.write(path, path.relative_to(PACKAGE.parent).as_posix())
         os.replace(tmp, archive)
     return archive

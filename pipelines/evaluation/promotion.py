@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.scoring import EvalResult, Scoring, label, paired_scores
-from pipelines.stats import Comparison, tidy
+from pipelines.evaluation.scoring import EvalResult, Scoring, label, paired_scores
+from pipelines.evaluation.stats import Comparison, tidy
 
 FIRST = "first registered version becomes champion"
 

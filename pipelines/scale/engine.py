@@ -4,7 +4,7 @@ after (aggregates, intervals, comparisons, logging) exactly as for a local run.
 
 On Spark, a program travels as the plain files of `pipelines/packaging.py` (shipped with
 `SparkContext.addFile`) and is rebuilt once per executor process; LMs and embedders travel as their
-settings, never a key (keys come from the executors' environment, `pipelines/spark.py`).
+settings, never a key (keys come from the executors' environment, `pipelines/scale/spark.py`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import dspy
 import numpy as np
 
 from pipelines import packaging
-from pipelines.scoring import JUDGED, EvalResult, JudgedF1, Scorer, evaluate
+from pipelines.evaluation.scoring import JUDGED, EvalResult, JudgedF1, Scorer, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd
