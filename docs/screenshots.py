@@ -6,8 +6,9 @@ Run the README's main job first, then (Chromium from Debian's `chromium` package
     .venv/bin/python docs/screenshots.py --store /path/to/dir  # a store elsewhere (mlflow.db inside)
 
 It starts `mlflow ui` on a free loopback port, finds the experiment and the registered
-model, and writes docs/runs.png, docs/models.png, docs/traces.png, docs/model-versions.png and
-docs/trace.png (one RAG trace opened: its retrieval span, passages and assessments).
+model, and writes docs/runs.png, docs/models.png, docs/traces.png, docs/model-versions.png,
+docs/trace.png (one RAG trace opened: its retrieval span, passages and assessments), and the main run's
+docs/failure-modes.png and docs/quality-cost.png (its charts in the run's artifact view).
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ def targets(uri: str, experiment: str) -> dict[str, str]:
              "models": f"#/experiments/{exp.experiment_id}/models",
              "traces": f"#/experiments/{exp.experiment_id}/traces",
              "model-versions": f"#/models/{model}"}
+    # The main job's own charts, opened in its run's artifact view.
+    main = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'main'", max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    if main:
+        for chart in ("failure_modes", "quality_cost"):
+            pages[chart.replace("_", "-")] = (f"#/experiments/{exp.experiment_id}/runs/{main[0].info.run_id}"
+                                              f"/artifactPath/{chart}.png")
     # One RAG trace opened in the trace view: its `retrieve` span, passages and assessments.
     rag = client.search_traces(locations=[exp.experiment_id], filter_string="tag.variant = 'rag'", max_results=1)
     if rag:
