@@ -45,9 +45,9 @@ def wait_for(url: str, timeout: float = 120) -> None:
             time.sleep(1)
 
 
-def screenshot(chromium: str, url: str, out: Path, size: str = "1920,1080") -> None:
+def screenshot(chromium: str, url: str, out: Path, size: str = "1920,1080", budget_ms: int = 45000) -> None:
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=45000", url],
+                    f"--screenshot={out}", f"--window-size={size}", f"--virtual-time-budget={budget_ms}", url],
                    check=True, capture_output=True, timeout=180)
     print(f"wrote {out}")
 
@@ -72,8 +72,10 @@ def targets(uri: str, experiment: str) -> dict[str, str]:
         for chart in ("failure_modes", "quality_cost"):
             pages[chart.replace("_", "-")] = (f"#/experiments/{exp.experiment_id}/runs/{main[0].info.run_id}"
                                               f"/artifactPath/{chart}.png")
-    # One RAG trace opened in the trace view: its `retrieve` span, passages and assessments.
-    rag = client.search_traces(locations=[exp.experiment_id], filter_string="tag.variant = 'rag'", max_results=1)
+    # One RAG trace opened in the trace view: its `retrieve` span, passages and assessments. The newest
+    # (the optimized RAG's): the view opens a trace only from the list's first page.
+    rag = client.search_traces(locations=[exp.experiment_id], filter_string="tag.phase = 'optimized'",
+                               max_results=1, order_by=["timestamp_ms DESC"])
     if rag:
         pages["trace"] = f"#/experiments/{exp.experiment_id}/traces?selectedEvaluationId={rag[0].info.trace_id}"
     return pages
@@ -100,7 +102,11 @@ def main() -> None:
         wait_for(f"{base}health")
         args.out.mkdir(parents=True, exist_ok=True)
         for name, fragment in pages.items():
-            screenshot(chromium, base + fragment, args.out / f"{name}.png")
+            # The trace drawer opens beside MLflow's assistant pane (wide enough to show both), once the
+            # list has loaded: it needs more (virtual) time than the other pages.
+            drawer = name == "trace"
+            screenshot(chromium, base + fragment, args.out / f"{name}.png", size="2600,1200" if drawer else "1920,1080",
+                       budget_ms=90000 if drawer else 45000)
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(timeout=30)
