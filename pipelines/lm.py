@@ -6,16 +6,20 @@ An `lm=local` model starts (or finds) the embedded llama.cpp server (pipelines/s
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import dspy
+from dspy.adapters.utils import serialize_for_json
 from dspy.utils.callback import with_callbacks
 from pydantic import TypeAdapter
 
 from pipelines.config import NO_KEY, ConfigError, require_env
 from pipelines.evaluation import meter
+from pipelines.finetune import adapters
 from pipelines.schema import Adapter, LMConfig
 from pipelines.server import LMServerError, ensure_server, healthy
 
@@ -59,6 +63,31 @@ class ProjectLM(dspy.LM):
     async def acall(self, *args, **kwargs):
         self.ensure_ready()
         return await super().acall(*args, **kwargs)
+
+    def copy(self, **kwargs):
+        copied = super().copy(**kwargs)
+        # DSPy names a finetuned LM by copying the student's with the model its provider returned: served
+        # with that model's LoRA adapter, by a server of its own (the base model's has no adapter).
+        adapter = getattr(self.provider, "adapter_for", lambda model: None)(copied.model)
+        if adapter is not None and copied.server:
+            copied.server = {**copied.server, "lora": str(adapter)}
+            copied.kwargs.pop("api_base", None)
+        return copied
+
+    def __getstate__(self):
+        # A finetuned LM travels with its LoRA adapter's bytes (MLflow's dspy flavor pickles the LM), so it
+        # loads on a machine that never saw the file.
+        state = super().__getstate__()
+        lora = (self.server or {}).get("lora")
+        if lora:
+            state["lora_bytes"] = Path(lora).read_bytes()
+        return state
+
+    def __setstate__(self, state):
+        data = state.pop("lora_bytes", None)
+        super().__setstate__(state)
+        if data is not None:
+            self.server = {**self.server, "lora": str(adapters.store(data))}
 
     def _process_completion(self, response, merged_kwargs):
         # A LiteLLM response passes here before DSPy caches it: its token counts are kept for cache hits.
@@ -104,7 +133,14 @@ def traced_once(cls: type[dspy.Adapter]) -> type[dspy.Adapter]:
 
 @traced_once
 class JSONAdapter(dspy.JSONAdapter):
-    """DSPy's JSONAdapter, traced once per call."""
+    """DSPy's JSONAdapter, traced once per call, which also writes finetuning transcripts (DSPy's does not):
+    the prompt it sends, then the output fields as the one JSON object a constrained decoder answers with."""
+
+    def format_finetune_data(self, signature, demos, inputs, outputs) -> dict[str, list[dict[str, Any]]]:
+        messages = self.format(signature=signature, demos=demos, inputs=inputs)
+        answer = {name: outputs.get(name) for name in signature.output_fields}
+        content = json.dumps(serialize_for_json(answer), ensure_ascii=False)
+        return {"messages": [*messages, {"role": "assistant", "content": content}]}
 
 
 @traced_once
@@ -168,6 +204,12 @@ def merged_judge_cfg(cfg):
 def merged_reflection_cfg(cfg):
     """GEPA's reflection LM: the task LM with `optimizer.reflection_lm.*` keys laid over it."""
     return _laid_over_lm(cfg, cfg.optimizer.get("reflection_lm"), "optimizer.reflection_lm")
+
+
+def merged_teacher_cfg(cfg):
+    """The optimizer's teacher: `optimizer.teacher.*` keys laid over `lm`; None where there is no teacher."""
+    overlay = cfg.optimizer.get("teacher")
+    return _laid_over_lm(cfg, overlay, "optimizer.teacher") if overlay else None
 
 
 def _laid_over_lm(cfg, overlay, key: str):

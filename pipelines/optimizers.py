@@ -8,6 +8,8 @@ feedback metric), and those are built in `pipelines.steps`.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dspy
@@ -19,8 +21,9 @@ from pipelines.config import ConfigError
 from pipelines.lm import check_credentials, merged_reflection_cfg
 
 # Keys of a preset that are ours, not the constructor's: the variant label, compile() arguments, the
-# reflection LM's config (the constructor gets the built LM) and how many scored candidates the run keeps.
-OWN_KEYS = ("name", "compile", "reflection_lm", "keep_candidates")
+# reflection LM's and the teacher's configs (the optimizer gets the built LMs), how many scored candidates
+# the run keeps, and the finetuning settings (the provider gets them).
+OWN_KEYS = ("name", "compile", "reflection_lm", "teacher", "keep_candidates", "finetune")
 GEPA_DEFAULT_REFLECTION_MINIBATCH = 3
 
 
@@ -33,8 +36,110 @@ def build_optimizer(opt_cfg, metric, **runtime: Any) -> dspy.teleprompt.Teleprom
         raise ConfigError(f"optimizer={opt_cfg.name}: {' '.join(str(e).split())}") from None
 
 
+class AtLeast:
+    """A metric as pass/fail at `threshold` (0-1): what BootstrapFinetune keeps a trace by (it trains on
+    every trace whose score is truthy, and a token F1 of 0.02 is). No `__name__`, like `Scorer`."""
+
+    def __init__(self, metric, threshold: float):
+        self.metric, self.threshold = metric, threshold
+
+    def __call__(self, example, prediction, trace=None) -> bool:
+        return self.metric(example, prediction, trace) >= self.threshold
+
+
+@dataclass
+class Compiling:
+    """An optimizer with what it learns from besides the student: a reflection LM (GEPA), a teacher LM
+    (through `teacher_settings`, or as a teacher program for BootstrapFinetune and BetterTogether), a
+    finetuning provider."""
+
+    optimizer: dspy.teleprompt.Teleprompter
+    reflection_lm: dspy.LM | None = None
+    teacher_lm: dspy.LM | None = None
+    teacher_adapter: dspy.Adapter | None = None
+    teaching: str | None = None
+    provider: Any = None  # pipelines.finetune.provider.LoRAProvider
+
+    def compile(self, student: dspy.Module, *, trainset: list[dspy.Example], **kwargs: Any) -> dspy.Module:
+        """Compile `student` (a copy the optimizer may change). A finetuned program's predictors carry the
+        finetuned LM, served with its adapter."""
+        if self.provider is not None:
+            # BootstrapFinetune finetunes each predictor's own LM: the student's, with our provider.
+            lm = dspy.settings.lm.copy()
+            lm.provider = self.provider
+            student.set_lm(lm)
+        if self.teaching == "program" and self.teacher_lm is not None:
+            kwargs["teacher"] = taught(student, self.teacher_lm, self.teacher_adapter)
+        try:
+            optimized = self.optimizer.compile(student, trainset=trainset, **kwargs)
+        finally:
+            if self.provider is not None:
+                self.provider.stopping = True  # a training thread still running (Ctrl-C) ends at its next step
+        return optimized
+
+
+def taught(student: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter | None) -> dspy.Module:
+    """A copy of `student` that answers on the teacher: its LM on every predictor, and its own adapter (a
+    hosted teacher takes no llama.cpp grammar). Same class, same predictor names, as BootstrapFinetune
+    requires of a teacher; what its traces teach is formatted with the student's adapter."""
+    base = type(student)
+
+    class Taught(base):
+        def forward(self, **kwargs):
+            with dspy.context(adapter=adapter or dspy.settings.adapter):
+                return base.forward(self, **kwargs)
+
+    Taught.__name__ = Taught.__qualname__ = base.__name__
+    teacher = student.deepcopy()
+    teacher.set_lm(lm)
+    teacher.__class__ = Taught
+    return teacher
+
+
+def finetune_provider(opt_cfg, lm_cfg, cache_dir: Path):
+    """The LoRA provider for `optimizer.finetune`, checked before any LM starts."""
+    from pipelines.finetune.provider import LoRAProvider
+    from pipelines.finetune.train import LoRASettings
+    from pipelines.server import LMServerError, resolve_gguf
+
+    if not lm_cfg.get("server"):
+        raise ConfigError(f"optimizer={opt_cfg.name} trains the embedded model's weights and serves them with "
+                          "llama.cpp: use lm=local (an lm with lm.server)")
+    settings = OmegaConf.to_container(opt_cfg.finetune, resolve=True)
+    try:
+        base = Path(settings.get("base_model") or resolve_gguf(lm_cfg.server.gguf)).expanduser()
+    except LMServerError as e:
+        raise ConfigError(str(e)) from None
+    if not base.exists():
+        raise ConfigError(f"optimizer.finetune.base_model={base}: no such file or directory")
+    return LoRAProvider(base=base, cache_dir=cache_dir, settings=LoRASettings.from_kwargs(settings))
+
+
 def compile_kwargs(opt_cfg) -> dict[str, Any]:
     return OmegaConf.to_container(opt_cfg.compile, resolve=True) if opt_cfg.get("compile") else {}
+
+
+def teaching(opt_cfg) -> str | None:
+    """How the optimizer takes a teacher: `settings` (its demos bootstrapped under `teacher_settings`:
+    MIPROv2, BootstrapFewShot), `program` (a teacher program passed to `compile`: BootstrapFinetune), or
+    None (GEPA and others learn from no teacher)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    target = get_class(opt_cfg._target_)
+    if "teacher_settings" in inspect.signature(target).parameters:
+        return "settings"
+    if issubclass(target, (dspy.BootstrapFinetune, dspy.BetterTogether)):
+        return "program"
+    return None
+
+
+def nested(opt_cfg) -> dict[str, Any]:
+    """The optimizers a meta-optimizer (BetterTogether) runs, by the name its strategy calls them: keys
+    of the preset that are themselves optimizer configs (`p: {_target_: dspy.BootstrapFewShot, ...}`)."""
+    return {key: value for key, value in opt_cfg.items() if key not in OWN_KEYS and OmegaConf.is_dict(value)
+            and "_target_" in value}
 
 
 def reflective(opt_cfg) -> bool:

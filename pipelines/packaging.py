@@ -9,6 +9,7 @@ One directory holds:
               doc ids), so a loaded program retrieves without re-embedding the corpus
   members/    an ensemble: one such directory per distinct member program (samples of one program share
               one), their indexes stored once each under indexes/<index key>/
+  adapter/    a finetuned program: the LoRA adapter its LM's llama.cpp server loads (GGUF)
 
 `ProgramModel` is the pyfunc model that `pipelines/model_code.py` hands to MLflow ("models from code").
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +36,7 @@ from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs
 from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
 
 FORMAT = 1  # bump when the files change meaning; a model in another format then fails to load in one line
-SPEC, STATE, INDEX, MEMBERS, INDEXES = "spec.json", "state.json", "index", "members", "indexes"
+SPEC, STATE, INDEX, MEMBERS, INDEXES, ADAPTER = "spec.json", "state.json", "index", "members", "indexes", "adapter"
 
 
 @dataclass
@@ -48,9 +50,17 @@ def save(program: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter, path: Path, *
     """Write `program`, answering through `lm` and `adapter`, into the new directory `path`. A retriever's
     index goes to `path/index`, or, given `indexes`, once per index key below it (an ensemble's members)."""
     path.mkdir(parents=True)
-    spec = {"format": FORMAT, "program": program_spec(program, path, indexes), "lm": lm_spec(lm),
+    spec = {"format": FORMAT, "program": program_spec(program, path, indexes), "lm": lm_spec(lm, path),
             "adapter": adapter_spec(adapter)}
-    program.save(str(path / STATE))
+    # DSPy's state would record a predictor's own LM as a plain dspy.LM: the program's one LM is the spec's.
+    lms = [p.lm for p in program.predictors()]
+    try:
+        for predictor in program.predictors():
+            predictor.lm = None
+        program.save(str(path / STATE))
+    finally:
+        for predictor, predictor_lm in zip(program.predictors(), lms, strict=True):
+            predictor.lm = predictor_lm
     (path / SPEC).write_text(json.dumps(spec, indent=2))
 
 
@@ -62,7 +72,7 @@ def load(path: Path) -> Packaged:
                           f"{FORMAT}; re-run the step that logged it")
     program = build(spec["program"], path)
     program.load(str(path / STATE))
-    return Packaged(program, restore_lm(spec["lm"]), build_adapter(OmegaConf.create(spec["adapter"])))
+    return Packaged(program, restore_lm(spec["lm"], path), build_adapter(OmegaConf.create(spec["adapter"])))
 
 
 def program_spec(program: dspy.Module, path: Path, indexes: Path | None = None) -> dict[str, Any]:
@@ -140,15 +150,29 @@ def _public(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in kwargs.items() if not is_secret(key)}
 
 
-def lm_spec(lm: dspy.LM) -> dict[str, Any]:
+def lm_spec(lm: dspy.LM, path: Path | None = None) -> dict[str, Any]:
+    """The LM's settings; a finetuned LM's LoRA adapter is copied to `path/adapter/` and named relative to it."""
     # The placeholder that keyless servers get is recorded as a flag; a real key is never written.
-    return {"model": lm.model, "server": getattr(lm, "server", None), "cache": lm.cache,
-            "num_retries": lm.num_retries, "kwargs": _public(lm.kwargs), "keyless": lm.kwargs.get("api_key") == NO_KEY}
+    server = getattr(lm, "server", None)
+    if server and server.get("lora"):
+        if path is None:
+            raise ConfigError(f"{lm.model}: an LM with a LoRA adapter is written with its program's files")
+        adapter = Path(server["lora"])
+        (path / ADAPTER).mkdir()
+        shutil.copyfile(adapter, path / ADAPTER / adapter.name)
+        server = {**server, "lora": f"{ADAPTER}/{adapter.name}"}
+    # An embedded server is found again by its settings, not by the port this process saw it on.
+    kwargs = {k: v for k, v in _public(lm.kwargs).items() if not (server and k == "api_base")}
+    return {"model": lm.model, "server": server, "cache": lm.cache, "num_retries": lm.num_retries,
+            "kwargs": kwargs, "keyless": lm.kwargs.get("api_key") == NO_KEY}
 
 
-def restore_lm(spec: dict[str, Any]) -> ProjectLM:
+def restore_lm(spec: dict[str, Any], path: Path | None = None) -> ProjectLM:
     key = {"api_key": NO_KEY} if spec["keyless"] else {}
-    return ProjectLM(spec["model"], server=spec["server"], cache=spec["cache"], num_retries=spec["num_retries"],
+    server = spec["server"]
+    if server and server.get("lora"):
+        server = {**server, "lora": str((path / server["lora"]).resolve())}
+    return ProjectLM(spec["model"], server=server, cache=spec["cache"], num_retries=spec["num_retries"],
                      **spec["kwargs"], **key)
 
 

@@ -84,6 +84,7 @@ class ServerConfig:
     startup_timeout: float = 120.0
     state_dir: str | None = None  # None: ~/.cache/ragqa-dspy/llama-server, shared by all jobs
     keep_alive: float = 0.0      # seconds the server waits, once no process uses it, before it stops
+    lora: str | None = None      # a GGUF LoRA adapter served with the model (a finetuned program's LM)
 
 
 @dataclass
@@ -223,6 +224,7 @@ class Config:
     judge: dict[str, Any] = field(default_factory=dict)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gepa_optimizer: str = "gepa_quick"
+    finetune_optimizer: str = "finetune_quick"
     steps: list[str] | None = None   # main only
     matched_rag: bool = True         # main: beside multihop, rag with as many passages (hops x k)
     input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column

@@ -113,7 +113,9 @@ def ensure_server(settings: Mapping[str, Any]) -> str:
     gguf = resolve_gguf(server.gguf)
     state_dir = Path(server.state_dir or default_state_dir())
     state_dir.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{gguf}|{server.n_ctx}".encode()).hexdigest()[:16]
+    if server.lora and not Path(server.lora).is_file():
+        raise LMServerError(f"LoRA adapter {server.lora} not found")
+    key = hashlib.sha256(f"{gguf}|{server.n_ctx}|{server.lora or ''}".encode()).hexdigest()[:16]
     state_file, users = state_dir / f"{key}.json", state_dir / f"{key}.users"
     with FileLock(state_dir / f"{key}.lock"):  # one starter at a time; the watchdog stops under it too
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError):
@@ -135,7 +137,8 @@ def ensure_server(settings: Mapping[str, Any]) -> str:
         log_path = state_dir / f"{key}-{port}.log"
         llama = ["--model", str(gguf), "--host", host, "--port", str(port), "--n_ctx", str(server.n_ctx),
                  # llama-cpp-python generates on half the cores by default; all of them is ~1.3x faster here.
-                 "--n_threads", str(server.n_threads or os.cpu_count() or 1)]
+                 "--n_threads", str(server.n_threads or os.cpu_count() or 1),
+                 *(["--lora_path", server.lora] if server.lora else [])]
         cmd = [sys.executable, "-m", "pipelines.server", str(state_dir), key, str(server.keep_alive), *llama]
         log.info("Starting embedded LM server on %s (log: %s)", api_base, log_path)
         with open(log_path, "w") as out:

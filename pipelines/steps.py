@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import dspy
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
+from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
@@ -30,16 +32,28 @@ from pipelines.evaluation.report import (
     side_by_side,
 )
 from pipelines.evaluation.scoring import JUDGED, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
-from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
+from pipelines.lm import (
+    build_adapter,
+    build_lm,
+    check_credentials,
+    ensure_reachable,
+    merged_judge_cfg,
+    merged_teacher_cfg,
+)
 from pipelines.optimizers import (
+    AtLeast,
+    Compiling,
     build_optimizer,
     check_reflection,
     compile_kwargs,
+    finetune_provider,
     gepa_candidates,
+    nested,
     ranked_candidates,
     reflective,
+    teaching,
 )
-from pipelines.programs import Ensemble, build_program, check_program, doc_id_type
+from pipelines.programs import Ensemble, build_program, check_program, doc_id_type, program_lm
 from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
 from pipelines.scale import batch, engine, spark
 from pipelines.scale.batch import Predictions
@@ -178,22 +192,23 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
 
 
 def _log_and_register(session: Session, program: dspy.Module, result: EvalResult, *, variant: str,
-                      model: LoggedModel) -> tuple[str, str | None]:
-    """Log the program into `model`; register it, and its predictors' prompts, whose `champion` alias
-    follows the program's."""
+                      model: LoggedModel, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Log the program into `model`, answering through its predictors' own LM (a finetuned one) or the
+    session's; register it, and its predictors' prompts, whose `champion` alias follows the program's.
+    `tags` (its teacher, its adapter) go on the registered version too."""
     registered = session.cfg.tracking.registered_model
     prompts = tracking.register_prompts(program, registered_model=registered, variant=variant) if registered else []
     signature = tracking.program_signature(program, doc_id_type=doc_id_type(program),
                                            num_threads=session.cfg.num_threads)
     with tracking.timed("log_model"):
-        info = tracking.log_program(program, lm=session.lm, adapter=session.adapter, model=model,
+        info = tracking.log_program(program, lm=program_lm(program) or session.lm, adapter=session.adapter, model=model,
                                     signature=signature, dspy_flavor=session.cfg.tracking.dspy_flavor, prompts=prompts)
     if not registered:
         return info.model_uri, None
     with tracking.timed("register"):
         registration = tracking.register(info.model_uri, registered_model=registered, model_id=model.model_id,
                                          result=result, dev_set=examples_hash(session.splits.dev), variant=variant,
-                                         scoring=session.scoring)
+                                         scoring=session.scoring, tags=tags)
     tracking.link_prompts(prompts, registered_model=registered, version=registration.version,
                           promoted=registration.promoted)
     return info.model_uri, registration.version
@@ -201,9 +216,9 @@ def _log_and_register(session: Session, program: dspy.Module, result: EvalResult
 
 @contextlib.contextmanager
 def _step_run(session: Session, name: str, *, variant: str, index_info: dict[str, Any] | None,
-              ) -> Iterator[tuple[ActiveRun, dict[str, PandasDataset]]]:
+              tags: dict[str, str] | None = None) -> Iterator[tuple[ActiveRun, dict[str, PandasDataset]]]:
     """A step's run with what every training step logs first: the train/dev datasets and the index."""
-    with tracking.run(name, session.cfg, tags={"variant": variant}) as active:
+    with tracking.run(name, session.cfg, tags={"variant": variant, **(tags or {})}) as active:
         datasets = tracking.log_datasets({"train": session.splits.train, "dev": session.splits.dev},
                                          session.cfg.data)
         if index_info:
@@ -232,20 +247,53 @@ def run_variant(cfg: Config, *, name: str | None = None) -> StepResult:
         return StepResult(variant, active.info.run_id, result, model_uri, version)
 
 
-def session_optimizer(session: Session) -> dspy.teleprompt.Teleprompter:
-    """The configured optimizer with what it needs at run time; GEPA gets SemanticF1 with feedback and
-    a reflection LM. Bad optimizer config fails here, before a run opens."""
+def session_optimizer(session: Session) -> Compiling:
+    """The configured optimizer with what it needs at run time: GEPA gets SemanticF1 with feedback and a
+    reflection LM, a teacher is built and reached, BootstrapFinetune gets its finetuning provider and keeps
+    the traces that pass `optimizer.finetune.min_score`. Bad optimizer config fails here, before a run opens."""
     cfg = session.cfg
+    teacher_cfg, teaching_mode = merged_teacher_cfg(cfg), teaching(cfg.optimizer)
+    teacher_lm = teacher_adapter = None
+    if teacher_cfg is not None:
+        if teaching_mode is None:
+            raise ConfigError(f"optimizer={cfg.optimizer.name} learns from no teacher; optimizer.teacher applies to "
+                              "the optimizers that bootstrap demos or transcripts (mipro, bootstrap, finetune)")
+        teacher_lm, teacher_adapter = build_lm(teacher_cfg), build_adapter(teacher_cfg)
+        ensure_reachable(teacher_lm)
+    runtime: dict[str, Any] = {}
+    if teacher_lm is not None and teaching_mode == "settings":
+        # The teacher answers through its own config's adapter; the demos it leaves are field values.
+        runtime["teacher_settings"] = {"lm": teacher_lm, "adapter": teacher_adapter}
+    if cfg.optimizer.get("finetune"):
+        provider = finetune_provider(cfg.optimizer, cfg.lm, Path(cfg.paths.cache) / "adapters")
+        passing = AtLeast(session.scorer, float(cfg.optimizer.finetune.get("min_score") or 0.0))
+
+        def weights_or_prompts(opt_cfg) -> dspy.teleprompt.Teleprompter:
+            """BootstrapFinetune keeps the traces that pass; a prompt optimizer is scored as usual."""
+            if get_class(opt_cfg._target_) is dspy.BootstrapFinetune:
+                return build_optimizer(opt_cfg, passing, adapter=session.adapter)
+            return build_optimizer(opt_cfg, session.scorer, **runtime)
+
+        steps = nested(cfg.optimizer)
+        if steps:  # BetterTogether: its `p` and `w` optimizers, each built with its own metric
+            built = {key: weights_or_prompts(OmegaConf.merge({"name": key}, sub)) for key, sub in steps.items()}
+            optimizer = build_optimizer(cfg.optimizer, session.scorer, **built)
+        else:
+            optimizer = weights_or_prompts(cfg.optimizer)
+        return Compiling(optimizer, teacher_lm=teacher_lm, teacher_adapter=teacher_adapter, teaching=teaching_mode,
+                         provider=provider)
     if not reflective(cfg.optimizer):
-        return build_optimizer(cfg.optimizer, session.scorer)
+        return Compiling(build_optimizer(cfg.optimizer, session.scorer, **runtime), teacher_lm=teacher_lm,
+                         teaching=teaching_mode)
     reflection_cfg = check_reflection(cfg, len(session.splits.train))
     reflection_lm = session.lm if reflection_cfg is cfg.lm else build_lm(reflection_cfg)
     ensure_reachable(reflection_lm)
     # The reflection LM answers through its own config's adapter: schema-constrained for the embedded LM.
     proposer = InstructionProposer(adapter=build_adapter(reflection_cfg))
-    return build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=cfg.tracking.trace_judge),
-                           reflection_lm=reflection_lm, instruction_proposer=proposer, track_stats=True,
-                           gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
+    optimizer = build_optimizer(cfg.optimizer, FeedbackF1(session.judge, traced=cfg.tracking.trace_judge),
+                                reflection_lm=reflection_lm, instruction_proposer=proposer, track_stats=True,
+                                gepa_kwargs={"callbacks": [tracking.GEPAProgress()]})
+    return Compiling(optimizer, reflection_lm=reflection_lm)
 
 
 def run_optimize(cfg: Config) -> StepResult:
@@ -256,20 +304,25 @@ def run_optimize(cfg: Config) -> StepResult:
         raise ConfigError("optimize compiles cot, rag or multihop; an ensemble is made of compiled programs: "
                           "program=ensemble ensemble.candidates_of=<an optimize run's id>")
     session = prepare(cfg)
-    optimizer = session_optimizer(session)
+    compiling = session_optimizer(session)
     retriever, index_info = build_retriever(cfg) if cfg.program.name in RETRIEVING else (None, None)
     baseline_variant = str(cfg.program.name)
     variant = f"{baseline_variant}-{cfg.optimizer.name}"  # rag-mipro, multihop-gepa: also the model's name
-    reflection_lm = getattr(optimizer, "reflection_lm", None)
-    with _step_run(session, "optimize", variant=variant, index_info=index_info) as (active, datasets), \
-            tracking.usage(session.lm, judge=session.judge, reflection=reflection_lm):
+    lineage = {"teacher": compiling.teacher_lm.model} if compiling.teacher_lm is not None else {}
+    with _step_run(session, "optimize", variant=variant, index_info=index_info, tags=lineage) as (active, datasets), \
+            tracking.usage(session.lm, judge=session.judge, reflection=compiling.reflection_lm,
+                           teacher=compiling.teacher_lm):
         baseline = build_program(cfg.program, cfg.lm, retriever)
         base = _score(session, baseline, session.splits.dev, step="optimize", split="dev", prefix="baseline_",
                       model=tracking.new_model(baseline_variant, variant=baseline_variant, external=True),
                       dataset=datasets["dev"], variant=baseline_variant, phase="baseline")
+        if compiling.provider is not None:
+            compiling.provider.on_step = tracking.step_metric("finetune_loss")
         with tracking.timed("compile"):
-            optimized = optimizer.compile(baseline.deepcopy(), trainset=session.splits.train,
+            optimized = compiling.compile(baseline.deepcopy(), trainset=session.splits.train,
                                           **compile_kwargs(cfg.optimizer))
+        if compiling.provider is not None:
+            lineage.update(tracking.log_finetune(compiling.provider))
         # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
         details = optimized.__dict__.pop("detailed_results", None)
         if details is not None:
@@ -277,16 +330,18 @@ def run_optimize(cfg: Config) -> StepResult:
         tracking.log_candidates(ranked_candidates(optimized, details),
                                 keep=int(cfg.optimizer.get("keep_candidates", 5)))
         tracking.log_optimizer_trials(optimized)
-        model = tracking.new_model(variant, variant=variant)
-        best = _score(session, optimized, session.splits.dev, step="optimize", split="dev", model=model,
-                      dataset=datasets["dev"], variant=variant, phase="optimized")
+        model = tracking.new_model(variant, variant=variant, tags=lineage)
+        answering = program_lm(optimized)
+        with tracking.usage(answering, prefix="finetuned_") if answering else contextlib.nullcontext():
+            best = _score(session, optimized, session.splits.dev, step="optimize", split="dev", model=model,
+                          dataset=datasets["dev"], variant=variant, phase="optimized")
         comparisons = compare(best, base, session.scoring)
         tracking.log_metrics(tracking.comparison_metrics(comparisons))
         primary = session.scoring.primary
         log.info("optimized - baseline: %s %s", label(primary), comparisons[primary].describe())
         tracking.log_optimization(optimized, side_by_side=side_by_side(base, best),
                                   learned_prompt=describe_program(optimized))
-        model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model)
+        model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model, tags=lineage)
         return StepResult("optimize", active.info.run_id, best, model_uri, version)
 
 
@@ -339,7 +394,8 @@ def run_predict(cfg: Config) -> PredictResult:
 
 
 VARIANTS = ("cot", "rag", "multihop", "ensemble")  # main's steps that evaluate a program as configured
-OPTIMIZING = ("optimize", "gepa")                   # main's steps that compile one
+OPTIMIZING = ("optimize", "gepa", "finetune")       # main's steps that compile one
+SCORING_CANDIDATES = ("optimize", "gepa")            # ... and keep scored candidates an ensemble is made of
 MATCHED = re.compile(r"rag-k(\d+)")                 # rag with as many passages as multihop reads
 
 
@@ -358,12 +414,12 @@ def main_steps(cfg: Config, overrides: Sequence[str] = ()) -> list[str]:
 
 
 def step_config(cfg: Config, step: str, overrides: Sequence[str] = ()) -> Config:
-    """A step's own config with main's overrides; `gepa` is the optimize entry point with main's
-    `gepa_optimizer` preset, `rag-k<N>` the rag entry point with N passages."""
+    """A step's own config with main's overrides; `gepa` and `finetune` are the optimize entry point with
+    main's `gepa_optimizer` / `finetune_optimizer` preset, `rag-k<N>` the rag entry point with N passages."""
     from pipelines.config import compose
 
-    if step == "gepa":
-        return compose("optimize", [*overrides, f"optimizer={cfg.gepa_optimizer}"])
+    if step in ("gepa", "finetune"):
+        return compose("optimize", [*overrides, f"optimizer={cfg[f'{step}_optimizer']}"])
     if matched := MATCHED.fullmatch(step):
         return compose("rag", [*overrides, f"program.k={matched[1]}"])
     return compose(step, overrides)
@@ -375,10 +431,12 @@ def _check_main(cfg: Config, steps: list[str], configs: dict[str, Config], train
         check_program(step_cfg.program)
         if step in OPTIMIZING and reflective(step_cfg.optimizer):
             check_reflection(step_cfg, train_size)
+        if step in OPTIMIZING and step_cfg.optimizer.get("finetune"):
+            finetune_provider(step_cfg.optimizer, step_cfg.lm, Path(step_cfg.paths.cache) / "adapters")
     if "ensemble" in configs:
         if any(configs["ensemble"].ensemble.get(source) for source in members.SOURCES):
             members.check(configs["ensemble"].ensemble)
-        elif not any(s in OPTIMIZING for s in steps[:steps.index("ensemble")]):
+        elif not any(s in SCORING_CANDIDATES for s in steps[:steps.index("ensemble")]):
             raise ConfigError("the ensemble step is made of the best candidates of an optimize (or gepa) step "
                               "before it, or of the members ensemble.* names: add optimize before ensemble in "
                               "steps, or set ensemble.members / ensemble.candidates_of / ensemble.samples_of")
@@ -388,7 +446,7 @@ def _run_step(step: str, step_cfg: Config, earlier: list[StepResult]) -> StepRes
     if step in OPTIMIZING:
         return run_optimize(step_cfg)
     if step == "ensemble" and not any(step_cfg.ensemble.get(source) for source in members.SOURCES):
-        compiled = [r for r in earlier if r.name in OPTIMIZING][-1]
+        compiled = [r for r in earlier if r.name in SCORING_CANDIDATES][-1]
         step_cfg.ensemble.candidates_of = compiled.run_id
         log.info("ensemble: the %d best candidates of the %s step (run %s)", step_cfg.ensemble.size, compiled.name,
                  compiled.run_id)

@@ -83,6 +83,7 @@ def store(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("RAGQA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAGQA_ADAPTER_DIR", str(tmp_path / "adapters"))  # where a pickled LM puts its adapter
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)

@@ -11,7 +11,7 @@ from pipelines.programs.multihop import MultiHop
 from pipelines.programs.rag import RAG, context_char_budget, fit_passages
 from pipelines.schema import LMConfig, ProgramConfig, ProgramName
 
-__all__ = ["RAG", "Ensemble", "Member", "MembersFailed", "MultiHop", "Reducer", "build_program",
+__all__ = ["RAG", "Ensemble", "Member", "MembersFailed", "MultiHop", "Reducer", "build_program", "program_lm",
            "context_char_budget", "doc_id_type", "fit_passages", "inputs", "mbr_pick", "outputs", "retrieves"]
 
 BASE_OUTPUTS = ("reasoning", "response")
@@ -52,6 +52,18 @@ def doc_id_type(program: dspy.Module) -> str:
     indexes = [getattr(p.retriever, "index", None) for p in parts if isinstance(p, RAG)]
     ids = [d for index in indexes if index is not None for d in index.doc_ids]
     return "long" if all(isinstance(d, int) for d in ids) else "string"
+
+
+def program_lm(program: dspy.Module) -> dspy.LM | None:
+    """The LM the program's predictors carry themselves (a finetuned program's), or None where they answer
+    through DSPy's configured LM. One program answers through one LM."""
+    lms = {id(p.lm): p.lm for p in program.predictors() if p.lm is not None}
+    if len(lms) > 1:
+        raise ConfigError(f"the program's predictors answer through {len(lms)} different LMs; a logged program "
+                          "answers through one")
+    if lms and any(p.lm is None for p in program.predictors()):
+        raise ConfigError("some of the program's predictors carry an LM and others do not")
+    return next(iter(lms.values()), None)
 
 
 def check_program(program_cfg: ProgramConfig) -> None:

@@ -11,6 +11,7 @@
   prompts     learned instructions and demos in the prompt registry
   usage       token use, cost and wall time of a step's phases
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
+  finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
@@ -31,6 +32,7 @@ from pipelines.tracking.evaluation import (
     log_spark_input,
     log_table,
 )
+from pipelines.tracking.finetune import log_finetune, step_metric
 from pipelines.tracking.models import (
     check_model,
     check_program_model,

@@ -25,12 +25,12 @@ from pipelines.programs import inputs, outputs
 EXAMPLE = "How do I undo my last git commit but keep its changes?"
 
 
-def new_model(name: str, *, variant: str, external: bool = False) -> LoggedModel:
+def new_model(name: str, *, variant: str, external: bool = False, tags: dict[str, str] | None = None) -> LoggedModel:
     """The LoggedModel of a program version, created before its evaluation so traces and metrics
     link to it; `log_program` then fills it. `external`: a program measured here but logged by
-    another run (the baseline inside `optimize`)."""
+    another run (the baseline inside `optimize`); `tags`: its lineage (teacher, adapter)."""
     create = mlflow.create_external_model if external else mlflow.initialize_logged_model
-    return create(name=name, model_type="agent", tags={"variant": variant})
+    return create(name=name, model_type="agent", tags={"variant": variant, **(tags or {})})
 
 
 def program_signature(program: dspy.Module, *, doc_id_type: str = "long", num_threads: int = 1) -> ModelSignature:

@@ -39,7 +39,7 @@ class Registration:
 
 
 def register(model_uri: str, *, registered_model: str, model_id: str, result: EvalResult, dev_set: str,
-             variant: str, scoring: Scoring) -> Registration:
+             variant: str, scoring: Scoring, tags: dict[str, str] | None = None) -> Registration:
     """Register `model_uri` (LoggedModel `model_id`), record its dev scores, and move `champion` to it if
     `scoring.promotion` says so against the current champion's per-example scores on the same dev set."""
     client = MlflowClient()
@@ -47,7 +47,8 @@ def register(model_uri: str, *, registered_model: str, model_id: str, result: Ev
     version = mlflow.register_model(model_uri, registered_model).version
     primary = f"dev_{scoring.primary}"
     # Before any alias points here: a champion always has its scores.
-    _tag(registered_model, version, {"variant": variant, primary: result.estimates[scoring.primary].describe()})
+    _tag(registered_model, version, {"variant": variant, primary: result.estimates[scoring.primary].describe(),
+                                     **(tags or {})})
     current = champion(registered_model)
     promotion = decide(new=result, dev_set=dev_set, champion=_as_champion(current, scoring), scoring=scoring)
     if promotion.promoted:

@@ -14,11 +14,12 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def usage(lm: dspy.LM, **others: dspy.LM | None) -> Iterator[None]:
+def usage(lm: dspy.LM, *, prefix: str = "", **others: dspy.LM | None) -> Iterator[None]:
     """Log tokens and cost of the calls made inside the block, also when it fails: `lm`'s as
-    `prompt_tokens`, `completion_tokens`, `cost_usd`; each other distinct LM's with its name as prefix
-    (`judge_prompt_tokens`). An LM that is `lm` itself, or None, is skipped."""
-    lms = {"": lm}
+    `<prefix>prompt_tokens`, `<prefix>completion_tokens`, `<prefix>cost_usd`; each other distinct LM's with
+    its name as prefix (`judge_prompt_tokens`, `teacher_cost_usd`). An LM that is `lm` itself, or None, is
+    skipped."""
+    lms = {prefix: lm}
     for name, other in others.items():
         if other is not None and all(other is not seen for seen in lms.values()):
             lms[f"{name}_"] = other

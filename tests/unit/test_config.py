@@ -6,7 +6,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipelines.config import CONFIG_DIR, compose, flatten, is_secret, to_container
+from pipelines.config import CONFIG_DIR, ConfigError, compose, flatten, is_secret, to_container
 from pipelines.lm import merged_judge_cfg
 
 ENTRY_POINTS = ["cot", "rag", "multihop", "ensemble", "optimize", "evaluate", "main"]
@@ -179,3 +179,49 @@ def test_schema_converts_values_once():
     cfg = compose("rag", ["program.k=3", "data.dev_size=4", "scoring.confidence=0.9", "lm.cache=false"])
     assert (cfg.program.k, cfg.data.dev_size, cfg.scoring.confidence, cfg.lm.cache) == (3, 4, 0.9, False)
     assert compose("rag", ["experiment=tutorial"]).lm.server is None  # hosted LMs have no server block
+
+
+@pytest.mark.parametrize("preset, teaching", [("mipro", "settings"), ("bootstrap", "settings"),
+                                              ("finetune", "program"), ("gepa", None)])
+def test_a_teacher_reaches_the_optimizers_that_bootstrap_and_only_those(preset, teaching):
+    from pipelines import optimizers
+    from pipelines.lm import merged_teacher_cfg
+
+    cfg = compose("optimize", [f"optimizer={preset}"])
+    assert merged_teacher_cfg(cfg) is None and optimizers.teaching(cfg.optimizer) == teaching
+    if teaching:
+        taught = compose("optimize", [f"optimizer={preset}", "optimizer.teacher={model: openai/gpt-4o}"])
+        teacher = merged_teacher_cfg(taught)
+        assert teacher.model == "openai/gpt-4o" and teacher.adapter == taught.lm.adapter  # laid over lm
+
+
+def test_main_runs_a_finetune_step_on_the_optimize_entry_point_with_its_preset():
+    from pipelines.steps import main_steps, step_config
+
+    for overrides, preset in (([], "finetune_quick"), (["experiment=tutorial"], "finetune")):
+        main = compose("main", [*overrides, "steps=[cot,rag,optimize,finetune]"])
+        assert main_steps(main, overrides) == ["cot", "rag", "optimize", "finetune"]
+        step = step_config(main, "finetune", overrides)
+        rank = 8 if preset == "finetune_quick" else 16
+        assert step.optimizer.name == "finetune" and step.optimizer.finetune.r == rank
+
+
+def test_a_finetune_needs_the_embedded_model_and_a_base_that_exists(tmp_path):
+    from pipelines.optimizers import finetune_provider
+
+    cfg = compose("optimize", ["optimizer=finetune_quick"])
+    provider = finetune_provider(cfg.optimizer, cfg.lm, tmp_path)
+    assert provider.base.name.endswith(".gguf") and provider.settings.target_modules == ("v_proj", "o_proj")
+    remote = compose("optimize", ["optimizer=finetune_quick", "lm=openai"])
+    with pytest.raises(ConfigError, match="use lm=local"):
+        finetune_provider(remote.optimizer, remote.lm, tmp_path)
+    missing = compose("optimize", ["optimizer=finetune_quick", f"optimizer.finetune.base_model={tmp_path}/nope"])
+    with pytest.raises(ConfigError, match="no such file"):
+        finetune_provider(missing.optimizer, missing.lm, tmp_path)
+
+
+def test_at_least_turns_a_score_into_pass_or_fail():
+    from pipelines.optimizers import AtLeast
+
+    metric = AtLeast(lambda example, prediction, trace=None: prediction, 0.3)
+    assert [metric(None, s, trace=[]) for s in (0.0, 0.29, 0.3, 0.9)] == [False, False, True, True]

@@ -82,3 +82,16 @@ def test_a_user_that_came_and_went_between_two_looks_restarts_the_keep_alive(tmp
     watcher.join(timeout=5)
     assert stopped and stopped[0] - came >= 1.0, "stopped before keep_alive had passed since the last user"
     assert list(users.iterdir()) == []
+
+
+def test_the_json_adapters_write_finetuning_transcripts_as_they_prompt_and_answer():
+    from pipelines.lm import JSONAdapter, SchemaJSONAdapter
+
+    signature = dspy.Signature("question -> reasoning, response")
+    for adapter in (JSONAdapter(), SchemaJSONAdapter(max_field_chars=100)):
+        data = adapter.format_finetune_data(signature, [], {"question": "why?"},
+                                            {"reasoning": "because", "response": "it is so"})
+        *prompt, answer = data["messages"]
+        assert prompt == adapter.format(signature=signature, demos=[], inputs={"question": "why?"})
+        assert answer["role"] == "assistant"
+        assert json.loads(answer["content"]) == {"reasoning": "because", "response": "it is so"}
