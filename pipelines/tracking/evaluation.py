@@ -3,6 +3,7 @@ model and dataset), paired differences, the per-example table and the traces' as
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from pathlib import Path
@@ -136,9 +137,12 @@ def log_table(rows: list[dict], artifact_file: str) -> None:
 
 
 def load_table(run_id: str, artifact_file: str) -> list[dict] | None:
-    """Rows of a table a run logged with `log_table`, or None if it has no such artifact."""
+    """Rows of a table a run logged with `log_table`, or None if it has no such artifact. Read from the run
+    itself: `mlflow.load_table` looks only in the active experiment, and a champion or an optimize run may
+    live in another."""
     try:
-        frame = mlflow.load_table(artifact_file, run_ids=[run_id])
+        with open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_file)) as f:
+            table = json.load(f)  # log_table's layout: {"columns": [...], "data": [[...], ...]}
     except (mlflow.exceptions.MlflowException, OSError, ValueError):
         return None
-    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")  # empty cells: None
+    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]

@@ -120,6 +120,14 @@ def test_versions_carry_the_few_tags_a_person_reads(store):
     assert mlflow.get_logged_model(version.source[len("models:/"):]).tags["dev_set"] == "dev1"
 
 
+def test_a_champion_registered_from_another_experiment_is_paired_with(store):
+    mlflow.set_experiment("elsewhere")
+    register_scores(CHAMPION_SCORES)
+    mlflow.set_experiment("here")
+    third = register_scores(CLEAR)
+    assert third.promoted and "beats champion v1 beyond noise" in third.promotion.reason
+
+
 def test_champion_stays_when_scores_cannot_be_paired(store):
     register_scores(CHAMPION_SCORES, log_table=False)  # e.g. registered by an older version of the project
     second = register_scores(CLEAR)
