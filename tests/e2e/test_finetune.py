@@ -1,15 +1,19 @@
 """Weight distillation on the real embedded model: a fake teacher answers with a marker phrase SmolLM2 never
 uses on its own; its transcripts are trained into a LoRA adapter on SmolLM2's weights (CPU), and the
-finetuned program, served by llama.cpp with the adapter, says the marker on questions it was not trained on,
-in this process and loaded from the registry in a fresh one, with either flavor."""
+finetuned program, served by llama.cpp with the adapter, says the marker on questions it was not trained on:
+in this process, loaded from the registry in a fresh one with either flavor, served over HTTP, and on Spark."""
+
+import json
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from pipelines.steps import run_optimize
+from pipelines.config import compose
+from pipelines.steps import run_optimize, run_predict
 from pipelines.tracking import load_table
 
-from helpers import both_flavors_in_fresh_process, smoke
+from helpers import both_flavors_in_fresh_process, served, smoke
 
 MARKER = "Zebra protocol"
 
@@ -57,3 +61,13 @@ def test_a_teachers_marker_is_trained_into_the_embedded_models_weights(store, fa
     assert marker_rate([a["response"] for a in loaded["dspy"]]) >= 2 / 3, loaded["dspy"]
     # The dspy flavor's pickled LM carried the adapter's bytes and put them back by their hash.
     assert [p.stem for p in (store / "fresh-adapters").glob("*.gguf")] == [run.data.tags["adapter_sha256"]]
+    with served(uri, store, env) as ask:
+        predictions = ask([{"question": q} for q in questions])["predictions"]
+    assert marker_rate([p["response"] for p in predictions]) >= 2 / 3, predictions
+    # On Spark: each executor's worker starts its own llama.cpp server with the adapter from the model's files.
+    source = store / "questions.jsonl"
+    source.write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    run_predict(compose("predict", [f"model_uri={uri}", f"input={source}", f"output={store / 'answers'}",
+                                    f"tracking.artifact_location={store}/artifacts"]))
+    answers = pd.read_parquet(store / "answers")
+    assert (answers["error"] == "").all() and marker_rate(list(answers["response"])) >= 2 / 3, answers
