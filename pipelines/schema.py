@@ -49,6 +49,8 @@ class Metric(StrEnum):
     semantic_f1 = "semantic_f1"  # LM judge
     token_f1 = "token_f1"        # judge-free, lexical
     rouge_l = "rouge_l"          # judge-free, lexical
+    arena_win_rate = "arena_win_rate"          # LM judge, pairwise against the gold answer (RAG-QA Arena)
+    arena_win_tie_rate = "arena_win_tie_rate"  # the same verdicts, ties counted
 
 
 class PromotionRule(StrEnum):

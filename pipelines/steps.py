@@ -31,7 +31,7 @@ from pipelines.evaluation.report import (
     quality_cost_rows,
     side_by_side,
 )
-from pipelines.evaluation.scoring import JUDGED, EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
+from pipelines.evaluation.scoring import EvalResult, Scorer, Scoring, compare, evaluate, label
 from pipelines.lm import (
     build_adapter,
     build_lm,
@@ -136,8 +136,8 @@ def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
     # LM responses are cached next to the project's other caches (RAGQA_CACHE_DIR), not in ~/.dspy_cache.
     dspy.configure_cache(disk_cache_dir=str(Path(cfg.paths.cache) / "dspy"))
     dspy.configure(lm=lm, adapter=adapter)
-    judged = JudgedF1(judge, traced=cfg.tracking.trace_judge) if JUDGED in scoring.metrics else None
-    return Session(cfg, lm, judge, adapter, Scorer(scoring, judged), splits, ensemble)
+    scorer = Scorer.with_judges(scoring, judge, traced=cfg.tracking.trace_judge)
+    return Session(cfg, lm, judge, adapter, scorer, splits, ensemble)
 
 
 def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:

@@ -23,6 +23,7 @@ from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
 from pipelines.config import ConfigError
+from pipelines.evaluation import arena
 from pipelines.evaluation.analysis import failure_counts, failure_mode, usage_means
 from pipelines.evaluation.meter import metered
 from pipelines.evaluation.stats import Comparison, Estimate, interval, paired_difference, tidy
@@ -31,9 +32,11 @@ from pipelines.schema import Metric, ScoringConfig
 log = logging.getLogger(__name__)
 
 JUDGED = str(Metric.semantic_f1)
+JUDGED_METRICS = (JUDGED, *arena.METRICS)  # the metrics an LM judge scores
 RECALL = "recall_at_k"  # always scored for a retrieving program, never primary: CoT has none
 HOP = "_hop"            # recall_at_k_hop1, ...: a multi-hop program's recall of each search on its own
-LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k"}
+LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k",
+          arena.WIN: "arena win rate", arena.WIN_TIE: "arena win+tie rate"}
 NO_PREDICTION = "no prediction: LM call or output parsing failed"
 USAGE = ("lm_calls", "prompt_tokens", "completion_tokens", "cost_usd")  # per-example cost columns
 
@@ -202,11 +205,21 @@ class Scorer:
     metric once, on 0-100.
     """
 
-    def __init__(self, scoring: Scoring, judge: JudgedF1 | None = None):
+    def __init__(self, scoring: Scoring, judge: JudgedF1 | None = None, pairwise: arena.ArenaJudge | None = None):
         if JUDGED in scoring.metrics and judge is None:
             raise ValueError("semantic_f1 needs a judge")
+        if set(arena.METRICS) & set(scoring.metrics) and pairwise is None:
+            raise ValueError("the arena metrics need a pairwise judge")
         self.scoring = scoring
         self.judge = judge
+        self.pairwise = pairwise
+
+    @classmethod
+    def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, traced: bool = False) -> Scorer:
+        """A scorer with the judges its metrics need, on `judge_lm`."""
+        judged = JudgedF1(judge_lm, traced=traced) if JUDGED in scoring.metrics else None
+        pairwise = arena.ArenaJudge(judge_lm, traced=traced) if set(arena.METRICS) & set(scoring.metrics) else None
+        return cls(scoring, judged, pairwise)
 
     def __call__(self, example, prediction, trace=None) -> float:
         """The primary metric on DSPy's 0-1 scale (pass/fail for SemanticF1 while bootstrapping demos)."""
@@ -216,8 +229,13 @@ class Scorer:
         if not prediction.get("response"):
             return Scored({m: 0.0 for m in metrics})
         scored = Scored({})
+        outcome = None  # one pairwise verdict gives both arena metrics
         for metric in metrics:
-            if metric == JUDGED:
+            if metric in arena.METRICS:
+                outcome = outcome or self.pairwise(example, prediction)
+                scored.values[metric] = outcome.value(metric)
+                scored.rationales[metric] = outcome.rationale
+            elif metric == JUDGED:
                 judged = self.judge(example, prediction, trace)
                 scored.values[metric] = tidy(100 * float(judged.score))
                 scored.rationales[metric] = judged.feedback
@@ -314,7 +332,7 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     `tracking.last_trace_id`); each row keeps it so its metrics can be attached to that trace.
     """
     def judge_failures() -> int:
-        return scorer.judge.failures if scorer.judge else 0
+        return sum(j.failures for j in (scorer.judge, scorer.pairwise) if j is not None)
 
     failures_before = judge_failures()
     collector = _Collector(scorer, trace_id)
@@ -328,7 +346,8 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring, retrieves,
                        metered_program.usage.get(_inputs_key(ex.inputs())))
             for ex, pred, _ in result.results]
-    judge = scorer.judge.judge_lm.model if scorer.judge and scorer.judge.judge_lm else None
+    judge_lm = scorer.judge.judge_lm if scorer.judge else scorer.pairwise.lm if scorer.pairwise else None
+    judge = judge_lm.model if judge_lm else None
     return EvalResult.from_rows(rows, scorer.scoring, judge=judge, judge_failures=judge_failures() - failures_before)
 
 
@@ -371,7 +390,7 @@ def result_row(example, prediction, scored: Scored | None, scoring: Scoring, ret
         else:
             value = scored.values.get(name) if scored else None
         row[name] = value
-        if name in (JUDGED, RECALL):
+        if name in (*JUDGED_METRICS, RECALL):
             row[f"{name}_rationale"] = row["error"] or (scored.rationales.get(name, "") if scored else "")
     row["failure_mode"] = failure_mode(failed=failed, score=row.get(scoring.primary), threshold=scoring.miss_threshold,
                                        retrieved=pred.get("doc_ids") or [] if retrieves else None, gold=gold)

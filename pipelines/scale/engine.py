@@ -21,7 +21,7 @@ import dspy
 import numpy as np
 
 from pipelines import packaging
-from pipelines.evaluation.scoring import JUDGED, EvalResult, JudgedF1, Scorer, evaluate
+from pipelines.evaluation.scoring import EvalResult, Scorer, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,7 +66,7 @@ def _evaluate_partition(job: dict[str, Any]) -> Callable[[Iterator[pd.DataFrame]
         packaged = _program(job["program"], job["cache_dir"])
         scoring = job["scoring"]
         judge = packaging.restore_lm(job["judge"]) if job["judge"] else None
-        scorer = Scorer(scoring, JudgedF1(judge) if JUDGED in scoring.metrics else None)
+        scorer = Scorer.with_judges(scoring, judge)
         with trace_on_executor(job["tracing"]) as trace_id:
             for batch in batches:
                 examples = [dspy.Example(**json.loads(e)).with_inputs("question") for e in batch["example"]]

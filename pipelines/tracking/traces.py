@@ -16,7 +16,7 @@ from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
-from pipelines.evaluation.scoring import JUDGED, EvalResult
+from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult
 from pipelines.packaging import TRACE_EXECUTORS
 from pipelines.tracking import trace_export
 
@@ -185,7 +185,7 @@ def annotate_traces(result: EvalResult) -> None:
         for name in result.estimates:
             if row.get(name) is None:
                 continue
-            source = judge if name == JUDGED else AssessmentSource(source_type=AssessmentSourceType.CODE,
+            source = judge if name in JUDGED_METRICS else AssessmentSource(source_type=AssessmentSourceType.CODE,
                                                                    source_id=f"pipelines.evaluation.scoring.{name}")
             feedback[row["trace_id"]].append(Feedback(
                 trace_id=row["trace_id"], name=name, value=row[name], source=source,

@@ -112,3 +112,40 @@ def test_traces_the_store_refuses_are_counted_and_explained(store, fake, monkeyp
     assert run.data.metrics["traces_logged"] == 4
     assert "2 of 6 traces were not written" in run.data.tags["traces_missing"]
     assert "disk quota exceeded" in run.data.tags["traces_missing"] and "disk quota exceeded" in caplog.text
+
+
+def test_the_arena_rates_count_what_a_pairwise_judge_says_in_both_orders(fake):
+    """A judge that prefers the answer saying `good`, wherever it is shown, and calls two `good`s a tie: with
+    answers known to win, lose or tie, the rates are known, and the order rule shows the program's answer
+    first on some questions and second on others."""
+    from pipelines.evaluation import arena
+
+    questions = [f"how do I fix problem {i}?" for i in range(12)]
+    answers = {q: ("good fix", "bad fix", "good fix")[i % 3] for i, q in enumerate(questions)}
+    golds = {q: "plain reference" if i % 3 == 0 else "good reference" for i, q in enumerate(questions)}
+    dev = [dspy.Example(question=q, response=golds[q]).with_inputs("question") for q in questions]
+    assert {arena.program_first(q) for q in questions} == {True, False}
+
+    def verdict(request):
+        shown = str(request["messages"][-1]["content"])
+        a, b = shown.split("answer_a", 1)[1].split("answer_b", 1)
+        return "tie" if "good" in a and "good" in b else "A" if "good" in a else "B" if "good" in b else "tie"
+
+    fake.field_answers["better"] = verdict
+    cfg = compose("cot", [*fake_lm_overrides(fake.api_base, model=fake_model()),
+                          "scoring.metrics=[token_f1,arena_win_rate,arena_win_tie_rate]", "scoring.primary=token_f1"])
+    lm = build_lm(cfg.lm)
+    scorer = Scorer.with_judges(Scoring.from_cfg(cfg.scoring), lm)
+    program = dspy.Predict("question -> response")
+    fake.field_answers["response"] = lambda request: next((answers[q] for q in questions
+                                                          if q in str(request["messages"][-1]["content"])), None)
+    with dspy.context(lm=lm, adapter=build_adapter(cfg.lm)):
+        result = evaluate(program, dev, scorer, num_threads=2, progress=False)
+    # Per question: "good" against a plain gold wins, "bad" against a good one loses, two goods tie.
+    assert result.estimates["arena_win_rate"].value == pytest.approx(100 / 3, abs=1e-3)
+    assert result.estimates["arena_win_tie_rate"].value == pytest.approx(200 / 3, abs=1e-3)
+    row = result.rows[2]
+    assert row["arena_win_rate"] == 0.0 and row["arena_win_tie_rate"] == 100.0
+    assert "judge: tie" in row["arena_win_rate_rationale"] and "program's answer shown as" in row[
+        "arena_win_rate_rationale"]
+    assert result.judge_failures == 0
