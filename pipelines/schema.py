@@ -227,6 +227,9 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gepa_optimizer: str = "gepa_quick"
     finetune_optimizer: str = "finetune_quick"
+    labels: str | None = None        # judge: a CSV/JSONL of trace_id,label[,rationale][,reviewer]
+    label_name: str = "correct"      # judge: the name people's labels carry on the traces
+    judge_threshold: float = 0.5     # judge: a 0-1 judge score at or above this is a yes
     steps: list[str] | None = None   # main only
     matched_rag: bool = True         # main: beside multihop, rag with as many passages (hops x k)
     input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column

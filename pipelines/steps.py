@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dspy
+import mlflow
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -31,7 +32,8 @@ from pipelines.evaluation.report import (
     quality_cost_rows,
     side_by_side,
 )
-from pipelines.evaluation.scoring import EvalResult, Scorer, Scoring, compare, evaluate, label
+from pipelines.evaluation.scoring import EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
+from pipelines.judging import agreement, labels
 from pipelines.lm import (
     build_adapter,
     build_lm,
@@ -391,6 +393,61 @@ def run_predict(cfg: Config) -> PredictResult:
         result = PredictResult(run_id=active.info.run_id, predictions=predictions, output=output)
         log.info("predict: %s", result.headline())
         return result
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeResult:
+    run_id: str
+    agreements: list[agreement.Agreement]
+    score = None  # nothing for a sweep to compare
+
+    def headline(self) -> str:
+        return "; ".join(a.describe() for a in self.agreements)
+
+
+def run_judge(cfg: Config) -> JudgeResult:
+    """`judge`: how far the SemanticF1 judge agrees with people's labels of traces (a file, written to the
+    traces as HUMAN feedback first, and labels already on the experiment's traces); its own run, step=judge."""
+    from_file = labels.read(Path(cfg.labels)) if cfg.get("labels") else []
+    tracking.setup(cfg)
+    tracking.check_traces({label.trace_id for label in from_file})
+    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    existing = tracking.human_labels(experiment_id.experiment_id, cfg.label_name) if experiment_id else []
+    consensus = labels.by_trace(existing + from_file)
+    examples = tracking.labelled_rows({t for t, c in consensus.items() if c.value is not None})
+    usable = [t for t, c in consensus.items() if c.value is not None and t in examples]
+    if len(usable) < 2:
+        raise ConfigError(f"{len(usable)} labelled traces with an evaluated example: the judge's agreement needs at "
+                          f"least 2; label traces of an evaluation (labels=FILE, or the {cfg.label_name!r} label on "
+                          "the Review page)")
+    judge_cfg = merged_judge_cfg(cfg)
+    judge_lm = build_lm(judge_cfg)
+    ensure_reachable(judge_lm)
+    judged = JudgedF1(judge_lm)
+    with tracking.run("judge", cfg, tags={"label_name": cfg.label_name, "judge": judge_lm.model}) as active:
+        tracking.log_labels(from_file, cfg.label_name)
+        human, scores, rows = [], [], []
+        for trace_id in usable:
+            row, before = examples[trace_id], judged.failures
+            verdict = judged(dspy.Example(question=row["question"], response=row["gold"]),
+                             dspy.Prediction(response=row["prediction"] or ""))
+            if judged.failures > before:
+                continue  # an unparseable verdict is counted, never scored as agreement
+            human.append(consensus[trace_id].value)
+            scores.append(float(verdict.score))
+            rows.append({"trace_id": trace_id, "question": row["question"], "human": consensus[trace_id].value,
+                         "reviewers": consensus[trace_id].reviewers, "judge_score": round(float(verdict.score), 4),
+                         "judge_rationale": verdict.feedback,
+                         "link": f"#/experiments/{active.info.experiment_id}/traces?selectedEvaluationId={trace_id}"})
+        found = agreement.measure(human, scores, threshold=cfg.judge_threshold, confidence=cfg.scoring.confidence,
+                                  n_resamples=cfg.scoring.n_resamples, seed=cfg.scoring.seed)
+        tracking.log_judge_agreement(found, rows=rows, unparseable=judged.failures,
+                                     disagreeing=sum(c.disagree for c in consensus.values()),
+                                     confusion=agreement.confusion(human, [s >= cfg.judge_threshold for s in scores])
+                                     if all(isinstance(h, bool) for h in human) else None)
+        for a in found:
+            log.info("judge vs people: %s", a.describe())
+        return JudgeResult(run_id=active.info.run_id, agreements=found)
 
 
 VARIANTS = ("cot", "rag", "multihop", "ensemble")  # main's steps that evaluate a program as configured

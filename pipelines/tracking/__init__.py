@@ -12,6 +12,7 @@
   usage       token use, cost and wall time of a step's phases
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
   finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
+  labels      people's labels on traces (HUMAN feedback) and the examples behind them
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
@@ -33,6 +34,7 @@ from pipelines.tracking.evaluation import (
     log_table,
 )
 from pipelines.tracking.finetune import log_finetune, step_metric
+from pipelines.tracking.labels import check_traces, human_labels, labelled_rows, log_judge_agreement, log_labels
 from pipelines.tracking.models import (
     check_model,
     check_program_model,

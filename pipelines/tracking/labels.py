@@ -1,0 +1,81 @@
+"""People's labels on traces: written as HUMAN feedback (the Assessments pane shows them beside the judge's),
+read back by name, and the evaluated example behind each labelled trace."""
+
+from __future__ import annotations
+
+import mlflow
+from mlflow.entities import AssessmentSource, AssessmentSourceType
+
+from pipelines.config import ConfigError
+from pipelines.judging.labels import Label
+from pipelines.tracking.evaluation import load_table, log_table
+
+EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
+
+
+def check_traces(trace_ids: set[str]) -> None:
+    """Every labelled trace exists in the store, or one line lists the unknown ones."""
+    missing = sorted(t for t in trace_ids if _trace(t) is None)
+    if missing:
+        raise ConfigError(f"{len(missing)} labelled trace ids are not in the tracking store "
+                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): check the file's "
+                          "trace_id column and MLFLOW_TRACKING_URI")
+
+
+def _trace(trace_id: str):
+    try:
+        return mlflow.get_trace(trace_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def log_labels(labels: list[Label], name: str) -> None:
+    """Each label as HUMAN feedback named `name` on its trace, by its reviewer."""
+    for label in labels:
+        mlflow.log_feedback(trace_id=label.trace_id, name=name, value=label.value, rationale=label.rationale,
+                            source=AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=label.reviewer))
+
+
+def human_labels(experiment_id: str, name: str) -> list[Label]:
+    """Every HUMAN feedback named `name` on the experiment's traces, one Label per reviewer and trace."""
+    found = []
+    for trace in mlflow.search_traces(locations=[experiment_id], return_type="list"):
+        for assessment in trace.info.assessments or []:
+            source = assessment.source
+            if assessment.name == name and source and source.source_type == AssessmentSourceType.HUMAN \
+                    and getattr(assessment, "feedback", None) is not None and assessment.valid is not False:
+                found.append(Label(trace.info.trace_id, assessment.feedback.value, source.source_id,
+                                   assessment.rationale))
+    return found
+
+
+def labelled_rows(trace_ids: set[str]) -> dict[str, dict]:
+    """The evaluation rows (question, gold, prediction, ...) of the traces, from the runs that logged them."""
+    by_run: dict[str, set[str]] = {}
+    for trace_id in trace_ids:
+        trace = _trace(trace_id)
+        run_id = trace and trace.info.request_metadata.get("mlflow.sourceRun")
+        if run_id:
+            by_run.setdefault(run_id, set()).add(trace_id)
+    rows = {}
+    for run_id, wanted in by_run.items():
+        for table in EVAL_TABLES:
+            rows.update({r["trace_id"]: r for r in load_table(run_id, table) or [] if r.get("trace_id") in wanted})
+    return rows
+
+
+def log_judge_agreement(found: list, *, rows: list[dict], unparseable: int, disagreeing: int,
+                        confusion: list[dict] | None) -> None:
+    """The judge's agreement statistics with their intervals and n, the confusion table (yes/no labels), and
+    every labelled trace, those where judge and people differ most first, with a link to the trace."""
+    metrics = {"judge_labelled_traces": len(rows), "judge_unparseable": unparseable,
+               "labels_disagreeing_traces": disagreeing}
+    for a in found:
+        metrics[f"judge_{a.name}"] = a.value
+        if a.low is not None:
+            metrics.update({f"judge_{a.name}_ci_low": a.low, f"judge_{a.name}_ci_high": a.high})
+    mlflow.log_metrics(metrics)
+    gap = sorted(rows, key=lambda r: -abs(float(r["human"]) - r["judge_score"]))
+    log_table(gap, "judge/disagreements.json")
+    if confusion:
+        log_table(confusion, "judge/confusion.json")
