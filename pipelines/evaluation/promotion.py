@@ -10,15 +10,16 @@ current champion from MLflow and applies the decision. The rule (`scoring.promot
   that decided. Unpaired (the champion's table is missing) means no move.
 - `better`: the new point score beats the champion's, however slightly.
 
-Either way programs are compared only on the same dev set (by content hash): a champion scored on
-other examples stays, since its number says nothing about these.
+Either way programs are compared only on the same dev set (by content hash), and, on a judged primary
+metric (SemanticF1, the arena rates), only when the same judge scored both: a champion scored on other
+examples or by another judge stays, since its number says nothing about these.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.evaluation.scoring import EvalResult, Scoring, label, paired_scores
+from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult, Scoring, label, paired_scores
 from pipelines.evaluation.stats import Comparison, tidy
 
 FIRST = "first registered version becomes champion"
@@ -32,6 +33,7 @@ class Champion:
     dev_set: str | None           # content hash of the dev set it was scored on
     score: float | None           # its dev score on the primary metric
     rows: list[dict] | None = None  # its per-example dev rows, when they could be read
+    judge: str | None = None      # the judge that scored it, where its primary metric is judged
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +54,10 @@ def decide(*, new: EvalResult, dev_set: str, champion: Champion | None, scoring:
         return Promotion(promoted=False, reason=f"champion v{champion.version} was scored on another dev set "
                                                 f"({champion.dev_set}); not comparable, champion unchanged")
     metric, name = scoring.primary, label(scoring.primary)
+    if metric in JUDGED_METRICS and champion.judge and new.judge and champion.judge != new.judge:
+        return Promotion(promoted=False, reason=f"champion v{champion.version}'s {name} was scored by another judge "
+                                                f"({champion.judge}, here {new.judge}); not comparable, champion "
+                                                "unchanged")
     comparison = None
     if champion.rows is not None:
         ours, theirs = paired_scores(new.rows, champion.rows, metric)

@@ -18,7 +18,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from pipelines.evaluation.promotion import Champion, Promotion, decide
-from pipelines.evaluation.scoring import EvalResult, Scoring
+from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult, Scoring
 from pipelines.tracking.evaluation import comparison_metrics, estimate_metrics, load_table
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 DEV_TABLE = "eval/dev_results.json"  # per-example dev scores of the program a run registers
 DEV_SET = "dev_set"  # LoggedModel tag: content hash of the dev set it was scored on
+JUDGE = "judge"      # LoggedModel tag: the judge that scored its judged primary metric
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +44,8 @@ def register(model_uri: str, *, registered_model: str, model_id: str, result: Ev
     """Register `model_uri` (LoggedModel `model_id`), record its dev scores, and move `champion` to it if
     `scoring.promotion` says so against the current champion's per-example scores on the same dev set."""
     client = MlflowClient()
-    mlflow.set_logged_model_tags(model_id, {DEV_SET: dev_set, "primary_metric": scoring.primary})
+    judged = {JUDGE: result.judge} if scoring.primary in JUDGED_METRICS and result.judge else {}
+    mlflow.set_logged_model_tags(model_id, {DEV_SET: dev_set, "primary_metric": scoring.primary, **judged})
     version = mlflow.register_model(model_uri, registered_model).version
     primary = f"dev_{scoring.primary}"
     # Before any alias points here: a champion always has its scores.
@@ -87,7 +89,7 @@ def _as_champion(version: ModelVersion | None, scoring: Scoring) -> Champion | N
     if score is None and re.fullmatch(r"-?[\d.]+", tags.get(metric, "")):
         score = float(tags[metric])
     dev_set = tags.get(DEV_SET)
-    return Champion(version=str(version.version), dev_set=dev_set, score=score,
+    return Champion(version=str(version.version), dev_set=dev_set, score=score, judge=tags.get(JUDGE),
                     rows=load_table(version.run_id, DEV_TABLE) if dev_set else None)
 
 

@@ -79,3 +79,14 @@ def test_a_percentile_interval_above_zero_does_not_promote_against_the_permutati
     old10, new10 = old + [15.0, 25.0, 35.0, 45.0], new + [27.0, 36.0, 44.0, 58.0]
     promoted = decide(new=result(new10), dev_set="dev1", champion=champion_of(old10), scoring=scoring())
     assert promoted.promoted and "by both tests" in promoted.reason and promoted.comparison.p_value < 0.05
+
+
+def test_scores_of_different_judges_are_never_compared():
+    old, new = champion_of(BASE), EvalResult.from_rows(result(CLEAR).rows, scoring(), judge="openai/gpt-4o-mini")
+    decisions = {judge: decide(new=new, dev_set="dev1", scoring=scoring(), champion=Champion(
+        version="3", dev_set="dev1", score=old.score, rows=old.rows, judge=judge))
+        for judge in ("openai/gpt-4o", "openai/gpt-4o-mini")}
+    assert decisions["openai/gpt-4o-mini"].promoted
+    refused = decisions["openai/gpt-4o"]
+    assert not refused.promoted and refused.comparison is None
+    assert "scored by another judge (openai/gpt-4o, here openai/gpt-4o-mini)" in refused.reason
