@@ -32,8 +32,18 @@ from pipelines.evaluation.report import (
     quality_cost_rows,
     side_by_side,
 )
-from pipelines.evaluation.scoring import EvalResult, JudgedF1, Scorer, Scoring, compare, evaluate, label
-from pipelines.judging import agreement, labels
+from pipelines.evaluation.scoring import (
+    EvalResult,
+    JudgedF1,
+    Scorer,
+    Scoring,
+    aligned_state,
+    compare,
+    evaluate,
+    label,
+)
+from pipelines.evaluation.stats import Comparison
+from pipelines.judging import agreement, align, labels
 from pipelines.lm import (
     build_adapter,
     build_lm,
@@ -399,10 +409,16 @@ def run_predict(cfg: Config) -> PredictResult:
 class JudgeResult:
     run_id: str
     agreements: list[agreement.Agreement]
+    aligned: str | None = None               # the aligned judge's URI, for scoring.judge=
+    alignment: Comparison | None = None      # held-out agreement, aligned - original, 0-100
     score = None  # nothing for a sweep to compare
 
     def headline(self) -> str:
-        return "; ".join(a.describe() for a in self.agreements)
+        text = "; ".join(a.describe() for a in self.agreements)
+        if self.aligned:
+            text += (f"; aligned judge: held-out agreement {self.alignment.describe()} -> "
+                     f"scoring.judge={self.aligned}")
+        return text
 
 
 def run_judge(cfg: Config) -> JudgeResult:
@@ -420,10 +436,11 @@ def run_judge(cfg: Config) -> JudgeResult:
         raise ConfigError(f"{len(usable)} labelled traces with an evaluated example: the judge's agreement needs at "
                           f"least 2; label traces of an evaluation (labels=FILE, or the {cfg.label_name!r} label on "
                           "the Review page)")
+    parts = _alignment_split(cfg, usable, consensus, examples) if cfg.align else None
     judge_cfg = merged_judge_cfg(cfg)
     judge_lm = build_lm(judge_cfg)
     ensure_reachable(judge_lm)
-    judged = JudgedF1(judge_lm)
+    judged = JudgedF1(judge_lm, aligned=cfg.scoring.get("judge"))
     with tracking.run("judge", cfg, tags={"label_name": cfg.label_name, "judge": judge_lm.model}) as active:
         tracking.log_labels(from_file, cfg.label_name)
         human, scores, rows = [], [], []
@@ -447,7 +464,43 @@ def run_judge(cfg: Config) -> JudgeResult:
                                      if all(isinstance(h, bool) for h in human) else None)
         for a in found:
             log.info("judge vs people: %s", a.describe())
-        return JudgeResult(run_id=active.info.run_id, agreements=found)
+        if parts is None:
+            return JudgeResult(run_id=active.info.run_id, agreements=found)
+        aligned, comparison = _align_judge(cfg, parts, judge_lm)
+        uri = tracking.log_aligned_judge(aligned, comparison, held_out=len(parts.held_out), aligned_on=len(parts.align))
+        log.info("aligned judge, held-out agreement aligned - original: %s; score with it: scoring.judge=%s",
+                 comparison.describe(), uri)
+        return JudgeResult(run_id=active.info.run_id, agreements=found, aligned=uri, alignment=comparison)
+
+
+def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> align.Split:
+    """The labelled traces as alignment examples, split; too few for either share fails before any run."""
+    yes_no = [t for t in usable if isinstance(consensus[t].value, bool)]
+    if len(yes_no) < len(usable):
+        raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
+    data = [align.example(examples[t]["question"], examples[t]["gold"], examples[t]["prediction"] or "",
+                          consensus[t].value) for t in yes_no]
+    parts = align.split(data, cfg.align_held_out, cfg.scoring.seed)
+    if len(parts.align) < 4 or len(parts.held_out) < 2:
+        raise ConfigError(f"{len(data)} labelled traces split into {len(parts.align)} to align on and "
+                          f"{len(parts.held_out)} held out: alignment needs at least 4 and 2; label more traces")
+    return parts
+
+
+def _align_judge(cfg: Config, parts: align.Split, judge_lm: dspy.LM) -> tuple[align.JudgeProgram, Comparison]:
+    """Compile the judge program to agree with the alignment share; compare held-out agreement, paired."""
+    scoring = Scoring.from_cfg(cfg.scoring)
+    original = align.JudgeProgram()
+    if cfg.scoring.get("judge"):
+        original.judge.load(aligned_state(cfg.scoring.judge))
+    optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
+    with dspy.context(lm=judge_lm, callbacks=[]), tracking.timed("align"):
+        aligned = optimizer.compile(original.deepcopy(), trainset=parts.align, **compile_kwargs(cfg.optimizer))
+    labels_ = [e.label for e in parts.held_out]
+    before, after = (align.verdicts(p, parts.held_out, judge_lm) for p in (original, aligned))
+    pairs = [(100.0 * ((b >= cfg.judge_threshold) == h), 100.0 * ((a >= cfg.judge_threshold) == h))
+             for b, a, h in zip(before, after, labels_, strict=True) if a is not None and b is not None]
+    return aligned, scoring.paired([a for _, a in pairs], [b for b, _ in pairs])
 
 
 VARIANTS = ("cot", "rag", "multihop", "ensemble")  # main's steps that evaluate a program as configured

@@ -72,6 +72,7 @@ class Scoring:
     seed: int
     promotion: str
     miss_threshold: float = 50.0
+    judge: str | None = None  # an aligned SemanticF1 judge's state (path or artifact URI); None: DSPy's own
 
     @classmethod
     def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
@@ -82,7 +83,7 @@ class Scoring:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
         return cls(metrics=metrics, primary=str(cfg.primary), confidence=cfg.confidence,
                    n_resamples=cfg.n_resamples, seed=cfg.seed, promotion=str(cfg.promotion),
-                   miss_threshold=float(cfg.miss_threshold))
+                   miss_threshold=float(cfg.miss_threshold), judge=cfg.get("judge"))
 
     def interval(self, values: list[float]) -> Estimate:
         return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
@@ -145,6 +146,20 @@ class SemanticF1(DSPySemanticF1):
         return dspy.Prediction(score=score if trace is None else score >= self.threshold, verdict=verdict)
 
 
+def aligned_state(uri: str) -> str:
+    """A local copy of an aligned judge's state: a path, or an MLflow artifact URI (`runs:/<id>/judge/...`)."""
+    from pathlib import Path
+
+    if Path(uri).is_file():
+        return uri
+    import mlflow
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as e:
+        raise ConfigError(f"scoring.judge={uri}: no aligned judge there ({' '.join(str(e).split())[:160]})") from None
+
+
 def verdict_rationale(verdict) -> str:
     return (f"precision {verdict.precision:.2f}, recall {verdict.recall:.2f}\n"
             f"gold key ideas: {verdict.ground_truth_key_ideas}\n"
@@ -161,12 +176,22 @@ class JudgedF1:
     sqlite store (bench/trace_cost.py).
     """
 
-    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False):
+    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False, aligned: str | None = None):
         self.judge_lm = judge_lm
         self.traced = traced
         self.metric = SemanticF1()
+        if aligned:  # an aligned judge's instructions and demos (pipelines/judging/align.py)
+            self.metric.load(aligned_state(aligned))
+        self.aligned = aligned
         self.failures = 0
         self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str | None:
+        """Which judge this is: its LM, and the aligned state it carries. Scores of different judges are
+        never compared (`promotion.decide`)."""
+        model = self.judge_lm.model if self.judge_lm else None
+        return f"{model} aligned:{self.aligned}" if self.aligned else model
 
     def __call__(self, example, prediction, trace=None, *args, **kwargs) -> dspy.Prediction:
         try:
@@ -216,8 +241,9 @@ class Scorer:
 
     @classmethod
     def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, traced: bool = False) -> Scorer:
-        """A scorer with the judges its metrics need, on `judge_lm`."""
-        judged = JudgedF1(judge_lm, traced=traced) if JUDGED in scoring.metrics else None
+        """A scorer with the judges its metrics need, on `judge_lm`; SemanticF1 aligned where `scoring.judge`
+        names an aligned judge."""
+        judged = JudgedF1(judge_lm, traced=traced, aligned=scoring.judge) if JUDGED in scoring.metrics else None
         pairwise = arena.ArenaJudge(judge_lm, traced=traced) if set(arena.METRICS) & set(scoring.metrics) else None
         return cls(scoring, judged, pairwise)
 
@@ -346,8 +372,8 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring, retrieves,
                        metered_program.usage.get(_inputs_key(ex.inputs())))
             for ex, pred, _ in result.results]
-    judge_lm = scorer.judge.judge_lm if scorer.judge else scorer.pairwise.lm if scorer.pairwise else None
-    judge = judge_lm.model if judge_lm else None
+    pairwise = scorer.pairwise.lm.model if scorer.pairwise and scorer.pairwise.lm else None
+    judge = scorer.judge.name if scorer.judge else pairwise
     return EvalResult.from_rows(rows, scorer.scoring, judge=judge, judge_failures=judge_failures() - failures_before)
 
 

@@ -34,7 +34,14 @@ from pipelines.tracking.evaluation import (
     log_table,
 )
 from pipelines.tracking.finetune import log_finetune, step_metric
-from pipelines.tracking.labels import check_traces, human_labels, labelled_rows, log_judge_agreement, log_labels
+from pipelines.tracking.labels import (
+    check_traces,
+    human_labels,
+    labelled_rows,
+    log_aligned_judge,
+    log_judge_agreement,
+    log_labels,
+)
 from pipelines.tracking.models import (
     check_model,
     check_program_model,

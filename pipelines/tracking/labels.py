@@ -1,14 +1,18 @@
 """People's labels on traces: written as HUMAN feedback (the Assessments pane shows them beside the judge's),
-read back by name, and the evaluated example behind each labelled trace."""
+read back by name, the evaluated example behind each labelled trace; the judge's agreement and an aligned
+judge."""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 import mlflow
 from mlflow.entities import AssessmentSource, AssessmentSourceType
 
 from pipelines.config import ConfigError
 from pipelines.judging.labels import Label
-from pipelines.tracking.evaluation import load_table, log_table
+from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
 
 EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
 
@@ -79,3 +83,18 @@ def log_judge_agreement(found: list, *, rows: list[dict], unparseable: int, disa
     log_table(gap, "judge/disagreements.json")
     if confusion:
         log_table(confusion, "judge/confusion.json")
+
+
+def log_aligned_judge(aligned, comparison, *, held_out: int, aligned_on: int) -> str:
+    """The aligned judge's state (DSPy JSON: instructions and demos) as the run's `judge/aligned.json`, and
+    its held-out agreement against the original's, paired; returns the URI `scoring.judge=` takes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "aligned.json"
+        aligned.judge.save(str(path))
+        mlflow.log_artifact(str(path), "judge")
+    mlflow.log_metrics({"align_examples": aligned_on, "align_held_out": held_out,
+                        "align_demos": sum(len(p.demos) for p in aligned.predictors()),
+                        **comparison_metrics({"align_heldout_agreement": comparison})})
+    uri = f"runs:/{mlflow.active_run().info.run_id}/judge/aligned.json"
+    mlflow.set_tag("aligned_judge", uri)
+    return uri

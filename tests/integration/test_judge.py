@@ -51,3 +51,52 @@ def test_bad_labels_stop_before_any_run(store, fake, tmp_path, content, message)
     with pytest.raises(ConfigError, match=message):
         run_judge(compose("judge", [*fake_overrides(fake), f"labels={labels_file}"]))
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def judged_answer(request):
+    """A judge that is wrong in a learnable, consistent way: shown no examples, it passes every answer under
+    10 words; shown some (demos), it passes only answers that say `right`."""
+    last = str(request["messages"][-1]["content"])
+    if "system_response ## ]]" not in last:
+        return None
+    answer = last.split("system_response ## ]]", 1)[1].split("[[ ##", 1)[0].split("Respond with", 1)[0]
+    if len(request["messages"]) <= 2 and len(answer.split()) < 10:
+        return 0.9
+    return 0.9 if "right" in answer else 0.1
+
+
+ANSWERS = ("nope, no idea", "maybe, not sure",
+           "the right way is to run the command with the flag and check its output carefully afterwards",
+           "the wrong way is to run some command with a random flag and hope that it works out fine")
+
+
+def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_runs(store, fake, tmp_path):
+    from pipelines.data import load_splits
+
+    cfg = smoke("cot", store, *fake_overrides(fake))
+    splits = load_splits(compose("cot", ["data.test_size=12"]).data)
+    kinds = {e.question: i % 4 for i, e in enumerate(splits.dev + splits.test)}
+    fake.field_answers["response"] = lambda r: next((ANSWERS[k] for q, k in kinds.items()
+                                                     if q in str(r["messages"][-1]["content"])), None)
+    fake.field_answers["precision"] = fake.field_answers["recall"] = judged_answer
+    first = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10"))
+    from pipelines.steps import run_evaluate
+    tested = run_evaluate(compose("evaluate", [*fake_overrides(fake), f"model_uri={first.model_uri}", "split=test",
+                                               "data.test_size=12", f"tracking.artifact_location={store}/artifacts"]))
+    rows = load_table(first.run_id, "eval/dev_results.json") + load_table(tested.run_id, "eval/test_results.json")
+    labels_file = tmp_path / "labels.csv"
+    labelled = [f"{r['trace_id']},{'yes' if 'right' in r['prediction'] else 'no'}" for r in rows]
+    labels_file.write_text("trace_id,label\n" + "\n".join(labelled) + "\n")
+    judged = run_judge(compose("judge", [*fake_overrides(fake), f"labels={labels_file}", "align=true",
+                                         f"tracking.artifact_location={store}/artifacts"]))
+    print("held-out agreement, aligned - original:", judged.alignment.describe())
+    assert judged.alignment.above_zero and judged.alignment.delta.value > 0
+    run = mlflow.get_run(judged.run_id)
+    assert run.data.tags["aligned_judge"] == judged.aligned and run.data.metrics["align_demos"] > 0
+    # Scoring with the aligned judge: the run says which judge scored it, and promotion will not compare it
+    # with the champion the original judge scored.
+    again = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10",
+                              f"scoring.judge={judged.aligned}"))
+    assert again.result.judge.endswith(f"aligned:{judged.aligned}")
+    version = mlflow.MlflowClient().get_model_version(cfg.tracking.registered_model, again.version)
+    assert "scored by another judge" in version.tags["promotion"]
