@@ -228,6 +228,7 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gepa_optimizer: str = "gepa_quick"
     finetune_optimizer: str = "finetune_quick"
+    run_id: str | None = None        # review: the run whose dev traces go to a review queue
     labels: str | None = None        # judge: a CSV/JSONL of trace_id,label[,rationale][,reviewer]
     label_name: str = "correct"      # judge: the name people's labels carry on the traces
     judge_threshold: float = 0.5     # judge: a 0-1 judge score at or above this is a yes

@@ -421,6 +421,32 @@ class JudgeResult:
         return text
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReviewResult:
+    run_id: str
+    queue: str
+    items: int
+    score = None
+
+    def headline(self) -> str:
+        return (f"{self.items} traces in the review queue {self.queue!r}: label them on the experiment's Review "
+                "page, then `mlflow run . -e judge`")
+
+
+REVIEW_INSTRUCTION = ("Is the answer correct and useful for the question, as the reference answer would be? "
+                      "Pass or fail; a comment says why.")
+
+
+def run_review(cfg: Config) -> ReviewResult:
+    """`review`: a run's dev traces into a review queue with the judge's label schema (pass/fail)."""
+    if not cfg.get("run_id"):
+        raise ConfigError("review needs run_id=<a run that evaluated dev with traces>, e.g. a rag or optimize run")
+    tracking.setup(cfg)
+    queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
+    log.info("queued %d traces of run %s for review as %r, label %r", items, cfg.run_id, queue, cfg.label_name)
+    return ReviewResult(run_id=cfg.run_id, queue=queue, items=items)
+
+
 def run_judge(cfg: Config) -> JudgeResult:
     """`judge`: how far the SemanticF1 judge agrees with people's labels of traces (a file, written to the
     traces as HUMAN feedback first, and labels already on the experiment's traces); its own run, step=judge."""

@@ -66,6 +66,21 @@ def read(path: Path) -> list[Label]:
     return labels
 
 
+def coerce(value) -> bool | float | None:
+    """A label as stored on a trace (True/False, 0-1, or a word such as `pass`) as a label value; None
+    where it is neither."""
+    if isinstance(value, bool) or value is None:
+        return value
+    text = str(value).strip().lower()
+    if text in YES | NO:
+        return text in YES
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return number if 0.0 <= number <= 1.0 else None
+
+
 def _number(text: str, path: Path, line: int) -> float:
     try:
         value = float(text)

@@ -41,6 +41,7 @@ from pipelines.tracking.labels import (
     log_aligned_judge,
     log_judge_agreement,
     log_labels,
+    queue_for_review,
 )
 from pipelines.tracking.models import (
     check_model,

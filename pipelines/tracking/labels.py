@@ -11,7 +11,7 @@ import mlflow
 from mlflow.entities import AssessmentSource, AssessmentSourceType
 
 from pipelines.config import ConfigError
-from pipelines.judging.labels import Label
+from pipelines.judging.labels import Label, coerce
 from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
 
 EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
@@ -48,8 +48,9 @@ def human_labels(experiment_id: str, name: str) -> list[Label]:
             source = assessment.source
             if assessment.name == name and source and source.source_type == AssessmentSourceType.HUMAN \
                     and getattr(assessment, "feedback", None) is not None and assessment.valid is not False:
-                found.append(Label(trace.info.trace_id, assessment.feedback.value, source.source_id,
-                                   assessment.rationale))
+                value = coerce(assessment.feedback.value)  # the Review page's pass/fail, or a file's label
+                if value is not None:
+                    found.append(Label(trace.info.trace_id, value, source.source_id, assessment.rationale))
     return found
 
 
@@ -98,3 +99,26 @@ def log_aligned_judge(aligned, comparison, *, held_out: int, aligned_on: int) ->
     uri = f"runs:/{mlflow.active_run().info.run_id}/judge/aligned.json"
     mlflow.set_tag("aligned_judge", uri)
     return uri
+
+
+def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[str, int]:
+    """Put a run's dev traces into a new review queue of its experiment, with the pass/fail label schema
+    `label_name` (created once per experiment), so people label them on the experiment's Review page.
+    Returns (queue name, items)."""
+    from mlflow.genai import label_schemas, review_queues
+
+    run = mlflow.get_run(run_id)
+    experiment = run.info.experiment_id
+    traces = [r["trace_id"] for r in load_table(run_id, EVAL_TABLES[0]) or [] if r.get("trace_id")]
+    if not traces:
+        raise ConfigError(f"run {run_id} has no traced dev evaluation ({EVAL_TABLES[0]} with trace ids) to review")
+    schemas = {s.name: s for s in label_schemas.list_label_schemas(experiment_id=experiment)}
+    schema = schemas.get(label_name) or label_schemas.create_label_schema(
+        label_name, type="feedback", input=label_schemas.InputPassFail(positive_label="pass", negative_label="fail"),
+        instruction=instruction,
+        enable_comment=True, experiment_id=experiment)
+    name = f"{run.info.run_name} {run_id[:8]}"
+    queue = review_queues.create_review_queue(name, queue_type="custom", schema_ids=[schema.schema_id],
+                                              experiment_id=experiment)
+    review_queues.add_items_to_review_queue(queue.queue_id, item_ids=traces)
+    return name, len(traces)

@@ -100,3 +100,24 @@ def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_
     assert again.result.judge.endswith(f"aligned:{judged.aligned}")
     version = mlflow.MlflowClient().get_model_version(cfg.tracking.registered_model, again.version)
     assert "scored by another judge" in version.tags["promotion"]
+
+
+def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fake):
+    from mlflow.genai import label_schemas, review_queues
+
+    from pipelines.steps import run_review
+
+    evaluated = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=4"))
+    queued = run_review(compose("review", [f"run_id={evaluated.run_id}"]))
+    experiment = mlflow.get_run(evaluated.run_id).info.experiment_id
+    (schema,) = [s for s in label_schemas.list_label_schemas(experiment_id=experiment) if s.name == "correct"]
+    (queue,) = [q for q in review_queues.list_review_queues(experiment_id=experiment) if q.name == queued.queue]
+    items = review_queues.list_review_queue_items(queue.queue_id)
+    traces = {r["trace_id"] for r in load_table(evaluated.run_id, "eval/dev_results.json")}
+    assert queued.items == 4 and {i.item_id for i in items} == traces and schema.schema_id in queue.schema_ids
+    # Queueing a second run reuses the experiment's schema.
+    again = run_variant(smoke("rag", store, *fake_overrides(fake), "data.dev_size=2"))
+    run_review(compose("review", [f"run_id={again.run_id}"]))
+    assert [s.name for s in label_schemas.list_label_schemas(experiment_id=experiment)].count("correct") == 1
+    with pytest.raises(ConfigError, match="review needs run_id"):
+        run_review(compose("review"))

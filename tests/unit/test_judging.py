@@ -57,3 +57,8 @@ def test_measure_cuts_a_numeric_judge_for_yes_no_labels_and_gives_intervals():
     assert measured["cohen_kappa"].value == pytest.approx(0.8)
     numeric = {a.name for a in agreement.measure([0.1, 0.4, 0.8], [0.2, 0.5, 0.7])}
     assert numeric == {"pearson_r", "spearman_r"}
+
+
+def test_labels_stored_on_traces_read_back_as_label_values():
+    assert [labels.coerce(v) for v in (True, "pass", "Fail", "0.25", 1, "maybe", 3)] == [True, True, False, 0.25,
+                                                                                        True, None, None]
