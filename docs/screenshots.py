@@ -8,7 +8,8 @@ Run the README's main job first, then (Chromium from Debian's `chromium` package
 It starts `mlflow ui` on a free loopback port, finds the experiment and the registered
 model, and writes docs/runs.png, docs/models.png, docs/traces.png, docs/model-versions.png,
 docs/trace.png (one RAG trace opened: its retrieval span, passages and assessments), and the main run's
-docs/failure-modes.png and docs/quality-cost.png (its charts in the run's artifact view).
+docs/failure-modes.png and docs/quality-cost.png (its charts in the run's artifact view), and docs/review.png
+(the Review page: the queues `mlflow run . -e review` made).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def targets(uri: str, experiment: str) -> dict[str, str]:
     pages = {"runs": f"#/experiments/{exp.experiment_id}/runs",
              "models": f"#/experiments/{exp.experiment_id}/models",
              "traces": f"#/experiments/{exp.experiment_id}/traces",
+             "review": f"#/experiments/{exp.experiment_id}/review-queue",  # after `mlflow run . -e review`
              "model-versions": f"#/models/{model}"}
     # The main job's own charts, opened in its run's artifact view.
     main = client.search_runs([exp.experiment_id], "tags.mlflow.runName = 'main'", max_results=1,
