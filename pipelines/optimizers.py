@@ -137,9 +137,11 @@ def teaching(opt_cfg) -> str | None:
 
 def nested(opt_cfg) -> dict[str, Any]:
     """The optimizers a meta-optimizer (BetterTogether) runs, by the name its strategy calls them: keys
-    of the preset that are themselves optimizer configs (`p: {_target_: dspy.BootstrapFewShot, ...}`)."""
-    return {key: value for key, value in opt_cfg.items() if key not in OWN_KEYS and OmegaConf.is_dict(value)
-            and "_target_" in value}
+    of the preset that are themselves optimizer configs (`p: {_target_: dspy.BootstrapFewShot, ...}`),
+    resolved and named, as `build_optimizer` takes a preset."""
+    return {key: OmegaConf.create({"name": key, **OmegaConf.to_container(value, resolve=True)})
+            for key, value in opt_cfg.items()
+            if key not in OWN_KEYS and OmegaConf.is_dict(value) and "_target_" in value}
 
 
 def reflective(opt_cfg) -> bool:

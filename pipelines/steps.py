@@ -17,7 +17,6 @@ import dspy
 import mlflow
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from hydra.utils import get_class
-from omegaconf import OmegaConf
 
 from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
@@ -288,7 +287,7 @@ def session_optimizer(session: Session) -> Compiling:
 
         steps = nested(cfg.optimizer)
         if steps:  # BetterTogether: its `p` and `w` optimizers, each built with its own metric
-            built = {key: weights_or_prompts(OmegaConf.merge({"name": key}, sub)) for key, sub in steps.items()}
+            built = {key: weights_or_prompts(sub) for key, sub in steps.items()}
             optimizer = build_optimizer(cfg.optimizer, session.scorer, **built)
         else:
             optimizer = weights_or_prompts(cfg.optimizer)

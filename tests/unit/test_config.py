@@ -220,6 +220,17 @@ def test_a_finetune_needs_the_embedded_model_and_a_base_that_exists(tmp_path):
         finetune_provider(missing.optimizer, missing.lm, tmp_path)
 
 
+def test_better_together_builds_its_prompt_and_weight_optimizers():
+    from pipelines.optimizers import build_optimizer, nested
+
+    cfg = compose("optimize", ["optimizer=better_together"])
+    built = {key: build_optimizer(sub, lambda *a: 0.0) for key, sub in nested(cfg.optimizer).items()}
+    together = build_optimizer(cfg.optimizer, lambda *a: 0.0, **built)
+    assert {k: type(v).__name__ for k, v in together.optimizers.items()} == {"p": "BootstrapFewShot",
+                                                                            "w": "BootstrapFinetune"}
+    assert built["w"].num_threads == cfg.num_threads and cfg.optimizer.compile.strategy == "p -> w -> p"
+
+
 def test_at_least_turns_a_score_into_pass_or_fail():
     from pipelines.optimizers import AtLeast
 
