@@ -332,8 +332,11 @@ def run_optimize(cfg: Config) -> StepResult:
         with tracking.timed("compile"):
             optimized = compiling.compile(baseline.deepcopy(), trainset=session.splits.train,
                                           **compile_kwargs(cfg.optimizer))
+        answering = program_lm(optimized)  # the LM its predictors carry (finetuning sets one), else None
         if compiling.provider is not None:
-            lineage.update(tracking.log_finetune(compiling.provider))
+            trained = tracking.log_finetune(compiling.provider)
+            if answering is not None and answering.model == trained.get("finetuned_model"):
+                lineage.update(trained)  # the version answers with the adapter (BetterTogether may pick a prompt step)
         # GEPA's record holds a copy of every candidate program (and its index): logged, never pickled.
         details = optimized.__dict__.pop("detailed_results", None)
         if details is not None:
@@ -342,8 +345,9 @@ def run_optimize(cfg: Config) -> StepResult:
                                 keep=int(cfg.optimizer.get("keep_candidates", 5)))
         tracking.log_optimizer_trials(optimized)
         model = tracking.new_model(variant, variant=variant, tags=lineage)
-        answering = program_lm(optimized)
-        with tracking.usage(answering, prefix="finetuned_") if answering else contextlib.nullcontext():
+        # The calls of an LM the program carries are not the session LM's: counted apart.
+        carried = "finetuned_" if "finetuned_model" in lineage else "student_"
+        with tracking.usage(answering, prefix=carried) if answering else contextlib.nullcontext():
             best = _score(session, optimized, session.splits.dev, step="optimize", split="dev", model=model,
                           dataset=datasets["dev"], variant=variant, phase="optimized")
         comparisons = compare(best, base, session.scoring)
