@@ -149,9 +149,13 @@ def train_lora(base: Path, chats: list[dict[str, Any]], settings: LoRASettings, 
                     raise FinetuneError("finetuning was stopped before it finished; no adapter was written")
                 group, total = batch[start:start + settings.grad_accumulation], 0.0
                 for ids, labels in group:
-                    out = model(input_ids=torch.tensor([ids], device=device),
-                                labels=torch.tensor([labels], device=device))
-                    (out.loss / len(group)).backward()
+                    try:
+                        out = model(input_ids=torch.tensor([ids], device=device),
+                                    labels=torch.tensor([labels], device=device))
+                        (out.loss / len(group)).backward()
+                    except (MemoryError, torch.OutOfMemoryError) as e:
+                        raise FinetuneError(f"out of memory training on a {len(ids)}-token transcript on {device}: "
+                                            "lower optimizer.finetune.max_seq_length or r, or use a GPU") from e
                     total += out.loss.item() / len(group)
                 optimizer.step()
                 optimizer.zero_grad()

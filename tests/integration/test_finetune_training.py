@@ -100,3 +100,15 @@ def test_a_base_model_torch_cannot_load_fails_in_one_line(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FinetuneError, match="cannot load the base model"):
         train_lora(tmp_path, CHATS, LoRASettings(), tmp_path / "a.gguf")
+
+
+def test_running_out_of_memory_fails_in_one_line_and_writes_no_adapter(tiny_llama, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", exhausted)
+    with pytest.raises(FinetuneError, match="out of memory training on a .*max_seq_length"):
+        train_lora(tiny_llama, CHATS, LoRASettings(), tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
