@@ -68,7 +68,7 @@ class ProjectLM(dspy.LM):
         copied = super().copy(**kwargs)
         # DSPy names a finetuned LM by copying the student's with the model its provider returned: served
         # with that model's LoRA adapter, by a server of its own (the base model's has no adapter).
-        adapter = getattr(self.provider, "adapter_for", lambda model: None)(copied.model)
+        adapter = getattr(getattr(self, "provider", None), "adapter_for", lambda model: None)(copied.model)
         if adapter is not None and copied.server:
             copied.server = {**copied.server, "lora": str(adapter)}
             copied.kwargs.pop("api_base", None)
