@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import dspy
-import mlflow
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from hydra.utils import get_class
 
@@ -455,10 +454,10 @@ def run_judge(cfg: Config) -> JudgeResult:
     traces as HUMAN feedback first, and labels already on the experiment's traces); its own run, step=judge."""
     from_file = labels.read(Path(cfg.labels)) if cfg.get("labels") else []
     tracking.setup(cfg)
-    tracking.check_traces({label.trace_id for label in from_file})
-    experiment_id = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    existing = tracking.human_labels(experiment_id.experiment_id, cfg.label_name) if experiment_id else []
-    consensus = labels.by_trace(existing + from_file)
+    tracking.check_traces({x.trace_id for x in from_file})
+    existing = tracking.human_labels(cfg.tracking.experiment, cfg.label_name)
+    new_labels = [x for x in from_file if x not in set(existing)]  # a file given twice is written once
+    consensus = labels.by_trace(existing + new_labels)
     examples = tracking.labelled_rows({t for t, c in consensus.items() if c.value is not None})
     usable = [t for t, c in consensus.items() if c.value is not None and t in examples]
     if len(usable) < 2:
@@ -471,7 +470,7 @@ def run_judge(cfg: Config) -> JudgeResult:
     ensure_reachable(judge_lm)
     judged = JudgedF1(judge_lm, aligned=cfg.scoring.get("judge"))
     with tracking.run("judge", cfg, tags={"label_name": cfg.label_name, "judge": judge_lm.model}) as active:
-        tracking.log_labels(from_file, cfg.label_name)
+        tracking.log_labels(new_labels, cfg.label_name)
         human, scores, rows = [], [], []
         for trace_id in usable:
             row, before = examples[trace_id], judged.failures

@@ -93,10 +93,12 @@ def _number(text: str, path: Path, line: int) -> float:
 
 
 def by_trace(labels: list[Label]) -> dict[str, Consensus]:
-    """Each trace's consensus. Yes/no labels whose reviewers split evenly have no majority: value None."""
+    """Each trace's consensus over its reviewers, each reviewer's last label counting once. Yes/no labels
+    whose reviewers split evenly have no majority: value None."""
+    latest = {(label.trace_id, label.reviewer): label.value for label in labels}  # a reviewer's last word counts
     grouped: dict[str, list[bool | float]] = defaultdict(list)
-    for label in labels:
-        grouped[label.trace_id].append(label.value)
+    for (trace_id, _), value in latest.items():
+        grouped[trace_id].append(value)
     result = {}
     for trace_id, values in grouped.items():
         if all(isinstance(v, bool) for v in values):

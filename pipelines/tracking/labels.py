@@ -40,10 +40,11 @@ def log_labels(labels: list[Label], name: str) -> None:
                             source=AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=label.reviewer))
 
 
-def human_labels(experiment_id: str, name: str) -> list[Label]:
-    """Every HUMAN feedback named `name` on the experiment's traces, one Label per reviewer and trace."""
+def human_labels(experiment: str, name: str) -> list[Label]:
+    """Every HUMAN feedback named `name` on the named experiment's traces, one Label per reviewer and trace."""
     found = []
-    for trace in mlflow.search_traces(locations=[experiment_id], return_type="list"):
+    exp = mlflow.get_experiment_by_name(experiment)
+    for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list") if exp else []:
         for assessment in trace.info.assessments or []:
             source = assessment.source
             if assessment.name == name and source and source.source_type == AssessmentSourceType.HUMAN \

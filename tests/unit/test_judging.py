@@ -62,3 +62,8 @@ def test_measure_cuts_a_numeric_judge_for_yes_no_labels_and_gives_intervals():
 def test_labels_stored_on_traces_read_back_as_label_values():
     assert [labels.coerce(v) for v in (True, "pass", "Fail", "0.25", 1, "maybe", 3)] == [True, True, False, 0.25,
                                                                                         True, None, None]
+
+
+def test_a_reviewers_last_label_on_a_trace_counts_once():
+    given = [labels.Label("tr-1", True, "ann"), labels.Label("tr-1", False, "ann"), labels.Label("tr-1", False, "bob")]
+    assert labels.by_trace(given)["tr-1"] == labels.Consensus(False, 2, False)
