@@ -44,7 +44,8 @@ def human_labels(experiment: str, name: str) -> list[Label]:
     """Every HUMAN feedback named `name` on the named experiment's traces, one Label per reviewer and trace."""
     found = []
     exp = mlflow.get_experiment_by_name(experiment)
-    for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list") if exp else []:
+    for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list", include_spans=False) \
+            if exp else []:
         for assessment in trace.info.assessments or []:
             source = assessment.source
             if assessment.name == name and source and source.source_type == AssessmentSourceType.HUMAN \
