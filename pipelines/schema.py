@@ -178,7 +178,7 @@ class ScoringConfig:
     seed: int = 0
     promotion: PromotionRule = PromotionRule.significant
     miss_threshold: float = 50.0     # a primary score below it is an `answer_miss` (failure modes)
-    judge: str | None = None         # an aligned SemanticF1 judge (`mlflow run . -e judge` writes one): its URI
+    judge: str | None = None         # an aligned SemanticF1 judge: a registered judge's NAME[@ALIAS|/VERSION], or a URI
 
 
 @dataclass
@@ -234,6 +234,7 @@ class Config:
     judge_threshold: float = 0.5     # judge: a 0-1 judge score at or above this is a yes
     align: bool = False              # judge: also align the judge to the labels (pipelines/judging/align.py)
     align_held_out: float = 0.4      # judge: the share of labelled traces kept out of alignment, to measure it
+    judge_name: str | None = None    # judge: the registered scorer and prompt an aligned judge becomes a version of
     steps: list[str] | None = None   # main only
     matched_rag: bool = True         # main: beside multihop, rag with as many passages (hops x k)
     input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column

@@ -131,6 +131,7 @@ def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
     scoring = Scoring.from_cfg(cfg.scoring)
     check_program(cfg.program)
     tracking.setup(cfg)
+    scoring = resolved_judge(scoring)
     if model_uri:
         tracking.check_model(model_uri)
     ensemble = members.build(cfg.ensemble) if cfg.program.name == ProgramName.ensemble else None
@@ -411,15 +412,17 @@ def run_predict(cfg: Config) -> PredictResult:
 class JudgeResult:
     run_id: str
     agreements: list[agreement.Agreement]
-    aligned: str | None = None               # the aligned judge's URI, for scoring.judge=
+    aligned: str | None = None               # the aligned judge's state URI
     alignment: Comparison | None = None      # held-out agreement, aligned - original, 0-100
+    registered: tracking.RegisteredJudge | None = None  # its version as the experiment's scorer and prompt
     score = None  # nothing for a sweep to compare
 
     def headline(self) -> str:
         text = "; ".join(a.describe() for a in self.agreements)
-        if self.aligned:
-            text += (f"; aligned judge: held-out agreement {self.alignment.describe()} -> "
-                     f"scoring.judge={self.aligned}")
+        if self.registered:
+            r = self.registered
+            text += (f"; aligned judge {r.name} v{r.version}: held-out agreement {self.alignment.describe()} -> "
+                     f"scoring.judge={r.name if r.champion else f'{r.name}/{r.prompt_version}'}")
         return text
 
 
@@ -449,12 +452,24 @@ def run_review(cfg: Config) -> ReviewResult:
     return ReviewResult(run_id=cfg.run_id, queue=queue, items=items)
 
 
+def resolved_judge(scoring: Scoring) -> Scoring:
+    """`scoring.judge` as the state to load and the version runs record; one that resolves to nothing
+    fails here, before any run."""
+    if not scoring.judge:
+        return scoring
+    found = tracking.resolve_judge(scoring.judge)
+    return dataclasses.replace(scoring, judge=found.state, judge_version=found.version)
+
+
 def run_judge(cfg: Config) -> JudgeResult:
     """`judge`: how far the SemanticF1 judge agrees with people's labels of traces (a file, written to the
     traces as HUMAN feedback first, and labels already on the experiment's traces); its own run, step=judge."""
+    if cfg.align and not cfg.judge_name:
+        raise ConfigError("align=true registers the aligned judge: set judge_name (the scorer's name)")
     from_file = labels.read(Path(cfg.labels)) if cfg.get("labels") else []
     tracking.setup(cfg)
     tracking.check_traces({x.trace_id for x in from_file})
+    scoring = resolved_judge(Scoring.from_cfg(cfg.scoring))
     existing = tracking.human_labels(cfg.tracking.experiment, cfg.label_name)
     new_labels = [x for x in from_file if x not in set(existing)]  # a file given twice is written once
     consensus = labels.by_trace(existing + new_labels)
@@ -468,8 +483,8 @@ def run_judge(cfg: Config) -> JudgeResult:
     judge_cfg = merged_judge_cfg(cfg)
     judge_lm = build_lm(judge_cfg)
     ensure_reachable(judge_lm)
-    judged = JudgedF1(judge_lm, aligned=cfg.scoring.get("judge"))
-    with tracking.run("judge", cfg, tags={"label_name": cfg.label_name, "judge": judge_lm.model}) as active:
+    judged = JudgedF1(judge_lm, aligned=scoring.judge, version=scoring.judge_version)
+    with tracking.run("judge", cfg, tags={"label_name": cfg.label_name, "judge": judged.name}) as active:
         tracking.log_labels(new_labels, cfg.label_name)
         human, scores, rows = [], [], []
         for trace_id in usable:
@@ -494,11 +509,16 @@ def run_judge(cfg: Config) -> JudgeResult:
             log.info("judge vs people: %s", a.describe())
         if parts is None:
             return JudgeResult(run_id=active.info.run_id, agreements=found)
-        aligned, comparison = _align_judge(cfg, parts, judge_lm)
+        aligned, comparison = _align_judge(cfg, scoring, parts, judge_lm)
         uri = tracking.log_aligned_judge(aligned, comparison, held_out=len(parts.held_out), aligned_on=len(parts.align))
-        log.info("aligned judge, held-out agreement aligned - original: %s; score with it: scoring.judge=%s",
-                 comparison.describe(), uri)
-        return JudgeResult(run_id=active.info.run_id, agreements=found, aligned=uri, alignment=comparison)
+        registered = tracking.register_judge(aligned.judge, name=cfg.judge_name, state=uri, lm_model=judge_lm.model,
+                                             threshold=cfg.judge_threshold, improved=comparison.above_zero)
+        log.info("aligned judge %s v%d, held-out agreement aligned - original: %s; %s", registered.name,
+                 registered.version, comparison.describe(),
+                 f"champion: scoring.judge={registered.name}" if registered.champion else
+                 f"not champion (not better beyond doubt); scoring.judge={registered.name}/{registered.prompt_version}")
+        return JudgeResult(run_id=active.info.run_id, agreements=found, aligned=uri, alignment=comparison,
+                           registered=registered)
 
 
 def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> align.Split:
@@ -515,12 +535,12 @@ def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> ali
     return parts
 
 
-def _align_judge(cfg: Config, parts: align.Split, judge_lm: dspy.LM) -> tuple[align.JudgeProgram, Comparison]:
+def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
+                 judge_lm: dspy.LM) -> tuple[align.JudgeProgram, Comparison]:
     """Compile the judge program to agree with the alignment share; compare held-out agreement, paired."""
-    scoring = Scoring.from_cfg(cfg.scoring)
     original = align.JudgeProgram()
-    if cfg.scoring.get("judge"):
-        original.judge.load(aligned_state(cfg.scoring.judge))
+    if scoring.judge:
+        original.judge.load(aligned_state(scoring.judge))
     optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
     with dspy.context(lm=judge_lm, callbacks=[]), tracking.timed("align"):
         aligned = optimizer.compile(original.deepcopy(), trainset=parts.align, **compile_kwargs(cfg.optimizer))

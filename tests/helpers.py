@@ -66,6 +66,32 @@ class CountingEmbedder:
         return np.array([hashed_embedding(t, self.dim) for t in texts], dtype=np.float32).reshape(-1, self.dim)
 
 
+ANSWERS = ("nope, no idea", "maybe, not sure",
+           "the right way is to run the command with the flag and check its output carefully afterwards",
+           "the wrong way is to run some command with a random flag and hope that it works out fine")
+
+
+def _judged_answer(request):
+    """A judge that is wrong in a learnable, consistent way: shown no examples, it passes every answer under
+    10 words; shown some (demos), it passes only answers that say `right`."""
+    last = str(request["messages"][-1]["content"])
+    if "system_response ## ]]" not in last:
+        return None
+    answer = last.split("system_response ## ]]", 1)[1].split("[[ ##", 1)[0].split("Respond with", 1)[0]
+    if len(request["messages"]) <= 2 and len(answer.split()) < 10:
+        return 0.9
+    return 0.9 if "right" in answer else 0.1
+
+
+def learnable_judge(fake, questions: list[str]) -> None:
+    """The fake LM answers the i-th question with ANSWERS[i % 4] (a person would pass only the `right` one)
+    and judges as `_judged_answer`: alignment has something to learn."""
+    kinds = {q: i % 4 for i, q in enumerate(questions)}
+    fake.field_answers["response"] = lambda r: next((ANSWERS[k] for q, k in kinds.items()
+                                                     if q in str(r["messages"][-1]["content"])), None)
+    fake.field_answers["precision"] = fake.field_answers["recall"] = _judged_answer
+
+
 def smoke(name: str, store_path: Path, *overrides: str):
     """The smoke preset of an entry point's config, with artifacts inside the test's store."""
     return compose(name, ["experiment=smoke", f"tracking.artifact_location={store_path}/artifacts", *overrides])

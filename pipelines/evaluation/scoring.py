@@ -73,6 +73,7 @@ class Scoring:
     promotion: str
     miss_threshold: float = 50.0
     judge: str | None = None  # an aligned SemanticF1 judge's state (path or artifact URI); None: DSPy's own
+    judge_version: str | None = None  # what runs record of it: `NAME vN` of a registered judge, else its URI
 
     @classmethod
     def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
@@ -176,13 +177,14 @@ class JudgedF1:
     sqlite store (bench/trace_cost.py).
     """
 
-    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False, aligned: str | None = None):
+    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False, aligned: str | None = None,
+                 version: str | None = None):
         self.judge_lm = judge_lm
         self.traced = traced
         self.metric = SemanticF1()
         if aligned:  # an aligned judge's instructions and demos (pipelines/judging/align.py)
             self.metric.load(aligned_state(aligned))
-        self.aligned = aligned
+        self.aligned = version or aligned
         self.failures = 0
         self._lock = threading.Lock()
 
@@ -243,7 +245,8 @@ class Scorer:
     def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, traced: bool = False) -> Scorer:
         """A scorer with the judges its metrics need, on `judge_lm`; SemanticF1 aligned where `scoring.judge`
         names an aligned judge."""
-        judged = JudgedF1(judge_lm, traced=traced, aligned=scoring.judge) if JUDGED in scoring.metrics else None
+        judged = (JudgedF1(judge_lm, traced=traced, aligned=scoring.judge, version=scoring.judge_version)
+                  if JUDGED in scoring.metrics else None)
         pairwise = arena.ArenaJudge(judge_lm, traced=traced) if set(arena.METRICS) & set(scoring.metrics) else None
         return cls(scoring, judged, pairwise)
 

@@ -13,6 +13,7 @@
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
   finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
   labels      people's labels on traces (HUMAN feedback) and the examples behind them
+  judges      aligned judges as versions of the experiment's scorer and prompt; `scoring.judge=` resolved
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
@@ -34,6 +35,7 @@ from pipelines.tracking.evaluation import (
     log_table,
 )
 from pipelines.tracking.finetune import log_finetune, step_metric
+from pipelines.tracking.judges import RegisteredJudge, register_judge, resolve_judge
 from pipelines.tracking.labels import (
     check_traces,
     human_labels,

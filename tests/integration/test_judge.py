@@ -4,12 +4,13 @@ the judge's agreement with them, and bad label files stopped before any run."""
 import mlflow
 import pytest
 from mlflow.entities import AssessmentSourceType
+from mlflow.genai.scorers import list_scorers
 
 from pipelines.config import ConfigError, compose
 from pipelines.steps import run_judge, run_variant
 from pipelines.tracking import load_table
 
-from helpers import fake_overrides, smoke
+from helpers import fake_overrides, learnable_judge, smoke
 
 
 def test_imported_labels_reach_the_traces_and_the_judges_agreement_is_measured(store, fake, tmp_path):
@@ -53,32 +54,12 @@ def test_bad_labels_stop_before_any_run(store, fake, tmp_path, content, message)
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
-def judged_answer(request):
-    """A judge that is wrong in a learnable, consistent way: shown no examples, it passes every answer under
-    10 words; shown some (demos), it passes only answers that say `right`."""
-    last = str(request["messages"][-1]["content"])
-    if "system_response ## ]]" not in last:
-        return None
-    answer = last.split("system_response ## ]]", 1)[1].split("[[ ##", 1)[0].split("Respond with", 1)[0]
-    if len(request["messages"]) <= 2 and len(answer.split()) < 10:
-        return 0.9
-    return 0.9 if "right" in answer else 0.1
-
-
-ANSWERS = ("nope, no idea", "maybe, not sure",
-           "the right way is to run the command with the flag and check its output carefully afterwards",
-           "the wrong way is to run some command with a random flag and hope that it works out fine")
-
-
 def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_runs(store, fake, tmp_path):
     from pipelines.data import load_splits
 
     cfg = smoke("cot", store, *fake_overrides(fake))
     splits = load_splits(compose("cot", ["data.test_size=12"]).data)
-    kinds = {e.question: i % 4 for i, e in enumerate(splits.dev + splits.test)}
-    fake.field_answers["response"] = lambda r: next((ANSWERS[k] for q, k in kinds.items()
-                                                     if q in str(r["messages"][-1]["content"])), None)
-    fake.field_answers["precision"] = fake.field_answers["recall"] = judged_answer
+    learnable_judge(fake, [e.question for e in splits.dev + splits.test])
     first = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10"))
     from pipelines.steps import run_evaluate
     tested = run_evaluate(compose("evaluate", [*fake_overrides(fake), f"model_uri={first.model_uri}", "split=test",
@@ -87,19 +68,28 @@ def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_
     labels_file = tmp_path / "labels.csv"
     labelled = [f"{r['trace_id']},{'yes' if 'right' in r['prediction'] else 'no'}" for r in rows]
     labels_file.write_text("trace_id,label\n" + "\n".join(labelled) + "\n")
-    judged = run_judge(compose("judge", [*fake_overrides(fake), f"labels={labels_file}", "align=true",
-                                         f"tracking.artifact_location={store}/artifacts"]))
+    judge_cfg = compose("judge", [*fake_overrides(fake), f"labels={labels_file}", "align=true",
+                                  f"tracking.artifact_location={store}/artifacts"])
+    judged = run_judge(judge_cfg)
     print("held-out agreement, aligned - original:", judged.alignment.describe())
     assert judged.alignment.above_zero and judged.alignment.delta.value > 0
     run = mlflow.get_run(judged.run_id)
     assert run.data.tags["aligned_judge"] == judged.aligned and run.data.metrics["align_demos"] > 0
-    # Scoring with the aligned judge: the run says which judge scored it, and promotion will not compare it
-    # with the champion the original judge scored.
-    again = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10",
-                              f"scoring.judge={judged.aligned}"))
-    assert again.result.judge.endswith(f"aligned:{judged.aligned}")
+    # Registered: a version of the experiment's scorer (the Judges page) and of the prompt, now champion.
+    name = judge_cfg.judge_name
+    (scorer,) = list_scorers(experiment_id=run.info.experiment_id)
+    assert scorer.name == name and scorer.scorer_version == judged.registered.version == 1
+    assert "Worked verdict 1" in scorer.instructions and "{{ outputs }}" in scorer.instructions
+    prompt = mlflow.genai.load_prompt(f"prompts:/{name}@champion")
+    assert prompt.tags["dspy_state"] == judged.aligned and run.data.tags["registered_judge"] == f"{name} v1"
+    # Scoring with the aligned judge by its name: the run says which judge version scored it, and promotion
+    # will not compare it with the champion the original judge scored.
+    again = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10", f"scoring.judge={name}"))
+    assert again.result.judge.endswith(f"aligned:{name} v1")
     version = mlflow.MlflowClient().get_model_version(cfg.tracking.registered_model, again.version)
     assert "scored by another judge" in version.tags["promotion"]
+    with pytest.raises(ConfigError, match="no registered judge"):
+        run_variant(smoke("cot", store, *fake_overrides(fake), f"scoring.judge={name}@nowhere"))
 
 
 def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fake):

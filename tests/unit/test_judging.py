@@ -1,5 +1,6 @@
 """Labels read from files and the judge's agreement with them: pure functions, known answers."""
 
+import dspy
 import pytest
 
 from pipelines.config import ConfigError
@@ -67,3 +68,26 @@ def test_labels_stored_on_traces_read_back_as_label_values():
 def test_a_reviewers_last_label_on_a_trace_counts_once():
     given = [labels.Label("tr-1", True, "ann"), labels.Label("tr-1", False, "ann"), labels.Label("tr-1", False, "bob")]
     assert labels.by_trace(given)["tr-1"] == labels.Consensus(False, 2, False)
+
+
+def test_an_aligned_judge_becomes_one_mlflow_judge_template_with_its_demos():
+    from pipelines.judging.align import JudgeProgram
+    from pipelines.tracking.judges import judge_instructions, judge_model
+
+    program = JudgeProgram()
+    (predictor,) = [p for _, p in program.named_predictors()]
+    predictor.demos = [dspy.Example(question="how do I {{ x }}?", ground_truth="use y", system_response="use y",
+                                    precision=1.0, recall=1.0, augmented=True)]
+    text = judge_instructions(program, 0.6)
+    assert text.startswith(predictor.signature.instructions[:40]) and "0.6 or more" in text
+    assert "Worked verdict 1" in text and "how do I { { x }}?" in text and "augmented" not in text
+    assert text.count("{{") == 3 and text.endswith("Response to judge: {{ outputs }}")
+    assert judge_model("openai/gpt-4o-mini") == "openai:/gpt-4o-mini" and judge_model("smollm2") == "openai:/smollm2"
+
+
+@pytest.mark.parametrize("ref", ["runs:/abc/judge/aligned.json", "/tmp/aligned.json", "aligned.json",
+                                 "judges/aligned.json"])
+def test_a_judge_given_by_path_or_artifact_uri_is_used_as_it_is(ref):
+    from pipelines.tracking.judges import ResolvedJudge, resolve_judge
+
+    assert resolve_judge(ref) == ResolvedJudge(state=ref, version=ref)
