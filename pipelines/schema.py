@@ -235,6 +235,8 @@ class Config:
     align: bool = False              # judge: also align the judge to the labels (pipelines/judging/align.py)
     align_held_out: float = 0.4      # judge: the share of labelled traces kept out of alignment, to measure it
     judge_name: str | None = None    # judge: the registered scorer and prompt an aligned judge becomes a version of
+    mlflow_aligner: str | None = None  # judge: also MLflow's Judge.align (simba | memalign), measured beside
+    mlflow_embedding_model: str = "openai:/text-embedding-3-small"  # judge: MemAlign's embedder
     steps: list[str] | None = None   # main only
     matched_rag: bool = True         # main: beside multihop, rag with as many passages (hops x k)
     input: str | None = None         # predict: a JSONL, CSV or Parquet file (or directory) with a `question` column

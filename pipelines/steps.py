@@ -509,8 +509,10 @@ def run_judge(cfg: Config) -> JudgeResult:
             log.info("judge vs people: %s", a.describe())
         if parts is None:
             return JudgeResult(run_id=active.info.run_id, agreements=found)
-        aligned, comparison = _align_judge(cfg, scoring, parts, judge_lm)
+        aligned, comparison, agreed = _align_judge(cfg, scoring, parts, judge_lm)
         uri = tracking.log_aligned_judge(aligned, comparison, held_out=len(parts.held_out), aligned_on=len(parts.align))
+        if cfg.mlflow_aligner:
+            _mlflow_align_beside(cfg, scoring, parts, examples, judge_lm, agreed)
         registered = tracking.register_judge(aligned.judge, name=cfg.judge_name, state=uri, lm_model=judge_lm.model,
                                              threshold=cfg.judge_threshold, improved=comparison.above_zero)
         log.info("aligned judge %s v%d, held-out agreement aligned - original: %s; %s", registered.name,
@@ -527,17 +529,23 @@ def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> ali
     if len(yes_no) < len(usable):
         raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
     data = [align.example(examples[t]["question"], examples[t]["gold"], examples[t]["prediction"] or "",
-                          consensus[t].value) for t in yes_no]
+                          consensus[t].value, trace_id=t) for t in yes_no]
     parts = align.split(data, cfg.align_held_out, cfg.scoring.seed)
     if len(parts.align) < 4 or len(parts.held_out) < 2:
         raise ConfigError(f"{len(data)} labelled traces split into {len(parts.align)} to align on and "
                           f"{len(parts.held_out)} held out: alignment needs at least 4 and 2; label more traces")
+    if cfg.mlflow_aligner not in (None, *tracking.ALIGNERS):
+        raise ConfigError(f"mlflow_aligner={cfg.mlflow_aligner}: one of {', '.join(tracking.ALIGNERS)} (or null)")
+    if cfg.mlflow_aligner == "simba" and len(parts.align) < tracking.SIMBA_MIN_TRACES:
+        raise ConfigError(f"mlflow_aligner=simba needs {tracking.SIMBA_MIN_TRACES} labelled traces to align on, "
+                          f"the split leaves {len(parts.align)}; label more traces or use memalign")
     return parts
 
 
 def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
-                 judge_lm: dspy.LM) -> tuple[align.JudgeProgram, Comparison]:
-    """Compile the judge program to agree with the alignment share; compare held-out agreement, paired."""
+                 judge_lm: dspy.LM) -> tuple[align.JudgeProgram, Comparison, list[float | None]]:
+    """Compile the judge program to agree with the alignment share; compare held-out agreement, paired.
+    Also returns the aligned judge's agreement (100 or 0) per held-out example, None where unparseable."""
     original = align.JudgeProgram()
     if scoring.judge:
         original.judge.load(aligned_state(scoring.judge))
@@ -548,7 +556,37 @@ def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
     before, after = (align.verdicts(p, parts.held_out, judge_lm) for p in (original, aligned))
     pairs = [(100.0 * ((b >= cfg.judge_threshold) == h), 100.0 * ((a >= cfg.judge_threshold) == h))
              for b, a, h in zip(before, after, labels_, strict=True) if a is not None and b is not None]
-    return aligned, scoring.paired([a for _, a in pairs], [b for b, _ in pairs])
+    agreed = [None if a is None else 100.0 * ((a >= cfg.judge_threshold) == h)
+              for a, h in zip(after, labels_, strict=True)]
+    return aligned, scoring.paired([a for _, a in pairs], [b for b, _ in pairs]), agreed
+
+
+def _mlflow_align_beside(cfg: Config, scoring: Scoring, parts: align.Split, examples: dict[str, dict],
+                         judge_lm: dspy.LM, dspy_agreed: list[float | None]) -> None:
+    """MLflow's `Judge.align` (SIMBA or MemAlign) on the same alignment share, measured on the same held-out
+    share: its gain over its own unaligned judge, and its agreement against the DSPy-aligned judge's,
+    paired. Its aligned judge is registered beside the other (`<judge_name>-<aligner>`)."""
+    endpoint = {"api_base": judge_lm.kwargs.get("api_base"), "api_key": judge_lm.kwargs.get("api_key")}
+    model = tracking.judge_model(judge_lm.model)
+    tracking.log_gold({e.trace_id: examples[e.trace_id] for e in parts.align + parts.held_out})
+    base = tracking.pass_fail_judge(name=cfg.label_name, instruction=REVIEW_INSTRUCTION, model=model,
+                                    api_base=endpoint["api_base"])
+    with tracking.timed(f"align_{cfg.mlflow_aligner}"):
+        aligned = tracking.mlflow_align(base, trace_ids=[e.trace_id for e in parts.align], aligner=cfg.mlflow_aligner,
+                                        model=model, embedding_model=cfg.mlflow_embedding_model, **endpoint)
+    rows = [examples[e.trace_id] for e in parts.held_out]
+    before, after = (tracking.mlflow_verdicts(j, rows, **endpoint) for j in (base, aligned))
+    labels_ = [e.label for e in parts.held_out]
+    usable = [i for i in range(len(rows)) if None not in (before[i], after[i], dspy_agreed[i])]
+    agree = {name: [100.0 * (verdicts[i] == labels_[i]) for i in usable] for name, verdicts in
+             (("before", before), ("after", after))}
+    gain = scoring.paired(agree["after"], agree["before"])
+    versus = scoring.paired(agree["after"], [dspy_agreed[i] for i in usable])
+    name = f"{cfg.judge_name}-{cfg.mlflow_aligner}"
+    tracking.log_mlflow_alignment(aligned, name=name, gain=gain, versus=versus,
+                                  unparseable=len(rows) - len(usable))
+    log.info("MLflow's %s: held-out agreement aligned - unaligned %s; against the DSPy-aligned judge %s "
+             "(registered as %s)", cfg.mlflow_aligner, gain.describe(), versus.describe(), name)
 
 
 VARIANTS = ("cot", "rag", "multihop", "ensemble")  # main's steps that evaluate a program as configured

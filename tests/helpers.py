@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -83,13 +84,26 @@ def _judged_answer(request):
     return 0.9 if "right" in answer else 0.1
 
 
+def _pass_fail_answer(request):
+    """The same judge as MLflow's pass/fail judge: shown no example judgements, it passes short answers."""
+    text = "\n".join(str(m.get("content")) for m in request["messages"])
+    if "Answer to judge" not in text or "outputs: {" not in text:
+        return None
+    answer = re.search(r'"response": "([^"]*)"', text.rsplit("outputs: {", 1)[1]).group(1)
+    if "Example Judgements" not in text and len(answer.split()) < 10:
+        return True
+    return "right" in answer
+
+
 def learnable_judge(fake, questions: list[str]) -> None:
     """The fake LM answers the i-th question with ANSWERS[i % 4] (a person would pass only the `right` one)
-    and judges as `_judged_answer`: alignment has something to learn."""
+    and judges as `_judged_answer` (SemanticF1) and `_pass_fail_answer` (MLflow's judge): alignment has
+    something to learn."""
     kinds = {q: i % 4 for i, q in enumerate(questions)}
     fake.field_answers["response"] = lambda r: next((ANSWERS[k] for q, k in kinds.items()
                                                      if q in str(r["messages"][-1]["content"])), None)
     fake.field_answers["precision"] = fake.field_answers["recall"] = _judged_answer
+    fake.field_answers["result"] = _pass_fail_answer
 
 
 def smoke(name: str, store_path: Path, *overrides: str):

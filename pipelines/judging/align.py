@@ -58,9 +58,9 @@ def split(examples: list[dspy.Example], held_out: float, seed: int) -> Split:
     return Split(align, keep)
 
 
-def example(question: str, gold: str, answer: str, label: bool) -> dspy.Example:
-    return dspy.Example(question=question, gold=gold, answer=answer, label=label).with_inputs("question", "gold",
-                                                                                              "answer")
+def example(question: str, gold: str, answer: str, label: bool, trace_id: str | None = None) -> dspy.Example:
+    return dspy.Example(question=question, gold=gold, answer=answer, label=label,
+                        trace_id=trace_id).with_inputs("question", "gold", "answer")
 
 
 def verdicts(judge: JudgeProgram, examples: list[dspy.Example], lm: dspy.LM) -> list[float | None]:

@@ -14,6 +14,7 @@
   finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
   labels      people's labels on traces (HUMAN feedback) and the examples behind them
   judges      aligned judges as versions of the experiment's scorer and prompt; `scoring.judge=` resolved
+  judge_align MLflow's own judge alignment (SIMBA, MemAlign) on the labelled traces, beside the project's
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
@@ -35,7 +36,16 @@ from pipelines.tracking.evaluation import (
     log_table,
 )
 from pipelines.tracking.finetune import log_finetune, step_metric
-from pipelines.tracking.judges import RegisteredJudge, register_judge, resolve_judge
+from pipelines.tracking.judge_align import (
+    ALIGNERS,
+    SIMBA_MIN_TRACES,
+    log_gold,
+    log_mlflow_alignment,
+    mlflow_align,
+    mlflow_verdicts,
+    pass_fail_judge,
+)
+from pipelines.tracking.judges import RegisteredJudge, judge_model, register_judge, resolve_judge
 from pipelines.tracking.labels import (
     check_traces,
     human_labels,

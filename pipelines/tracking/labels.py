@@ -13,6 +13,7 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType
 from pipelines.config import ConfigError
 from pipelines.judging.labels import Label, coerce
 from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
+from pipelines.tracking.judge_align import log_gold
 
 EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
 
@@ -105,15 +106,17 @@ def log_aligned_judge(aligned, comparison, *, held_out: int, aligned_on: int) ->
 
 def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[str, int]:
     """Put a run's dev traces into a new review queue of its experiment, with the pass/fail label schema
-    `label_name` (created once per experiment), so people label them on the experiment's Review page.
+    `label_name` (created once per experiment), so people label them on the experiment's Review page;
+    each trace carries its gold answer as an expectation.
     Returns (queue name, items)."""
     from mlflow.genai import label_schemas, review_queues
 
     run = mlflow.get_run(run_id)
     experiment = run.info.experiment_id
-    traces = [r["trace_id"] for r in load_table(run_id, EVAL_TABLES[0]) or [] if r.get("trace_id")]
-    if not traces:
+    rows = {r["trace_id"]: r for r in load_table(run_id, EVAL_TABLES[0]) or [] if r.get("trace_id")}
+    if not rows:
         raise ConfigError(f"run {run_id} has no traced dev evaluation ({EVAL_TABLES[0]} with trace ids) to review")
+    log_gold(rows)  # reviewers see the reference answer beside the program's in the trace view
     schemas = {s.name: s for s in label_schemas.list_label_schemas(experiment_id=experiment)}
     schema = schemas.get(label_name) or label_schemas.create_label_schema(
         label_name, type="feedback", input=label_schemas.InputPassFail(positive_label="pass", negative_label="fail"),
@@ -122,5 +125,5 @@ def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[st
     name = f"{run.info.run_name} {run_id[:8]}"
     queue = review_queues.create_review_queue(name, queue_type="custom", schema_ids=[schema.schema_id],
                                               experiment_id=experiment)
-    review_queues.add_items_to_review_queue(queue.queue_id, item_ids=traces)
-    return name, len(traces)
+    review_queues.add_items_to_review_queue(queue.queue_id, item_ids=list(rows))
+    return name, len(rows)

@@ -105,9 +105,45 @@ def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fak
     items = review_queues.list_review_queue_items(queue.queue_id)
     traces = {r["trace_id"] for r in load_table(evaluated.run_id, "eval/dev_results.json")}
     assert queued.items == 4 and {i.item_id for i in items} == traces and schema.schema_id in queue.schema_ids
+    gold = {r["trace_id"]: r["gold"] for r in load_table(evaluated.run_id, "eval/dev_results.json")}
+    assert all([a.value for a in mlflow.get_trace(t).info.assessments if a.name == "expected_response"] == [g]
+               for t, g in gold.items())  # the reference answer, beside the program's, for reviewers
     # Queueing a second run reuses the experiment's schema.
     again = run_variant(smoke("rag", store, *fake_overrides(fake), "data.dev_size=2"))
     run_review(compose("review", [f"run_id={again.run_id}"]))
     assert [s.name for s in label_schemas.list_label_schemas(experiment_id=experiment)].count("correct") == 1
     with pytest.raises(ConfigError, match="review needs run_id"):
         run_review(compose("review"))
+
+
+@pytest.mark.parametrize("aligner", ["memalign", "simba"])
+def test_mlflows_own_alignment_is_measured_beside_the_dspy_one_on_the_same_held_out_share(store, fake, tmp_path,
+                                                                                           aligner):
+    from mlflow.genai.scorers import get_scorer
+
+    from pipelines.data import load_splits
+
+    dev = load_splits(compose("cot", ["experiment=smoke", "data.dev_size=20"]).data).dev
+    learnable_judge(fake, [e.question for e in dev])
+    evaluated = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=20"))
+    rows = load_table(evaluated.run_id, "eval/dev_results.json")
+    labels_file = tmp_path / "labels.csv"
+    labels_file.write_text("trace_id,label\n" + "".join(f"{r['trace_id']},{'right' in r['prediction']}\n"
+                                                         for r in rows))
+    judge_cfg = compose("judge", [*fake_overrides(fake), f"labels={labels_file}", "align=true", "align_held_out=0.5",
+                                  f"mlflow_aligner={aligner}", f"tracking.artifact_location={store}/artifacts"])
+    judged = run_judge(judge_cfg)
+    run = mlflow.get_run(judged.run_id)
+    metrics = run.data.metrics
+    gain = metrics["mlflow_align_heldout_agreement_delta"]
+    print(f"{aligner}: aligned - unaligned {gain:+.1f}, against DSPy's "
+          f"{metrics['mlflow_vs_dspy_heldout_agreement_delta']:+.1f}")
+    assert metrics["mlflow_align_unparseable"] == 0 and "mlflow_vs_dspy_heldout_agreement_delta_ci_low" in metrics
+    # The gold answers went onto the traces as expectations, which MLflow's aligners read.
+    trace = mlflow.get_trace(rows[0]["trace_id"])
+    assert [a.value for a in trace.info.assessments if a.name == "expected_response"] == [rows[0]["gold"]]
+    name = f"{judge_cfg.judge_name}-{aligner}"
+    assert run.data.tags["mlflow_aligned_judge"] == f"{name} v1"
+    get_scorer(name=name, experiment_id=run.info.experiment_id)  # registered: raises if not
+    if aligner == "memalign":  # its example judgements teach the fake judge what people pass
+        assert metrics["mlflow_align_heldout_agreement_delta_ci_low"] > 0
