@@ -1,7 +1,8 @@
 """What aligning the judge costs (BENCHMARKS.md, 10): LM calls and seconds for 50 labels against the fake LM
 at 200 ms per call, as `mlflow run . -e judge -P overrides="align=true"` spends them: the judge's verdict on
 every labelled trace (agreement), then the alignment (BootstrapFewShot on 60% of the labels, stopping at 4
-demos) and the held-out share judged before and after.
+demos) and the held-out share judged before and after; then, as `mlflow_aligner=memalign|simba` adds,
+MLflow's own Judge.align on the same split (50 labelled traces in a scratch store) and its held-out verdicts.
 
     .venv/bin/python bench/judge.py                 # ~1 min
     .venv/bin/python bench/judge.py --labels 100
@@ -15,11 +16,15 @@ import time
 import _common as common
 
 import dspy
+import mlflow
+from mlflow.entities import AssessmentSource, AssessmentSourceType
 
 from pipelines.data import load_splits
 from pipelines.evaluation.scoring import JudgedF1
 from pipelines.judging import align
 from pipelines.optimizers import build_optimizer
+from pipelines.steps import REVIEW_INSTRUCTION
+from pipelines import tracking
 
 
 def main(args) -> None:
@@ -33,9 +38,9 @@ def main(args) -> None:
         rows = []
 
         def phase(name, fn):
-            calls, started = counts()[0], time.perf_counter()
+            calls, started = sum(counts()), time.perf_counter()
             out = fn()
-            rows.append([name, counts()[0] - calls, time.perf_counter() - started])
+            rows.append([name, sum(counts()) - calls, time.perf_counter() - started])
             return out
 
         judged = JudgedF1(lm)
@@ -49,9 +54,48 @@ def main(args) -> None:
                             lambda: optimizer.compile(original.deepcopy(), trainset=parts.align))
         phase(f"held-out {len(parts.held_out)}: original", lambda: align.verdicts(original, parts.held_out, lm))
         phase(f"held-out {len(parts.held_out)}: aligned", lambda: align.verdicts(aligned, parts.held_out, lm))
-    rows.append(["total", sum(r[1] for r in rows), sum(r[2] for r in rows)])
-    print(common.table(["phase", "LM calls", "seconds"], rows))
+        rows.append(["total", sum(r[1] for r in rows), sum(r[2] for r in rows)])
+        mlflow_rows = mlflow_aligners(parts, api_base, phase=phase, rows=rows)
+    print(common.table(["phase", "LM calls", "seconds"], rows[:len(rows) - mlflow_rows]))
+    print(common.table(["MLflow's Judge.align", "LM calls", "seconds"], rows[len(rows) - mlflow_rows:]))
     print(common.machine())
+
+
+def labelled_traces(examples: list[dspy.Example]) -> list[str]:
+    """Each example as a trace of (question -> answer) with its gold answer and a person's label on it."""
+    @mlflow.trace(name="program")
+    def program(question: str, answer: str) -> dict:
+        return {"response": answer}
+
+    person = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="bench")
+    ids = []
+    for e in examples:
+        program(e.question, e.answer)
+        ids.append(mlflow.get_last_active_trace_id())
+    mlflow.flush_trace_async_logging()
+    for trace_id, e in zip(ids, examples, strict=True):
+        mlflow.log_feedback(trace_id=trace_id, name="correct", value=e.label, source=person)
+    tracking.log_gold({t: {"gold": e.gold} for t, e in zip(ids, examples, strict=True)})
+    return ids
+
+
+def mlflow_aligners(parts: align.Split, api_base: str, *, phase, rows: list) -> int:
+    """MemAlign and SIMBA on the alignment share's traces, then each aligned judge on the held-out share;
+    returns how many rows it added (LM calls: chat and embedding requests)."""
+    common.isolate_mlflow(common.scratch("judge"))
+    mlflow.set_experiment("bench-judge")
+    ids = labelled_traces(parts.align)
+    held = [{"question": e.question, "gold": e.gold, "prediction": e.answer} for e in parts.held_out]
+    endpoint = {"api_base": api_base, "api_key": "local"}
+    base = tracking.pass_fail_judge(name="correct", instruction=REVIEW_INSTRUCTION, model="openai:/fake-ok",
+                                    api_base=api_base)
+    first = len(rows)
+    for aligner in tracking.ALIGNERS:
+        judge = phase(f"{aligner}: Judge.align on {len(ids)}", lambda a=aligner: tracking.mlflow_align(
+            base, trace_ids=ids, aligner=a, model="openai:/fake-ok", embedding_model="openai:/fake-embed",
+            **endpoint))
+        phase(f"{aligner}: held-out {len(held)}", lambda j=judge: tracking.mlflow_verdicts(j, held, **endpoint))
+    return len(rows) - first
 
 
 if __name__ == "__main__":
