@@ -448,7 +448,10 @@ def run_review(cfg: Config) -> ReviewResult:
         raise ConfigError("review needs run_id=<a run that evaluated dev with traces>, e.g. a rag or optimize run")
     tracking.setup(cfg)
     queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
-    log.info("queued %d traces of run %s for review as %r, label %r", items, cfg.run_id, queue, cfg.label_name)
+    if items:
+        log.info("queued %d traces of run %s for review as %r, label %r", items, cfg.run_id, queue, cfg.label_name)
+    else:
+        log.info("run %s was queued before, as %r: label it on the Review page", cfg.run_id, queue)
     return ReviewResult(run_id=cfg.run_id, queue=queue, items=items)
 
 

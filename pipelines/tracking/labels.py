@@ -107,8 +107,8 @@ def log_aligned_judge(aligned, comparison, *, held_out: int, aligned_on: int) ->
 def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[str, int]:
     """Put a run's dev traces into a new review queue of its experiment, with the pass/fail label schema
     `label_name` (created once per experiment), so people label them on the experiment's Review page;
-    each trace carries its gold answer as an expectation.
-    Returns (queue name, items)."""
+    each trace carries its gold answer as an expectation. Returns (queue name, items added: 0 when the run
+    was queued before)."""
     from mlflow.genai import label_schemas, review_queues
 
     run = mlflow.get_run(run_id)
@@ -123,6 +123,8 @@ def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[st
         instruction=instruction,
         enable_comment=True, experiment_id=experiment)
     name = f"{run.info.run_name} {run_id[:8]}"
+    if any(q.name.lower() == name.lower() for q in review_queues.list_review_queues(experiment_id=experiment)):
+        return name, 0  # queued before: its queue keeps its items and the labels given there
     queue = review_queues.create_review_queue(name, queue_type="custom", schema_ids=[schema.schema_id],
                                               experiment_id=experiment)
     review_queues.add_items_to_review_queue(queue.queue_id, item_ids=list(rows))

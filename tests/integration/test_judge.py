@@ -108,7 +108,9 @@ def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fak
     gold = {r["trace_id"]: r["gold"] for r in load_table(evaluated.run_id, "eval/dev_results.json")}
     assert all([a.value for a in mlflow.get_trace(t).info.assessments if a.name == "expected_response"] == [g]
                for t, g in gold.items())  # the reference answer, beside the program's, for reviewers
-    # Queueing a second run reuses the experiment's schema.
+    # Queueing the same run again changes nothing; a second run reuses the experiment's schema.
+    assert run_review(compose("review", [f"run_id={evaluated.run_id}"])).items == 0
+    assert len(review_queues.list_review_queue_items(queue.queue_id)) == 4
     again = run_variant(smoke("rag", store, *fake_overrides(fake), "data.dev_size=2"))
     run_review(compose("review", [f"run_id={again.run_id}"]))
     assert [s.name for s in label_schemas.list_label_schemas(experiment_id=experiment)].count("correct") == 1
