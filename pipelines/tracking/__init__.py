@@ -12,9 +12,9 @@
   usage       token use, cost and wall time of a step's phases
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
   finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
-  labels      people's labels on traces (HUMAN feedback) and the examples behind them
-  judges      aligned judges as versions of the experiment's scorer and prompt; `scoring.judge=` resolved
-  judge_align MLflow's own judge alignment (SIMBA, MemAlign) on the labelled traces, beside the project's
+  judging/    the judge: people's labels on traces (HUMAN feedback) and review queues; aligned judges as
+              versions of the experiment's scorer and prompt (`scoring.judge=` resolved); MLflow's own
+              judge alignment (SIMBA, MemAlign) beside the project's
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
@@ -36,17 +36,7 @@ from pipelines.tracking.evaluation import (
     log_table,
 )
 from pipelines.tracking.finetune import log_finetune, step_metric
-from pipelines.tracking.judge_align import (
-    ALIGNERS,
-    SIMBA_MIN_TRACES,
-    log_gold,
-    log_mlflow_alignment,
-    mlflow_align,
-    mlflow_verdicts,
-    pass_fail_judge,
-)
-from pipelines.tracking.judges import RegisteredJudge, judge_model, register_judge, resolve_judge
-from pipelines.tracking.labels import (
+from pipelines.tracking.judging.labels import (
     check_traces,
     human_labels,
     labelled_rows,
@@ -55,6 +45,16 @@ from pipelines.tracking.labels import (
     log_labels,
     queue_for_review,
 )
+from pipelines.tracking.judging.mlflow_align import (
+    ALIGNERS,
+    SIMBA_MIN_TRACES,
+    log_gold,
+    log_mlflow_alignment,
+    mlflow_align,
+    mlflow_verdicts,
+    pass_fail_judge,
+)
+from pipelines.tracking.judging.registry import RegisteredJudge, judge_model, register_judge, resolve_judge
 from pipelines.tracking.models import (
     check_model,
     check_program_model,

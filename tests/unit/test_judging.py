@@ -72,7 +72,7 @@ def test_a_reviewers_last_label_on_a_trace_counts_once():
 
 def test_an_aligned_judge_becomes_one_mlflow_judge_template_with_its_demos():
     from pipelines.judging.align import JudgeProgram
-    from pipelines.tracking.judges import judge_instructions, judge_model
+    from pipelines.tracking.judging.registry import judge_instructions, judge_model
 
     program = JudgeProgram()
     (predictor,) = [p for _, p in program.named_predictors()]
@@ -88,6 +88,6 @@ def test_an_aligned_judge_becomes_one_mlflow_judge_template_with_its_demos():
 @pytest.mark.parametrize("ref", ["runs:/abc/judge/aligned.json", "/tmp/aligned.json", "aligned.json",
                                  "judges/aligned.json"])
 def test_a_judge_given_by_path_or_artifact_uri_is_used_as_it_is(ref):
-    from pipelines.tracking.judges import ResolvedJudge, resolve_judge
+    from pipelines.tracking.judging.registry import ResolvedJudge, resolve_judge
 
     assert resolve_judge(ref) == ResolvedJudge(state=ref, version=ref)

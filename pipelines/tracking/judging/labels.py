@@ -13,7 +13,7 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType
 from pipelines.config import ConfigError
 from pipelines.judging.labels import Label, coerce
 from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
-from pipelines.tracking.judge_align import log_gold
+from pipelines.tracking.judging.mlflow_align import log_gold
 
 EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
 
