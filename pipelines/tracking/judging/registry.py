@@ -46,8 +46,11 @@ def resolve_judge(ref: str) -> ResolvedJudge:
     try:
         prompt = mlflow.genai.load_prompt(uri)
     except Exception as e:
+        hint = (f"no alignment of {name} has raised held-out agreement beyond doubt yet: name a version, "
+                f"scoring.judge={name}/VERSION" if "alias" in str(e).lower() else
+                "align one with `mlflow run . -e judge -P overrides=\"align=true\"`")
         raise ConfigError(f"scoring.judge={ref}: no registered judge at {uri} ({' '.join(str(e).split())[:120]}); "
-                          "align one with `mlflow run . -e judge -P overrides=\"align=true\"`") from None
+                          f"{hint}") from None
     state = prompt.tags.get(STATE_TAG)
     if not state:
         raise ConfigError(f"scoring.judge={ref}: prompt {prompt.name}/{prompt.version} is not an aligned judge "
