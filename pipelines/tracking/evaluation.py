@@ -117,6 +117,8 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
         mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
     if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
+    if result.judge:  # which judge (LM, and aligned version) scored the judged metrics of this run
+        mlflow.set_tag(f"{prefix}judge", result.judge)
     log_metrics(metrics, model=model, dataset=dataset)
     log_table(result.rows, f"eval/{prefix}{split}_results.json")
     annotate_traces(result)

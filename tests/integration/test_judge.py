@@ -86,6 +86,7 @@ def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_
     # will not compare it with the champion the original judge scored.
     again = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=10", f"scoring.judge={name}"))
     assert again.result.judge.endswith(f"aligned:{name} v1")
+    assert mlflow.get_run(again.run_id).data.tags["judge"] == again.result.judge
     version = mlflow.MlflowClient().get_model_version(cfg.tracking.registered_model, again.version)
     assert "scored by another judge" in version.tags["promotion"]
     with pytest.raises(ConfigError, match="no registered judge"):
