@@ -15,7 +15,7 @@ from deploy.team_server import wait_healthy
 from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.steps import run_judge, run_review, run_variant
-from pipelines.tracking import human_labels
+from pipelines.tracking import human_labels, load_table
 
 from helpers import fake_overrides, free_port, learnable_judge, smoke, user_env
 
@@ -53,9 +53,10 @@ def ui_server(tmp_path, monkeypatch):
         process.wait(timeout=30)
 
 
-def label_on_review_page(page, url: str, experiment_id: str, queue: str) -> dict[str, bool]:
+def label_on_review_page(page, url: str, experiment_id: str, queue: str, questions: dict[str, str]) -> dict[str, bool]:
     """Open the queue on the Review page and label each trace as a person would: pass when the response
-    gives the right way, fail otherwise, with a comment; returns what was given, by trace id."""
+    gives the right way, fail otherwise, with a comment; returns what was given, by trace id. `questions`
+    (by trace id) only tells when the page shows the trace its address names: the two change apart."""
     from playwright.sync_api import expect
 
     page.goto(f"{url}/#/experiments/{experiment_id}/review-queue?workflowType=genai")
@@ -65,6 +66,7 @@ def label_on_review_page(page, url: str, experiment_id: str, queue: str) -> dict
     for done in range(LABELLED):
         expect(page.get_by_text(f"{done} of {LABELLED} reviewed")).to_be_visible(timeout=30_000)
         trace_id = re.search(r"selectedItemId=(tr-[0-9a-f]+)", page.url).group(1)
+        expect(page.locator("main")).to_contain_text(questions[trace_id], timeout=30_000)
         passed = "the right way" in page.locator("main").inner_text()
         page.get_by_text("pass" if passed else "fail", exact=True).click()
         page.get_by_placeholder("Rationale (optional)").fill("gives the right way" if passed else "no usable answer")
@@ -87,7 +89,8 @@ def test_labels_given_on_the_review_page_reach_the_judge_and_its_aligned_version
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            given = label_on_review_page(page, ui_server, experiment_id, queued.queue)
+            questions = {r["trace_id"]: r["question"] for r in load_table(evaluated.run_id, "eval/dev_results.json")}
+            given = label_on_review_page(page, ui_server, experiment_id, queued.queue, questions)
             assert sum(given.values()) == LABELLED // 4  # one answer in four gives the right way
 
             found = {x.trace_id: x.value for x in human_labels("ragqa-arena-tech", "correct")}
