@@ -41,6 +41,7 @@ from pipelines.tracking.judging.labels import (
     human_labels,
     labelled_rows,
     log_aligned_judge,
+    log_gold,
     log_judge_agreement,
     log_labels,
     queue_for_review,
@@ -48,7 +49,6 @@ from pipelines.tracking.judging.labels import (
 from pipelines.tracking.judging.mlflow_align import (
     ALIGNERS,
     SIMBA_MIN_TRACES,
-    log_gold,
     log_mlflow_alignment,
     mlflow_align,
     mlflow_verdicts,

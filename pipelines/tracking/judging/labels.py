@@ -1,6 +1,6 @@
 """People's labels on traces: written as HUMAN feedback (the Assessments pane shows them beside the judge's),
-read back by name, the evaluated example behind each labelled trace; the judge's agreement and an aligned
-judge."""
+read back by name, the evaluated example behind each labelled trace and its gold answer as an expectation,
+review queues; the judge's agreement and an aligned judge."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType
 from pipelines.config import ConfigError
 from pipelines.judging.labels import Label, coerce
 from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
-from pipelines.tracking.judging.mlflow_align import log_gold
 
 EVAL_TABLES = ("eval/dev_results.json", "eval/baseline_dev_results.json", "eval/test_results.json")
+EXPECTATION = "expected_response"  # a trace's gold answer; MLflow's judge aligners read it under this name
+GOLD_SOURCE = AssessmentSource(source_type=AssessmentSourceType.CODE, source_id="ragqa gold answer")
 
 
 def check_traces(trace_ids: set[str]) -> None:
@@ -32,6 +33,18 @@ def _trace(trace_id: str):
         return mlflow.get_trace(trace_id)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def log_gold(rows: dict[str, dict]) -> int:
+    """Each trace's gold answer as its expectation `expected_response` (a reviewer finds it under "View full
+    trace"; MLflow's aligners read it), where the trace has none yet. Returns how many were written."""
+    written = 0
+    for trace_id, row in rows.items():
+        trace = _trace(trace_id)
+        if trace and not any(a.name == EXPECTATION for a in trace.info.assessments or []):
+            mlflow.log_expectation(trace_id=trace_id, name=EXPECTATION, value=row["gold"], source=GOLD_SOURCE)
+            written += 1
+    return written
 
 
 def log_labels(labels: list[Label], name: str) -> None:
@@ -116,15 +129,15 @@ def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[st
     rows = {r["trace_id"]: r for r in load_table(run_id, EVAL_TABLES[0]) or [] if r.get("trace_id")}
     if not rows:
         raise ConfigError(f"run {run_id} has no traced dev evaluation ({EVAL_TABLES[0]} with trace ids) to review")
-    log_gold(rows)  # reviewers see the reference answer beside the program's in the trace view
+    name = f"{run.info.run_name} {run_id[:8]}"
+    if any(q.name.lower() == name.lower() for q in review_queues.list_review_queues(experiment_id=experiment)):
+        return name, 0  # queued before: its queue keeps its items and the labels given there
+    log_gold(rows)
     schemas = {s.name: s for s in label_schemas.list_label_schemas(experiment_id=experiment)}
     schema = schemas.get(label_name) or label_schemas.create_label_schema(
         label_name, type="feedback", input=label_schemas.InputPassFail(positive_label="pass", negative_label="fail"),
         instruction=instruction,
         enable_comment=True, experiment_id=experiment)
-    name = f"{run.info.run_name} {run_id[:8]}"
-    if any(q.name.lower() == name.lower() for q in review_queues.list_review_queues(experiment_id=experiment)):
-        return name, 0  # queued before: its queue keeps its items and the labels given there
     queue = review_queues.create_review_queue(name, queue_type="custom", schema_ids=[schema.schema_id],
                                               experiment_id=experiment)
     review_queues.add_items_to_review_queue(queue.queue_id, item_ids=list(rows))

@@ -11,27 +11,13 @@ import os
 from collections.abc import Iterator
 
 import mlflow
-from mlflow.entities import AssessmentSource, AssessmentSourceType
 
 from pipelines.config import ConfigError
 from pipelines.tracking.evaluation import comparison_metrics
+from pipelines.tracking.judging.labels import EXPECTATION
 
-EXPECTATION = "expected_response"
-GOLD_SOURCE = AssessmentSource(source_type=AssessmentSourceType.CODE, source_id="ragqa gold answer")
 ALIGNERS = ("simba", "memalign")
 SIMBA_MIN_TRACES = 10  # MLflow's SIMBA refuses fewer labelled traces
-
-
-def log_gold(rows: dict[str, dict]) -> int:
-    """Each trace's gold answer as its expectation `expected_response` (the trace view shows it to reviewers;
-    MLflow's aligners read it), where the trace has none yet. Returns how many were written."""
-    written = 0
-    for trace_id, row in rows.items():
-        trace = mlflow.get_trace(trace_id)
-        if trace and not any(a.name == EXPECTATION for a in trace.info.assessments or []):
-            mlflow.log_expectation(trace_id=trace_id, name=EXPECTATION, value=row["gold"], source=GOLD_SOURCE)
-            written += 1
-    return written
 
 
 @contextlib.contextmanager
