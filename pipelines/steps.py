@@ -555,13 +555,14 @@ def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
     optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
     with dspy.context(lm=judge_lm, callbacks=[]), tracking.timed("align"):
         aligned = optimizer.compile(original.deepcopy(), trainset=parts.align, **compile_kwargs(cfg.optimizer))
-    labels_ = [e.label for e in parts.held_out]
-    before, after = (align.verdicts(p, parts.held_out, judge_lm) for p in (original, aligned))
-    pairs = [(100.0 * ((b >= cfg.judge_threshold) == h), 100.0 * ((a >= cfg.judge_threshold) == h))
-             for b, a, h in zip(before, after, labels_, strict=True) if a is not None and b is not None]
-    agreed = [None if a is None else 100.0 * ((a >= cfg.judge_threshold) == h)
-              for a, h in zip(after, labels_, strict=True)]
-    return aligned, scoring.paired([a for _, a in pairs], [b for b, _ in pairs]), agreed
+    def agreed(program: align.JudgeProgram) -> list[float | None]:
+        scores = align.verdicts(program, parts.held_out, judge_lm)
+        return [None if s is None else 100.0 * ((s >= cfg.judge_threshold) == e.label)
+                for s, e in zip(scores, parts.held_out, strict=True)]
+
+    before, after = agreed(original), agreed(aligned)
+    pairs = [(b, a) for b, a in zip(before, after, strict=True) if a is not None and b is not None]
+    return aligned, scoring.paired([a for _, a in pairs], [b for b, _ in pairs]), after
 
 
 def _mlflow_align_beside(cfg: Config, scoring: Scoring, parts: align.Split, examples: dict[str, dict],
@@ -579,12 +580,13 @@ def _mlflow_align_beside(cfg: Config, scoring: Scoring, parts: align.Split, exam
                                         model=model, embedding_model=cfg.mlflow_embedding_model, **endpoint)
     rows = [examples[e.trace_id] for e in parts.held_out]
     before, after = (tracking.mlflow_verdicts(j, rows, **endpoint) for j in (base, aligned))
-    labels_ = [e.label for e in parts.held_out]
     usable = [i for i in range(len(rows)) if None not in (before[i], after[i], dspy_agreed[i])]
-    agree = {name: [100.0 * (verdicts[i] == labels_[i]) for i in usable] for name, verdicts in
-             (("before", before), ("after", after))}
-    gain = scoring.paired(agree["after"], agree["before"])
-    versus = scoring.paired(agree["after"], [dspy_agreed[i] for i in usable])
+
+    def agreed(verdicts: list[bool | None]) -> list[float]:
+        return [100.0 * (verdicts[i] == parts.held_out[i].label) for i in usable]
+
+    gain = scoring.paired(agreed(after), agreed(before))
+    versus = scoring.paired(agreed(after), [dspy_agreed[i] for i in usable])
     name = f"{cfg.judge_name}-{cfg.mlflow_aligner}"
     tracking.log_mlflow_alignment(aligned, name=name, gain=gain, versus=versus,
                                   unparseable=len(rows) - len(usable))
