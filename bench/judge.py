@@ -17,11 +17,11 @@ import _common as common
 
 import dspy
 import mlflow
-from mlflow.entities import AssessmentSource, AssessmentSourceType
 
 from pipelines.data import load_splits
 from pipelines.evaluation.scoring import JudgedF1
 from pipelines.judging import align
+from pipelines.judging.labels import Label
 from pipelines.optimizers import build_optimizer
 from pipelines.steps import REVIEW_INSTRUCTION
 from pipelines import tracking
@@ -67,14 +67,12 @@ def labelled_traces(examples: list[dspy.Example]) -> list[str]:
     def program(question: str, answer: str) -> dict:
         return {"response": answer}
 
-    person = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="bench")
     ids = []
     for e in examples:
         program(e.question, e.answer)
         ids.append(mlflow.get_last_active_trace_id())
     mlflow.flush_trace_async_logging()
-    for trace_id, e in zip(ids, examples, strict=True):
-        mlflow.log_feedback(trace_id=trace_id, name="correct", value=e.label, source=person)
+    tracking.log_labels([Label(t, e.label, "bench") for t, e in zip(ids, examples, strict=True)], "correct")
     tracking.log_gold({t: {"gold": e.gold} for t, e in zip(ids, examples, strict=True)})
     return ids
 

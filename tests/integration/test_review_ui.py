@@ -29,24 +29,21 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-ge
 
 
 @pytest.fixture
-def ui_server(tmp_path, monkeypatch):
-    """`mlflow server` on a loopback port over a fresh sqlite store, as the tracking URI."""
+def ui_server(store, monkeypatch):
+    """`mlflow server` on a loopback port over the test's store, as the tracking URI."""
     port = free_port()
-    log = tmp_path / "server.log"
+    log = store / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
-             str(tmp_path / "served"), "--workers", "1"],
+             "--backend-store-uri", f"sqlite:///{store}/server.db", "--artifacts-destination",
+             str(store / "served"), "--workers", "1"],
             env=user_env({"LITELLM_LOCAL_MODEL_COST_MAP": "True"}), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process, timeout=180)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        monkeypatch.setenv("RAGQA_CACHE_DIR", str(tmp_path / "cache"))
-        monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(url)
-        monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
         yield url
     finally:
         process.terminate()
