@@ -7,7 +7,7 @@ The tutorial preset at full size against a fake server: a seeded synthetic corpu
   examples where `data=ragqa_arena_tech` finds them, chat and embeddings from tests/fake_lm.py (judge score 0.7,
   1.0 for answers given with demos), each `experiment=tutorial` on one store and cache: rag (cold), optimize,
   main, rag-cached (all from DSPy's cache), rag-untraced (tracking.log_traces=false), and bare: DSPy's RAG tutorial
-  (https://dspy.ai/tutorials/rag/) as a plain script (`bare_tutorial`: no MLflow, no project code), cold cache.
+  (https://dspy.ai/tutorials/rag/) as a plain script (bench/bare_tutorial.py: no MLflow, no project code), cold cache.
 Per phase: wall time, peak RSS, requests to the fake, store size; per run: its start and end within the phase,
 phase timings, examples evaluated, traces stored; the registered MIPROv2 programs' demos. Writes results.json.
 
@@ -18,98 +18,21 @@ phase timings, examples evaluated, traces stored; the registered MIPROv2 program
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
-import os
-import random
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 import _common as common
-from helpers import MLFLOW, user_env
+import user_jobs
+from bare_tutorial import bare_tutorial
+from synthetic import generate
 
 PHASES = ("rag", "optimize", "main", "rag-cached", "rag-untraced", "bare")  # the tutorial's, in this order
 ENTRY = {"readme": "main", "rag": "rag", "optimize": "optimize", "main": "main", "rag-cached": "rag",
          "rag-untraced": "rag"}
-FAKE_ENV = {"OPENAI_API_KEY": "sk-fake-bench",  # never sent anywhere but the loopback fake
-            # LiteLLM otherwise retries fetching its price list from the internet at every start (seconds offline).
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
-
-# Synthetic data in the tutorial's format ---------------------------------------------------------------------
-
-TERMS = """kernel socket thread mutex buffer cache proxy daemon shell script config cluster container volume image
-registry branch commit merge rebase remote origin upstream patch diff stash index packet route gateway
-subnet firewall port tunnel certificate cipher hash salt token session cookie header query schema table
-column join cursor transaction lock replica shard partition backup snapshot journal compiler linker loader
-library module package dependency version release build artifact pipeline runner stack heap pointer
-closure iterator generator coroutine callback promise event loop signal process service timer cron log
-archive mount filesystem inode driver firmware boot display keyboard printer network interface address
-resolver domain mail relay queue broker topic consumer producer array vector matrix string integer object
-class method field decorator permission user group sudo password terminal editor plugin extension browser
-server client request response endpoint latency timeout retry quota memory swap disk cpu core scheduler"""
-FUNCTION_WORDS = "the a of to in and is that for it with as on be this you can or by not are if from".split()
-VERBS = "configure install remove update restart debug fix enable disable mount share sync migrate deploy".split()
-ONSETS, VOWELS, CODAS = "b c d f g k l m n p r s t v z br tr st pl gr".split(), "a e i o u ai eo".split(), \
-    ["", "", "n", "x", "r", "s", "th", "ck"]
-
-
-class TextMaker:
-    """A vocabulary (function words, then technical terms, then made-up words: rank order) drawn with Zipf
-    weights, cut into capitalized sentences of 6-20 words."""
-
-    def __init__(self, rng: random.Random, size: int = 6000):
-        terms, made_up = TERMS.split(), set()
-        rng.shuffle(terms)
-        while len(made_up) < size - len(FUNCTION_WORDS) - len(terms):
-            made_up.add("".join(rng.choice(ONSETS) + rng.choice(VOWELS) for _ in range(rng.randint(2, 3)))
-                        + rng.choice(CODAS))
-        self.rng, self.words = rng, FUNCTION_WORDS + terms + sorted(made_up)
-        self.cum_weights = list(itertools.accumulate(1.0 / rank for rank in range(1, len(self.words) + 1)))
-
-    def text(self, n_words: int, seed_words: tuple[str, ...] = ()) -> str:
-        words = self.rng.choices(self.words, cum_weights=self.cum_weights, k=n_words)
-        for w in seed_words:  # topic words, so a question's gold documents share words with it
-            words[self.rng.randrange(n_words)] = w
-        sentences, i = [], 0
-        while i < n_words:
-            sentence = " ".join(words[i:i + (n := self.rng.randint(6, 20))])
-            sentences.append(sentence[:1].upper() + sentence[1:] + ".")
-            i += n
-        return " ".join(sentences)
-
-
-def generate(data_dir: Path, n_docs: int, n_examples: int, seed: int) -> None:
-    """Write ragqa_arena_tech_{corpus,examples}.jsonl (deterministic for a seed), unless they are there."""
-    paths = {kind: data_dir / f"ragqa_arena_tech_{kind}.jsonl" for kind in ("corpus", "examples")}
-    if all(p.exists() for p in paths.values()):
-        return
-    data_dir.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    maker = TextMaker(rng)
-    doc_ids, topics = rng.sample(range(1, 10 * n_docs), n_docs), {}  # topics: a few words of the doc, for questions
-    terms = maker.words[len(FUNCTION_WORDS):len(FUNCTION_WORDS) + 600]
-    with open(paths["corpus"], "w") as f:
-        for doc_id in doc_ids:
-            # Log-normal length: median ~150 words (~1 kB), about 2% past the tutorial's 6000-char cut.
-            n_words = min(1400, max(15, int(rng.lognormvariate(math.log(150), 0.8))))
-            topic = topics[doc_id] = rng.sample(terms, 4)
-            author = " ".join(w.capitalize() for w in rng.sample(maker.words[-3000:], 2))
-            f.write(json.dumps({"doc_id": doc_id, "author": author, "text": maker.text(n_words, tuple(topic) * 3)})
-                    + "\n")
-    with open(paths["examples"], "w") as f:
-        for _ in range(n_examples):
-            gold = rng.sample(doc_ids, rng.randint(1, 3))
-            topic = topics[gold[0]]
-            question = f"how do i {rng.choice(VERBS)} the {topic[0]} {topic[1]} with {topic[2]}?"
-            response = maker.text(rng.randint(100, 300), tuple(topic) * 2)
-            f.write(json.dumps({"question": question, "response": response, "gold_doc_ids": gold}) + "\n")
-
 
 # Running and measuring the phases ----------------------------------------------------------------------------
 
@@ -133,42 +56,30 @@ def phase_command(phase: str, store: Path, api_base: str, args) -> list[str]:
     tutorial = ["experiment=tutorial", f"lm.api_base={api_base}", f"embedder.api_base={api_base}",
                 f"num_threads={args.threads}", f"optimizer.auto={args.auto}"] * (phase != "readme")
     untraced = ["tracking.log_traces=false"] * (phase == "rag-untraced")
-    overrides = [*tutorial, f"hydra.run.dir={store}/hydra-{phase}", *untraced, *args.extra]
-    return [MLFLOW, "run", ".", "-e", ENTRY[phase], "--env-manager", "local", "--experiment-name",
-            common.EXPERIMENT, "-P", f"overrides={' '.join(overrides)}"]
+    return user_jobs.mlflow_run(ENTRY[phase], [*tutorial, f"hydra.run.dir={store}/hydra-{phase}", *untraced,
+                                               *args.extra])
 
 
 def run_phase(phase: str, store: Path, api_base: str, counts, args) -> dict:
     from pipelines.server import running_servers
 
-    cmd, record = phase_command(phase, store, api_base, args), {"phase": phase}
+    record = {"phase": phase}
     if phase == "readme":  # the embedded server's start alone, then the job with its own
         record["server_alone_s"] = common.spawn_worker(args, state_dir=str(store / "server-alone"))["seconds"]
         record["other_servers"] = [f"{s['process']} at {s['api_base']}" for s in running_servers()]
-    # As a user runs it, from the repo root, on the store and its caches, in no outer run.
-    env = user_env({"MLFLOW_TRACKING_URI": common.sqlite_uri(store), "RAGQA_CACHE_DIR": str(store / "cache"),
-                    "PYTHONDONTWRITEBYTECODE": "1", **({"RAGQA_SERVER_DIR": str(store / "server")}
-                                                      if phase == "readme" else FAKE_ENV)})
-    env = {k: v for k, v in env.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     chat0, emb0 = counts()
-    start = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {phase}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    with open(store / f"{phase}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # peak RSS of the job and every descendant it waited for
-    rc = proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    wall, rss = time.time() - start, usage.ru_maxrss / 1024
+    cmd = phase_command(phase, store, api_base, args)
+    env = {"PYTHONDONTWRITEBYTECODE": "1",
+           **({"RAGQA_SERVER_DIR": str(store / "server")} if phase == "readme" else user_jobs.FAKE_ENV)}
+    record.update(user_jobs.run_job(phase, cmd, store, env), cmd=" ".join(cmd))
     chat1, emb1 = counts()
     files = [store / "mlflow.db", *(p for p in (store / "artifacts").rglob("*") if p.is_file())]
-    record.update(cmd=" ".join(cmd), rc=rc, wall_s=wall, peak_rss_mib=rss, chat_calls=chat1 - chat0,
-                  embedding_calls=emb1 - emb0, start=start, end=time.time(),
+    record.update(chat_calls=chat1 - chat0, embedding_calls=emb1 - emb0,
                   store_mib=sum(p.stat().st_size for p in files if p.exists()) / 2**20)
     if phase == "bare":
         record["bare"] = json.loads((store / "bare.json").read_text()) if (store / "bare.json").exists() else None
     else:
-        record["runs"] = describe_runs(store, start, record["end"])
-    print(f"[{time.strftime('%H:%M:%S')}] {phase}: exit {rc}, {wall:.0f} s, {rss:.0f} MiB, "
-          f"{record['chat_calls']} chat / {record['embedding_calls']} embedding calls", file=sys.stderr, flush=True)
+        record["runs"] = describe_runs(store, record["start"], record["end"])
     return record
 
 
@@ -203,46 +114,6 @@ def registered_demos(store: Path) -> list[str]:
             out.append(f"{mv.name}/{mv.version}: demos, bootstrapped: " + ", ".join(
                 f"{n} {len(p.demos)}, {sum(1 for d in p.demos if d.get('augmented'))}" for n, p in predictors))
     return out
-
-
-def bare_tutorial(args) -> dict:
-    """The tutorial's own code against the fake server: its data, splits, SemanticF1, Embeddings retriever, RAG,
-    MIPROv2; each step timed. The key comes from OPENAI_API_KEY, as in the tutorial; only the server differs."""
-    import dspy
-    from dspy.evaluate import SemanticF1
-
-    data_dir, times, t = Path(args.bare) / "cache" / "data", {}, time.perf_counter()
-    dspy.configure_cache(disk_cache_dir=str(Path(args.bare) / "bare-dspy-cache"))
-    dspy.configure(lm=dspy.LM("openai/gpt-4o-mini", api_base=args.api_base))
-    with open(data_dir / "ragqa_arena_tech_examples.jsonl") as f:
-        data = [dspy.Example(**json.loads(line)).with_inputs("question") for line in f]
-    random.Random(0).shuffle(data)
-    trainset, devset = data[:200], data[200:500]
-    metric = SemanticF1(decompositional=True)
-    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=args.threads, display_progress=True)
-    with open(data_dir / "ragqa_arena_tech_corpus.jsonl") as f:
-        corpus = [json.loads(line)["text"][:6000] for line in f]
-    embedder = dspy.Embedder("openai/text-embedding-3-small", dimensions=512, api_base=args.api_base)
-    search = dspy.retrievers.Embeddings(embedder=embedder, corpus=corpus, k=5)
-    times["load_and_index_s"] = time.perf_counter() - t
-
-    class RAG(dspy.Module):
-        def __init__(self):
-            self.respond = dspy.ChainOfThought("context, question -> response")
-
-        def forward(self, question):
-            return self.respond(context=search(question).passages, question=question)
-
-    baseline, times["baseline_eval_s"] = common.timed(evaluate, RAG())
-    tp = dspy.MIPROv2(metric=metric, auto=args.auto, num_threads=args.threads)
-    optimized_rag, times["compile_s"] = common.timed(tp.compile, RAG(), trainset=trainset, max_bootstrapped_demos=2,
-                                                     max_labeled_demos=2)
-    optimized, times["optimized_eval_s"] = common.timed(evaluate, optimized_rag)
-    result = {**times, "corpus": len(corpus), "examples": len(data), "baseline_score": baseline.score,
-              "optimized_score": optimized.score,
-              "demos": {name: len(p.demos) for name, p in optimized_rag.named_predictors()}}
-    (Path(args.bare) / "bare.json").write_text(json.dumps(result, indent=2))
-    return result
 
 
 # Report ------------------------------------------------------------------------------------------------------
@@ -287,13 +158,8 @@ def main(args) -> None:
     store = Path(args.scratch) if args.scratch else common.scratch("jobs")
     if set(args.phases) - {"readme"}:
         generate(store / "cache" / "data", args.docs, args.examples, args.seed)
-    if not (store / "mlflow.db").exists():  # artifacts in the store: `mlflow run` would put them in the repo
-        MlflowClient(common.sqlite_uri(store)).create_experiment(common.EXPERIMENT, (store / "artifacts").as_uri())
-    results = {"store": str(store), "args": vars(args), "phases": [], "demos": []}
-    with common.fake_lm(latency=args.latency, score=0.7, demo_score=1.0) as (api_base, counts):
-        for phase in args.phases:
-            results["phases"].append(run_phase(phase, store, api_base, counts, args))
-            (store / "results.json").write_text(json.dumps(results, indent=2))
+    results = user_jobs.run_phases(store, args.phases, run_phase, args, latency=args.latency, score=0.7,
+                                   demo_score=1.0)
     results.update(demos=registered_demos(store), machine=common.machine())
     (store / "results.json").write_text(json.dumps(results, indent=2))
     print(report(results))

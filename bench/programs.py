@@ -14,18 +14,14 @@ seconds for all 300, examples traced, peak RSS of the job, requests the fake ser
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 import _common as common
-from helpers import MLFLOW, user_env
-from jobs import FAKE_ENV, generate
+import user_jobs
+from synthetic import generate
 
 MODEL = "ragqa-tech-tutorial"
 PHASES = {  # name: (entry point, overrides); the ensembles sample the program the rag phase registered
@@ -42,22 +38,11 @@ def run_phase(name: str, store: Path, api_base: str, counts, args) -> dict:
     overrides = ["experiment=tutorial", f"lm.api_base={api_base}", f"embedder.api_base={api_base}", "lm.cache=false",
                  f"num_threads={args.threads}", f"data.dev_size={args.dev}", f"hydra.run.dir={store}/hydra-{name}",
                  *extra]
-    cmd = [MLFLOW, "run", ".", "-e", entry, "--env-manager", "local", "--experiment-name", common.EXPERIMENT,
-           "-P", f"overrides={' '.join(overrides)}"]
-    env = user_env({"MLFLOW_TRACKING_URI": common.sqlite_uri(store), "RAGQA_CACHE_DIR": str(store / "cache"),
-                    **FAKE_ENV})
-    env = {k: v for k, v in env.items() if k not in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID")}
     chat0, _ = counts()
-    start = time.time()
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    with open(store / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)  # peak RSS of the job and every descendant it waited for
-    record = {"phase": name, "rc": os.waitstatus_to_exitcode(status), "wall_s": time.time() - start,
-              "peak_rss_mib": usage.ru_maxrss / 1024, "chat_calls": counts()[0] - chat0}
-    record.update(describe_run(store, start))
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {record['rc']}, {record['wall_s']:.0f} s", file=sys.stderr,
-          flush=True)
+    record = {"phase": name, **user_jobs.run_job(name, user_jobs.mlflow_run(entry, overrides), store,
+                                                 user_jobs.FAKE_ENV)}
+    record["chat_calls"] = counts()[0] - chat0
+    record.update(describe_run(store, record["start"]))
     return record
 
 
@@ -90,13 +75,7 @@ def report(results: dict) -> str:
 def main(args) -> None:
     store = Path(args.scratch) if args.scratch else common.scratch("programs")
     generate(store / "cache" / "data", args.docs, args.examples, args.seed)
-    if not (store / "mlflow.db").exists():  # artifacts in the store: `mlflow run` would put them in the repo
-        MlflowClient(common.sqlite_uri(store)).create_experiment(common.EXPERIMENT, (store / "artifacts").as_uri())
-    results = {"store": str(store), "args": vars(args), "phases": []}
-    with common.fake_lm(latency=args.latency, score=0.7) as (api_base, counts):
-        for name in args.phases:
-            results["phases"].append(run_phase(name, store, api_base, counts, args))
-            (store / "results.json").write_text(json.dumps(results, indent=2))
+    results = user_jobs.run_phases(store, args.phases, run_phase, args, latency=args.latency, score=0.7)
     results["machine"] = common.machine()
     (store / "results.json").write_text(json.dumps(results, indent=2))
     print(report(results))
