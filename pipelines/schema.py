@@ -170,6 +170,14 @@ class TrackingConfig:
 
 
 @dataclass
+class ArenaConfig:
+    """The arena judge (`arena_win_rate`, `arena_win_tie_rate`): pipelines/evaluation/arena.py."""
+
+    examples: str | None = None      # few-shot: a JSONL of your labelled pairs (question, answer_1, answer_2, verdict)
+    both_orders: bool = False        # judge each question in both orders; adds arena_order_flip_rate
+
+
+@dataclass
 class ScoringConfig:
     metrics: list[Metric] = field(default_factory=lambda: [Metric.semantic_f1])
     primary: Metric = Metric.semantic_f1
@@ -179,6 +187,7 @@ class ScoringConfig:
     promotion: PromotionRule = PromotionRule.significant
     miss_threshold: float = 50.0     # a primary score below it is an `answer_miss` (failure modes)
     judge: str | None = None         # an aligned SemanticF1 judge: a registered judge's NAME[@ALIAS|/VERSION], or a URI
+    arena: ArenaConfig = field(default_factory=ArenaConfig)
 
 
 @dataclass

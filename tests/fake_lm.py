@@ -4,7 +4,8 @@
 in the format the request asks for: a JSON object for `response_format` (json_object or json_schema,
 as JSONAdapter and the schema-constrained adapter send), else ChatAdapter's `[[ ## field ## ]]`
 sections. Number fields get `score`, so `score=1.0` makes a SemanticF1 judge pass every example, as
-a capable LM's judge often does (`mode="ok"`); `garbage` and `empty` exercise failure paths.
+a capable LM's judge often does (`mode="ok"`); `garbage` and `empty` exercise failure paths. A field
+with fixed options (an enum, a `Literal`) gets its first: a pairwise judge that prefers answer 1.
 With `demo_score`, it also behaves like an LM that few-shot demos help: a request that carries demos
 (more than a system and a user message) is answered with a marker, and a judge request that sees the
 marker gets `demo_score` instead of `score`, so optimizers have something to prefer.
@@ -36,12 +37,15 @@ import numpy as np
 # ChatAdapter asks for fields as `[[ ## name ## ]]` and describes them as "1. `name` (type): ...".
 _FIELD_MARKER = re.compile(r"\[\[ ## (\w+) ## \]\]")
 _FIELD_TYPE = re.compile(r"`(\w+)` \((\w+)")
+_LITERAL = re.compile(r"`(\w+)` \(Literal\[([^\]]*)\]\)")  # "`verdict` (Literal['1', '2', '0'])"
 _NUMBER_TYPES = {"float": "number", "int": "integer", "bool": "boolean"}
 DEMO_MARKER = "(answered with demos)"
 
 
 def fake_value(name: str, schema: dict, score: float = 0.5, suffix: str = ""):
     kind = schema.get("type")
+    if schema.get("enum"):
+        return schema["enum"][0]
     if kind in ("number", "integer"):
         return score if kind == "number" else 1
     if kind == "boolean":
@@ -61,6 +65,8 @@ def requested_fields(request: dict) -> tuple[dict[str, dict], str]:
     system = str(messages[0].get("content", ""))
     outputs = system.split("Your output fields are:", 1)[-1].split("All interactions", 1)[0]
     types = {name: {"type": _NUMBER_TYPES.get(kind, "string")} for name, kind in _FIELD_TYPE.findall(outputs)}
+    types |= {name: {"type": "string", "enum": re.findall(r"'([^']*)'", options)}
+              for name, options in _LITERAL.findall(outputs)}
     last = str(messages[-1].get("content", ""))
     names = [n for n in dict.fromkeys(_FIELD_MARKER.findall(last.split("Respond with", 1)[-1])) if n != "completed"]
     fmt = "json" if response_format.get("type") == "json_object" else "chat"

@@ -36,7 +36,7 @@ JUDGED_METRICS = (JUDGED, *arena.METRICS)  # the metrics an LM judge scores
 RECALL = "recall_at_k"  # always scored for a retrieving program, never primary: CoT has none
 HOP = "_hop"            # recall_at_k_hop1, ...: a multi-hop program's recall of each search on its own
 LABELS = {JUDGED: "SemanticF1", "token_f1": "token F1", "rouge_l": "ROUGE-L", RECALL: "recall@k",
-          arena.WIN: "arena win rate", arena.WIN_TIE: "arena win+tie rate"}
+          arena.WIN: "arena win rate", arena.WIN_TIE: "arena win+tie rate", arena.FLIP: "arena order flip rate"}
 NO_PREDICTION = "no prediction: LM call or output parsing failed"
 USAGE = ("lm_calls", "prompt_tokens", "completion_tokens", "cost_usd")  # per-example cost columns
 
@@ -74,6 +74,7 @@ class Scoring:
     miss_threshold: float = 50.0
     judge: str | None = None  # an aligned SemanticF1 judge's state (path or artifact URI); None: DSPy's own
     judge_version: str | None = None  # what runs record of it: `NAME vN` of a registered judge, else its URI
+    arena: arena.Settings = arena.Settings()  # the arena judge's few-shot examples and order rule
 
     @classmethod
     def from_cfg(cls, cfg: ScoringConfig) -> Scoring:
@@ -82,9 +83,12 @@ class Scoring:
         metrics = tuple(dict.fromkeys([*(str(m) for m in cfg.metrics), str(cfg.primary)]))
         if not 0 < cfg.confidence < 1 or cfg.n_resamples < 1:
             raise ConfigError("scoring.confidence must lie in (0, 1) and scoring.n_resamples be positive")
+        pairwise = arena.Settings.from_cfg(cfg.arena)
+        if pairwise.both_orders and set(arena.METRICS) & set(metrics):
+            metrics += (arena.FLIP,)
         return cls(metrics=metrics, primary=str(cfg.primary), confidence=cfg.confidence,
                    n_resamples=cfg.n_resamples, seed=cfg.seed, promotion=str(cfg.promotion),
-                   miss_threshold=float(cfg.miss_threshold), judge=cfg.get("judge"))
+                   miss_threshold=float(cfg.miss_threshold), judge=cfg.get("judge"), arena=pairwise)
 
     def interval(self, values: list[float]) -> Estimate:
         return interval(values, confidence=self.confidence, n_resamples=self.n_resamples, seed=self.seed)
@@ -247,7 +251,8 @@ class Scorer:
         names an aligned judge."""
         judged = (JudgedF1(judge_lm, traced=traced, aligned=scoring.judge, version=scoring.judge_version)
                   if JUDGED in scoring.metrics else None)
-        pairwise = arena.ArenaJudge(judge_lm, traced=traced) if set(arena.METRICS) & set(scoring.metrics) else None
+        pairwise = (arena.ArenaJudge(judge_lm, traced=traced, settings=scoring.arena)
+                    if set(arena.METRICS) & set(scoring.metrics) else None)
         return cls(scoring, judged, pairwise)
 
     def __call__(self, example, prediction, trace=None) -> float:

@@ -1,6 +1,7 @@
 """Evaluations against the fake OpenAI-compatible server: full rows, failures counted, every trace of a
 many-threaded evaluation stored or its loss explained."""
 
+import json
 import time
 
 import dspy
@@ -8,13 +9,14 @@ import mlflow
 import pytest
 
 from pipelines import tracking
-from pipelines.config import compose
+from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
 from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
 from pipelines.lm import build_adapter, build_lm
+from pipelines.steps import run_variant
 
 from fake_lm import fake_model
-from helpers import fake_lm_overrides
+from helpers import fake_lm_overrides, fake_overrides, smoke
 
 METRICS = ["semantic_f1", "token_f1", "rouge_l"]
 
@@ -114,38 +116,96 @@ def test_traces_the_store_refuses_are_counted_and_explained(store, fake, monkeyp
     assert "disk quota exceeded" in run.data.tags["traces_missing"] and "disk quota exceeded" in caplog.text
 
 
-def test_the_arena_rates_count_what_a_pairwise_judge_says_in_both_orders(fake):
-    """A judge that prefers the answer saying `good`, wherever it is shown, and calls two `good`s a tie: with
-    answers known to win, lose or tie, the rates are known, and the order rule shows the program's answer
+QUESTIONS = [f"how do I fix problem {i}?" for i in range(12)]
+
+
+def arena_evaluation(fake, answers: dict, golds: dict, verdict, *overrides):
+    """The answers scored against the golds on the arena metrics by a fake judge that says `verdict(question,
+    answer_1, answer_2)` (token F1 decides, so a verdict left out never touches the primary metric)."""
+    def judged(request):
+        shown = str(request["messages"][-1]["content"])
+        question = next(q for q in QUESTIONS if q in shown)
+        one, two = shown.split("[[ ## answer_1 ## ]]", 1)[1].split("[[ ## answer_2 ## ]]", 1)
+        return verdict(question, one, two.split("Respond with", 1)[0])
+
+    fake.field_answers["verdict"] = judged
+    fake.field_answers["response"] = lambda request: next((answers[q] for q in QUESTIONS
+                                                          if q in str(request["messages"][-1]["content"])), None)
+    cfg = compose("cot", [*fake_lm_overrides(fake.api_base, model=fake_model()), "scoring.primary=token_f1",
+                          "scoring.metrics=[token_f1,arena_win_rate,arena_win_tie_rate]", *overrides])
+    lm = build_lm(cfg.lm)
+    scorer = Scorer.with_judges(Scoring.from_cfg(cfg.scoring), lm)
+    dev = [dspy.Example(question=q, response=golds[q]).with_inputs("question") for q in QUESTIONS]
+    with dspy.context(lm=lm, adapter=build_adapter(cfg.lm)):
+        return evaluate(dspy.Predict("question -> response"), dev, scorer, num_threads=2, progress=False)
+
+
+def test_the_arena_rates_count_what_a_pairwise_judge_says_in_either_order(fake):
+    """A judge that prefers the answer saying `good`, wherever it is shown, and is not sure between two `good`s:
+    with answers known to win, lose or tie, the rates are known, and the order rule shows the program's answer
     first on some questions and second on others."""
     from pipelines.evaluation import arena
 
-    questions = [f"how do I fix problem {i}?" for i in range(12)]
-    answers = {q: ("good fix", "bad fix", "good fix")[i % 3] for i, q in enumerate(questions)}
-    golds = {q: "plain reference" if i % 3 == 0 else "good reference" for i, q in enumerate(questions)}
-    dev = [dspy.Example(question=q, response=golds[q]).with_inputs("question") for q in questions]
-    assert {arena.program_first(q) for q in questions} == {True, False}
+    answers = {q: ("good fix", "bad fix", "good fix")[i % 3] for i, q in enumerate(QUESTIONS)}
+    golds = {q: "plain reference" if i % 3 == 0 else "good reference" for i, q in enumerate(QUESTIONS)}
+    assert {arena.program_first(q) for q in QUESTIONS} == {True, False}
 
-    def verdict(request):
-        shown = str(request["messages"][-1]["content"])
-        a, b = shown.split("answer_a", 1)[1].split("answer_b", 1)
-        return "tie" if "good" in a and "good" in b else "A" if "good" in a else "B" if "good" in b else "tie"
+    def verdict(question, one, two):
+        return "0" if "good" in one and "good" in two else "1" if "good" in one else "2" if "good" in two else "0"
 
-    fake.field_answers["better"] = verdict
-    cfg = compose("cot", [*fake_lm_overrides(fake.api_base, model=fake_model()),
-                          "scoring.metrics=[token_f1,arena_win_rate,arena_win_tie_rate]", "scoring.primary=token_f1"])
-    lm = build_lm(cfg.lm)
-    scorer = Scorer.with_judges(Scoring.from_cfg(cfg.scoring), lm)
-    program = dspy.Predict("question -> response")
-    fake.field_answers["response"] = lambda request: next((answers[q] for q in questions
-                                                          if q in str(request["messages"][-1]["content"])), None)
-    with dspy.context(lm=lm, adapter=build_adapter(cfg.lm)):
-        result = evaluate(program, dev, scorer, num_threads=2, progress=False)
+    result = arena_evaluation(fake, answers, golds, verdict)
     # Per question: "good" against a plain gold wins, "bad" against a good one loses, two goods tie.
     assert result.estimates["arena_win_rate"].value == pytest.approx(100 / 3, abs=1e-3)
     assert result.estimates["arena_win_tie_rate"].value == pytest.approx(200 / 3, abs=1e-3)
     row = result.rows[2]
     assert row["arena_win_rate"] == 0.0 and row["arena_win_tie_rate"] == 100.0
-    assert "judge: tie" in row["arena_win_rate_rationale"] and "program's answer shown as" in row[
+    assert "judge: 0 (not sure)" in row["arena_win_rate_rationale"] and "program's answer shown as" in row[
         "arena_win_rate_rationale"]
-    assert result.judge_failures == 0
+    assert result.judge_failures == 0 and "arena_order_flip_rate" not in result.estimates
+    assert fake.calls == 2 * len(QUESTIONS)  # one answer, one verdict each
+
+
+def test_few_shot_pairs_reach_the_judge_and_both_orders_measure_its_position_bias(fake, tmp_path):
+    """Both orders, with the user's labelled pairs: every verdict request carries them. The judge prefers a
+    `good` answer over a `bad` one wherever it stands, but between two answers alike it takes answer 1, so
+    those flip with the order; and on one question it says something that is not a verdict, which leaves
+    that question unscored instead of lost."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"question": "how do I undo a commit?", "answer_1": "git reset --soft HEAD~1",
+                                 "answer_2": "delete .git", "verdict": 1, "reasoning": "two destroys the repo"}) + "\n")
+    answers = {q: "good fix" if i % 2 else "bad fix" for i, q in enumerate(QUESTIONS)}
+    golds = {q: "good reference" if i % 4 < 2 else "bad reference" for i, q in enumerate(QUESTIONS)}
+    broken = QUESTIONS[5]
+
+    def verdict(question, one, two):
+        if question == broken:
+            return "maybe"
+        return "2" if "bad" in one and "good" in two else "1"
+
+    result = arena_evaluation(fake, answers, golds, verdict, "scoring.arena.both_orders=true",
+                              f"scoring.arena.examples={pairs}")
+    judge_prompts = [p for p in fake.prompts if "answer_1" in p and "how do I fix problem" in p]
+    assert len(judge_prompts) == 2 * len(QUESTIONS) - 1  # both orders; the broken one stops after its first
+    assert all("two destroys the repo" in p and "delete .git" in p for p in judge_prompts)
+    # i % 4: 0 bad vs good gold: lost both ways; 1 good vs good: a flip, a tie; 2 bad vs bad: a flip, a tie;
+    # 3 good vs bad gold: won both ways. Question 5 (i % 4 == 1) is not scored.
+    scored = [i for i in range(12) if i != 5]
+    expected = {"arena_win_rate": [100.0 * (i % 4 == 3) for i in scored],
+                "arena_win_tie_rate": [100.0 * (i % 4 != 0) for i in scored],
+                "arena_order_flip_rate": [100.0 * (i % 4 in (1, 2)) for i in scored]}
+    for metric, values in expected.items():
+        assert [r[metric] for r in result.rows if r[metric] is not None] == values, metric
+        assert result.estimates[metric].n == 11
+        assert result.estimates[metric].value == pytest.approx(sum(values) / 11, abs=1e-3)
+    assert result.rows[5]["arena_win_rate"] is None and result.judge_failures == 1
+    assert "the judge gave no verdict" in result.rows[5]["arena_win_rate_rationale"]
+    assert "the verdict changed with the order" in result.rows[1]["arena_order_flip_rate_rationale"]
+    assert result.estimates["arena_order_flip_rate"].low < result.estimates["arena_order_flip_rate"].value
+
+
+def test_a_bad_few_shot_file_stops_the_step_before_any_run(store, fake, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"question": "q", "answer_1": "a", "answer_2": "b", "verdict": "A"}\n')
+    with pytest.raises(ConfigError, match=f"scoring.arena.examples={pairs}, row 1: verdict 'A' is not 1, 2 or 0"):
+        run_variant(smoke("cot", store, *fake_overrides(fake), f"scoring.arena.examples={pairs}"))
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list") and fake.calls == 0
