@@ -1,5 +1,7 @@
 """Metrics per example, evaluation rows and trace assessments, against DSPy's DummyLM."""
 
+import dataclasses
+
 import dspy
 import mlflow
 import pytest
@@ -195,3 +197,33 @@ def test_a_judge_that_never_gives_a_verdict_leaves_the_metric_unscored_never_zer
         judged = {a.name: a for a in trace.info.assessments}["semantic_f1"]
         assert judged.value is None and judged.error.error_code == "JUDGE_FAILED"
         assert judged.error.error_message.startswith("the judge failed")
+
+
+def test_any_judged_metric_without_a_value_is_missing_as_semantic_f1_is():
+    """A pairwise judge whose outcome has no value (an arena verdict that did not parse) on the odd questions:
+    the arena rates are over the even ones, and as primary the odd examples are `judge_failed`."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Outcome:  # as the arena judge's, whose failure has no value
+        judged: bool
+        rationale: str
+
+        def value(self, metric):
+            return 100.0 if self.judged else None
+
+    class HalfArena:
+        lm, failures = None, 0
+
+        def __call__(self, example, prediction):
+            judged = int(example.question[-1]) % 2 == 0
+            self.failures += not judged
+            return Outcome(judged, "program's answer won" if judged else "the judge failed")
+
+    cfg = compose("cot", ["scoring.metrics=[token_f1,arena_win_rate]", "scoring.primary=arena_win_rate"])
+    dev = [dspy.Example(question=f"question {i}", response="git reset").with_inputs("question") for i in range(4)]
+    result = evaluate(lambda question: dspy.Prediction(response="git reset"), dev,
+                      Scorer(Scoring.from_cfg(cfg.scoring), pairwise=HalfArena()), num_threads=1, progress=False)
+    estimate = result.estimates["arena_win_rate"]
+    assert estimate.value == 100.0 and estimate.n == 2 and result.estimates["token_f1"].n == 4
+    assert [r["failure_mode"] for r in result.rows] == ["ok", "judge_failed", "ok", "judge_failed"]
+    assert result.judge_failures == 2 and result.rows[1]["arena_win_rate_rationale"] == "the judge failed"
