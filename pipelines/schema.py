@@ -185,7 +185,7 @@ class ScoringConfig:
     n_resamples: int = 2000
     seed: int = 0
     promotion: PromotionRule = PromotionRule.significant
-    miss_threshold: float = 50.0     # a primary score below it is an `answer_miss` (failure modes)
+    miss_threshold: float = 50.0     # a primary score below it is a poor answer (failure modes)
     judge: str | None = None         # an aligned SemanticF1 judge: a registered judge's NAME[@ALIAS|/VERSION], or a URI
     arena: ArenaConfig = field(default_factory=ArenaConfig)
 

@@ -353,7 +353,8 @@ def run_optimize(cfg: Config) -> StepResult:
         comparisons = compare(best, base, session.scoring)
         tracking.log_metrics(tracking.comparison_metrics(comparisons))
         primary = session.scoring.primary
-        log.info("optimized - baseline: %s %s", label(primary), comparisons[primary].describe())
+        log.info("optimized - baseline: %s %s", label(primary), comparisons[primary].describe()
+                 if primary in comparisons else "not compared: no example was scored on both")
         tracking.log_optimization(optimized, side_by_side=side_by_side(base, best),
                                   learned_prompt=describe_program(optimized))
         model_uri, version = _log_and_register(session, optimized, best, variant=variant, model=model, tags=lineage)
@@ -374,8 +375,8 @@ def run_evaluate(cfg: Config) -> StepResult:
         with tracking.usage(session.lm, judge=session.judge):
             result = _score(session, program, session.splits.get(split), step=step, split=split, model=model,
                             dataset=datasets[split], **variant)
-        tracking.log_metrics(tracking.estimate_metrics(result.estimates, f"{split}_"), model=model,
-                             dataset=datasets[split])
+        tracking.log_metrics(tracking.estimate_metrics(result.estimates, f"{split}_", examples=result.num_examples),
+                             model=model, dataset=datasets[split])
         tracking.tag_scores(cfg.model_uri, result, split)
         return StepResult(step, active.info.run_id, result, cfg.model_uri)
 
@@ -673,9 +674,9 @@ def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
         metrics, rows = {}, []
         for r in results:
             log.info("%s: %s", r.name, r.result.headline())
-            metrics.update(tracking.estimate_metrics(r.result.estimates, f"{r.name}_"))
+            metrics.update(tracking.estimate_metrics(r.result.estimates, f"{r.name}_", examples=r.result.num_examples))
             metrics.update(tracking.failure_metrics(r.result, f"{r.name}_"))
-            rows.append({"variant": r.name, **comparison_row(r.result.estimates[scoring.primary], scoring.primary),
+            rows.append({"variant": r.name, **comparison_row(r.result.estimates.get(scoring.primary), scoring.primary),
                          "run_id": r.run_id, "model_uri": r.model_uri,
                          "registered_version": str(r.version) if r.version else None})
         for old, new in itertools.combinations(results, 2):
@@ -686,16 +687,18 @@ def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
                 rows.append({"variant": f"{new.name} - {old.name}",
                              **comparison_row(comparison.delta, scoring.primary), "p_value": comparison.p_value})
                 log.info("%s - %s: %s %s", new.name, old.name, label(scoring.primary), comparison.describe())
-        best = max(results, key=lambda r: r.score)
+        scored = [r for r in results if r.score is not None]  # the judge may have scored none of a step's answers
+        best = max(scored or results, key=lambda r: r.score or 0.0)
+        best_name = best.name if scored else f"none: no step was scored on {scoring.primary}"
         costs = quality_cost_rows([(r.name, r.result) for r in results], scoring.primary)
         for row in costs:
             log.info("%s: %s per question%s", row["variant"], _cost_text(row),
                      " (not beaten on both quality and cost)" if row["pareto"] else "")
         tracking.log_comparison(metrics=metrics, rows=rows, chart=comparison_chart(rows[: len(results)], scoring),
-                                best_variant=best.name)
+                                best_variant=best_name)
         tracking.log_analysis(failures=failure_chart([(r.name, r.result) for r in results]), costs=costs,
                               cost_chart=quality_cost_chart(costs, scoring))
-        log.info("best variant by point score: %s", best.name)
+        log.info("best variant by point score: %s", best_name)
         return StepResult("main", parent.info.run_id, best.result, best.model_uri, best.version)
 
 

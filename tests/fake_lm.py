@@ -9,6 +9,9 @@ with fixed options (an enum, a `Literal`) gets its first: a pairwise judge that 
 With `demo_score`, it also behaves like an LM that few-shot demos help: a request that carries demos
 (more than a system and a user message) is answered with a marker, and a judge request that sees the
 marker gets `demo_score` instead of `score`, so optimizers have something to prefer.
+With `judge_fail`, a judge that cannot always give a verdict: a SemanticF1 judge request (one asking for
+`precision` and `recall`) about a question whose hash falls in that share gets unparseable output; the
+same questions every time, so a test knows which (`judge_fails`).
 `field_answers` lets a test answer chosen output fields itself: `fake.field_answers["query"] = fn` makes
 every request that asks for `query` get `fn(request)` there (None: the usual fake value), e.g. a query
 writer that knows words of the gold document, or members of an ensemble that answer differently.
@@ -16,9 +19,10 @@ writer that knows words of the gold document, or members of an ensemble that ans
 words. Run standalone: `python tests/fake_lm.py --port 8799 --latency 0.1 --score 1.0`.
 
 One server can play several LMs at once: the requested model's name overrides the server's defaults
-with `-`-separated words, e.g. `openai/fake-garbage`, `openai/fake-score0.7-demo1.0`, `openai/fake-ms50`
-(mode; score; demo_score; latency in ms). So a test session shares one server, each test choosing its
-LM's behaviour by name, and the LMs of one job (task LM, judge, reflection LM) can differ.
+with `-`-separated words, e.g. `openai/fake-garbage`, `openai/fake-score0.7-demo1.0`, `openai/fake-ms50`,
+`openai/fake-score0.9-judgefail0.5` (mode; score; demo_score; latency in ms; judge failure share). So a
+test session shares one server, each test choosing its LM's behaviour by name, and the LMs of one job
+(task LM, judge, reflection LM) can differ.
 """
 
 from __future__ import annotations
@@ -83,7 +87,9 @@ def hashed_embedding(text: str, dims: int) -> list[float]:
 
 
 _MODES = ("ok", "garbage", "empty")
-_NUMBERS = re.compile(r"^(score|demo|ms)([\d.]+)$")
+_NUMBERS = re.compile(r"^(score|demo|ms|judgefail)([\d.]+)$")
+_QUESTION = re.compile(r"\[\[ ## question ## \]\]\s*(.*?)\s*(?:\[\[ ## |$)", re.S)
+UNPARSEABLE = "<<<this is not the JSON you asked for"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +98,20 @@ class Behaviour:
     score: float
     demo_score: float
     latency: float
+    judge_fail: float = 0.0  # the share of questions on which a SemanticF1 verdict does not parse
 
 
 def fake_model(mode: str = "ok", *, score: float | None = None, demo_score: float | None = None,
-               latency_ms: int | None = None) -> str:
+               latency_ms: int | None = None, judge_fail: float | None = None) -> str:
     """The model name that asks the fake for this behaviour (LiteLLM's `openai/` prefix included)."""
-    words = [mode] + [f"{k}{v:g}" for k, v in (("score", score), ("demo", demo_score), ("ms", latency_ms))
-                      if v is not None]
+    words = [mode] + [f"{k}{v:g}" for k, v in (("score", score), ("demo", demo_score), ("ms", latency_ms),
+                                                ("judgefail", judge_fail)) if v is not None]
     return "openai/fake-" + "-".join(words)
+
+
+def judge_fails(question: str, share: float) -> bool:
+    """Whether a judge failing on `share` of the questions fails on this one: by a hash of the question."""
+    return int.from_bytes(hashlib.sha256(question.strip().encode()).digest()[:8], "big") < share * 2**64
 
 
 class FakeLM:
@@ -171,7 +183,7 @@ class FakeLM:
             elif number:
                 found[number[1]] = float(number[2])
         demo = found.get("demo", found["score"] if self.demo_score is None else self.demo_score)
-        return Behaviour(found["mode"], found["score"], demo, found["ms"] / 1000)
+        return Behaviour(found["mode"], found["score"], demo, found["ms"] / 1000, found.get("judgefail", 0.0))
 
     def reset(self) -> FakeLM:
         """Forget the calls and prompts seen so far (a session's server, between tests)."""
@@ -185,8 +197,10 @@ class FakeLM:
         behaviour = behaviour or self.behaviour(str(request.get("model", "")))
         fields, fmt = requested_fields(request)
         messages = request.get("messages") or []
-        if behaviour.mode == "garbage":
-            content = "<<<this is not the JSON you asked for"
+        question = _QUESTION.search(str((messages or [{}])[-1].get("content", "")))
+        judging = {"precision", "recall"} <= set(fields)
+        if behaviour.mode == "garbage" or (judging and question and judge_fails(question[1], behaviour.judge_fail)):
+            content = UNPARSEABLE
         elif behaviour.mode == "empty":
             content = json.dumps({name: "" if s.get("type") == "string" else None for name, s in fields.items()})
         else:

@@ -1,11 +1,17 @@
 """Where programs lose points and what their answers cost, as pure functions over per-example rows.
 
-Failure modes sort each evaluated example into one class, the first that applies:
+Failure modes sort each evaluated example into one class, on two axes: did retrieval find a gold
+document (where the program retrieves and the example has `gold_doc_ids`), and did the answer reach
+`scoring.miss_threshold` on the primary metric?
 
-  failed          the program errored (LM error, unparseable output, empty answer)
-  retrieval_miss  a retrieving program found none of the example's gold documents (needs `gold_doc_ids`)
-  answer_miss     the primary score is below `scoring.miss_threshold`
-  ok              the rest
+  failed           the program errored (LM error, unparseable output, empty answer)
+  judge_failed     the judge could not score the primary metric (its verdict did not parse): no verdict
+                   on the answer either way, so it is left out of the metric's mean
+  ok               a good answer, with a gold document retrieved or nothing to check that against
+  ok_without_gold  a good answer although retrieval found none of the gold documents
+  answer_miss      a poor answer although a gold document was retrieved, or with nothing to check
+                   retrieval against (a program that does not retrieve, data without gold ids)
+  retrieval_miss   a poor answer, and retrieval found none of the gold documents
 
 Quality against cost: a variant is on the Pareto front when no other variant is at least as good on
 both quality (higher) and cost (lower) and strictly better on one.
@@ -15,21 +21,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-FAILED, RETRIEVAL_MISS, ANSWER_MISS, OK = "failed", "retrieval_miss", "answer_miss", "ok"
-FAILURE_MODES = (RETRIEVAL_MISS, ANSWER_MISS, OK, FAILED)  # the order they are drawn in
+FAILED, JUDGE_FAILED = "failed", "judge_failed"
+OK, OK_WITHOUT_GOLD, ANSWER_MISS, RETRIEVAL_MISS = "ok", "ok_without_gold", "answer_miss", "retrieval_miss"
+FAILURE_MODES = (OK, OK_WITHOUT_GOLD, ANSWER_MISS, RETRIEVAL_MISS, JUDGE_FAILED, FAILED)  # drawn bottom up
 USAGE_METRICS = ("lm_calls_per_question", "tokens_per_question", "cost_per_1k_questions_usd")
 
 
 def failure_mode(*, failed: bool, score: float | None, threshold: float, retrieved: Sequence | None,
                  gold: Sequence | None) -> str:
-    """The class of one example; `retrieved` is None for a program that does not retrieve."""
+    """The class of one example. `score` is its primary score, None when the judge could not give one;
+    `retrieved` is None for a program that does not retrieve."""
     if failed:
         return FAILED
-    if retrieved is not None and gold and not set(gold) & set(retrieved):
-        return RETRIEVAL_MISS
-    if score is not None and score < threshold:
-        return ANSWER_MISS
-    return OK
+    if score is None:
+        return JUDGE_FAILED
+    found = None if retrieved is None or not gold else bool(set(gold) & set(retrieved))
+    if score >= threshold:
+        return OK_WITHOUT_GOLD if found is False else OK
+    return RETRIEVAL_MISS if found is False else ANSWER_MISS
 
 
 def failure_counts(rows: Sequence[dict]) -> dict[str, int]:

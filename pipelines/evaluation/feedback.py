@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class FeedbackF1(JudgedF1):
     """`SemanticF1(decompositional=True)` by the same judge as `JudgedF1`, returning score and feedback.
 
-    A judge failure scores 0 with a feedback that says so, and is counted, as in `JudgedF1`.
+    A judge failure is counted, as in `JudgedF1`, and scores 0 with a feedback that says so: GEPA's search
+    needs a number for every example, whereas a reported score leaves such an example out.
     """
 
     def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False):

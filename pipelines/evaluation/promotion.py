@@ -12,7 +12,9 @@ current champion from MLflow and applies the decision. The rule (`scoring.promot
 
 Either way programs are compared only on the same dev set (by content hash), and, on a judged primary
 metric (SemanticF1, the arena rates), only when the same judge scored both: a champion scored on other
-examples or by another judge stays, since its number says nothing about these.
+examples or by another judge stays, since its number says nothing about these. The paired difference is
+over the examples scored on both sides (a verdict the judge could not give on either leaves the pair
+out), and a version scored on no example is never promoted.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class Promotion:
 
 def decide(*, new: EvalResult, dev_set: str, champion: Champion | None, scoring: Scoring) -> Promotion:
     """Apply `scoring.promotion` to a new version's dev result against the current champion."""
+    if new.score is None:  # not even a first version: a champion always has a score
+        return Promotion(promoted=False, reason=f"{label(scoring.primary)}: {new.no_example_scored()}; "
+                                                "nothing to promote on, champion unchanged")
     if champion is None:
         return Promotion(promoted=True, reason=FIRST)
     if champion.dev_set != dev_set:

@@ -13,7 +13,15 @@ from pipelines.evaluation.scoring import EvalResult, Scoring, label
 from pipelines.evaluation.stats import Estimate, tidy
 
 PALETTE = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d", "#8e5ba6", "#c9a227", "#3a8f9e", "#b3475b"]
-FAILURE_COLORS = {"retrieval_miss": "#c2703d", "answer_miss": "#e3b448", "ok": "#2f6f4f", "failed": "#8b1e2d"}
+# Good answers green, poor ones warm, no verdict grey (hatched: not the program's score), errors dark red.
+FAILURE_STYLES = {
+    "ok": ("#2f6f4f", "ok", None),
+    "ok_without_gold": ("#8cc084", "ok without a gold doc retrieved", None),
+    "answer_miss": ("#e3b448", "answer miss (gold doc retrieved or none to check)", None),
+    "retrieval_miss": ("#c2703d", "retrieval miss (no gold doc, poor answer)", None),
+    "judge_failed": ("#c9ced4", "judge failed (unscored)", "//"),
+    "failed": ("#8b1e2d", "failed (program error)", None),
+}
 
 
 def _pyplot():
@@ -30,7 +38,8 @@ def side_by_side(base: EvalResult, best: EvalResult) -> list[dict]:
     metric = best.primary
     return [{"question": b["question"], "gold": b["gold"], "baseline_answer": b["prediction"],
              f"baseline_{metric}": b[metric], "optimized_answer": o["prediction"], f"optimized_{metric}": o[metric],
-             "delta": tidy(o[metric] - b[metric])} for b, o in zip(base.rows, best.rows, strict=True)]
+             "delta": None if b[metric] is None or o[metric] is None else tidy(o[metric] - b[metric])}
+            for b, o in zip(base.rows, best.rows, strict=True)]
 
 
 def describe_program(program: dspy.Module) -> str:
@@ -44,24 +53,31 @@ def describe_program(program: dspy.Module) -> str:
 
 
 def comparison_row(estimate, metric: str) -> dict[str, Any]:
-    """A score (or a paired difference) with its interval, as columns of `comparison.json`."""
+    """A score (or a paired difference) with its interval, as columns of `comparison.json`; no score and
+    n=0 for a variant no example was scored on."""
+    if estimate is None:
+        return {metric: None, "ci_low": None, "ci_high": None, "n": 0}
     return {metric: estimate.value, "ci_low": estimate.low, "ci_high": estimate.high, "n": estimate.n}
 
 
 def comparison_chart(rows: list[dict], scoring: Scoring):
-    """One bar per variant, its confidence interval as an error bar."""
+    """One bar per variant, its confidence interval as an error bar; a variant no example was scored on has
+    no bar, and says so."""
     plt = _pyplot()
     metric = scoring.primary
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(rows)), 4))
-    # Score ± half-width under each name, clear of the error bars.
-    names = [f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
-             for r in rows]
-    scores = [r[metric] for r in rows]
-    yerr = None  # fewer than 2 examples: no bars rather than fake zero-width ones
-    if all(r["ci_low"] is not None for r in rows):
-        yerr = [[max(0.0, r[metric] - r["ci_low"]) for r in rows], [max(0.0, r["ci_high"] - r[metric]) for r in rows]]
+    n = max(r["n"] for r in rows)
+    # Score ± half-width under each name, clear of the error bars; n where fewer examples were scored.
+    names = [f"{r['variant']}\nno example scored" if r[metric] is None else
+             f"{r['variant']}\n{Estimate(value=r[metric], n=r['n'], low=r['ci_low'], high=r['ci_high'])}"
+             + (f"\nn={r['n']}" if r["n"] != n else "") for r in rows]
+    scores = [float("nan") if r[metric] is None else r[metric] for r in rows]  # unscored: no bar, never a 0
+    # Fewer than 2 examples or no score: no error bar (NaN, or none at all) rather than a fake zero-width one.
+    yerr = None if all(r["ci_low"] is None for r in rows) else [
+        [float("nan") if r["ci_low"] is None else max(0.0, r[metric] - r["ci_low"]) for r in rows],
+        [float("nan") if r["ci_high"] is None else max(0.0, r["ci_high"] - r[metric]) for r in rows]]
     ax.bar(names, scores, yerr=yerr, capsize=6, color=[PALETTE[i % len(PALETTE)] for i in range(len(rows))])
-    ax.set_ylabel(f"{label(metric)} (dev, n={rows[0]['n']}, {scoring.confidence:.0%} CI)")
+    ax.set_ylabel(f"{label(metric)} (dev, n={n}, {scoring.confidence:.0%} CI)")
     ax.set_ylim(0, 100)
     ax.set_title(" -> ".join(r["variant"] for r in rows))
     fig.tight_layout()
@@ -69,19 +85,26 @@ def comparison_chart(rows: list[dict], scoring: Scoring):
 
 
 def failure_chart(results: list[tuple[str, EvalResult]]):
-    """One stacked bar per variant: the share of its examples in each failure mode (`analysis.py`)."""
+    """One stacked bar per variant: the share of its examples in each failure mode (`analysis.py`), good
+    answers at the bottom; each part large enough to hold it is labelled with its count."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)), 4))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(results)) + 3.0, 4))
     names = [name for name, _ in results]
     bottoms = [0.0] * len(results)
     for mode in FAILURE_MODES:
-        shares = [100 * r.failure_counts[mode] / max(r.num_examples, 1) for _, r in results]
-        ax.bar(names, shares, bottom=bottoms, label=mode.replace("_", " "), color=FAILURE_COLORS[mode])
+        color, text, hatch = FAILURE_STYLES[mode]
+        counts = [r.failure_counts[mode] for _, r in results]
+        shares = [100 * c / max(r.num_examples, 1) for c, (_, r) in zip(counts, results, strict=True)]
+        bars = ax.bar(names, shares, bottom=bottoms, label=text, color=color, hatch=hatch, edgecolor="white",
+                      linewidth=0.5)
+        ax.bar_label(bars, labels=[str(c) if s >= 6 else "" for c, s in zip(counts, shares, strict=True)],
+                     label_type="center", fontsize=8, color="white" if mode in ("ok", "failed") else "black")
         bottoms = [b + v for b, v in zip(bottoms, shares, strict=True)]
     n = results[0][1].num_examples if results else 0
     ax.set_ylabel(f"share of dev examples, % (n={n})")
     ax.set_ylim(0, 100)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    handles, texts = ax.get_legend_handles_labels()  # top of the legend = top of the stack
+    ax.legend(handles[::-1], texts[::-1], loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, fontsize=8)
     ax.set_title("where each variant fails")
     fig.tight_layout()
     return fig
@@ -93,7 +116,7 @@ def quality_cost_rows(results: list[tuple[str, EvalResult]], metric: str) -> lis
     rows = []
     for name, result in results:
         usage = result.usage
-        if not usage:
+        if not usage or metric not in result.estimates:  # unmetered, or no example scored on the metric
             continue
         rows.append({"variant": name, **comparison_row(result.estimates[metric], metric),
                      **{key: None if v is None else round(v, 4) for key, v in usage.items()}})

@@ -3,7 +3,9 @@
 SemanticF1 asks an LM judge. Token F1 and ROUGE-L compare words with the gold answer: no LM, so a
 rerun gives the same number. recall@k scores retrieval where the data has gold document ids: on the
 passages the answer step read, and for a multi-hop program on each search's own (`recall_at_k_hop<N>`).
-Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them. Each row
+Every metric is on 0-100, per example and averaged; a failed example scores 0 in each of them. A verdict
+the judge could not give (unparseable) is missing, not a 0: the example is left out of that metric's mean
+and of any paired difference on it, counted in `judge_failures` and given its own failure mode. Each row
 also records what the question cost (LM calls, tokens, dollars) and its failure mode (`analysis.py`).
 """
 
@@ -175,8 +177,9 @@ def verdict_rationale(verdict) -> str:
 class JudgedF1:
     """SemanticF1 run by a chosen judge LM, as a DSPy metric: a Prediction with `score` and `feedback`.
 
-    A judge that cannot parse its own output scores the example 0 and is counted, instead of
-    taking the program's prediction down with it. The judge's own calls are not traced unless
+    A judge that cannot parse its own output gives `score=None` (no verdict: the answer is neither good
+    nor bad) and is counted, instead of taking the program's prediction down with it or scoring it 0.
+    The judge's own calls are not traced unless
     asked: they would double the trace count, and each trace costs 40-230 ms of CPU in MLflow's
     sqlite store (bench/trace_cost.py).
     """
@@ -208,7 +211,7 @@ class JudgedF1:
             with self._lock:
                 self.failures += 1
             log.warning("SemanticF1 judge failed on %r: %s", example.question[:60], e)
-            return dspy.Prediction(score=0.0, feedback=f"the judge failed: {e}")
+            return dspy.Prediction(score=None, feedback=f"the judge failed: {e}")
         return dspy.Prediction(score=judged.score, feedback=verdict_rationale(judged.verdict))
 
     def __deepcopy__(self, memo):
@@ -221,9 +224,10 @@ class JudgedF1:
 
 @dataclass
 class Scored:
-    """One example's metrics (0-100), their rationales where there is one, and its trace."""
+    """One example's metrics (0-100; None where the judge gave no verdict), their rationales where there is
+    one, and its trace."""
 
-    values: dict[str, float]
+    values: dict[str, float | None]
     rationales: dict[str, str] = field(default_factory=dict)
     trace_id: str | None = None
 
@@ -256,8 +260,14 @@ class Scorer:
         return cls(scoring, judged, pairwise)
 
     def __call__(self, example, prediction, trace=None) -> float:
-        """The primary metric on DSPy's 0-1 scale (pass/fail for SemanticF1 while bootstrapping demos)."""
-        return self.score(example, prediction, (self.scoring.primary,), trace).values[self.scoring.primary] / 100
+        """The primary metric on DSPy's 0-1 scale (pass/fail for SemanticF1 while bootstrapping demos).
+
+        An optimizer's search needs a number for every example, so here an answer the judge could not
+        score counts 0 (and a demo it could not judge does not pass); what is reported and promoted
+        (`evaluate`) leaves it out instead.
+        """
+        value = self.score(example, prediction, (self.scoring.primary,), trace).values[self.scoring.primary]
+        return 0.0 if value is None else value / 100
 
     def score(self, example, prediction, metrics: tuple[str, ...], trace=None) -> Scored:
         if not prediction.get("response"):
@@ -267,11 +277,11 @@ class Scorer:
         for metric in metrics:
             if metric in arena.METRICS:
                 outcome = outcome or self.pairwise(example, prediction)
-                scored.values[metric] = outcome.value(metric)
+                scored.values[metric] = outcome.value(metric)  # None: the judge gave no verdict
                 scored.rationales[metric] = outcome.rationale
             elif metric == JUDGED:
                 judged = self.judge(example, prediction, trace)
-                scored.values[metric] = tidy(100 * float(judged.score))
+                scored.values[metric] = None if judged.score is None else tidy(100 * float(judged.score))
                 scored.rationales[metric] = judged.feedback
             elif is_recall(metric):
                 gold = set(example.get("gold_doc_ids") or [])
@@ -305,16 +315,17 @@ class _Collector:
         scored = self.scorer.score(example, prediction, metrics)
         scored.trace_id = trace_id
         self.scored[id(example)] = scored
-        return scored.values[self.scorer.scoring.primary] / 100
+        return (scored.values[self.scorer.scoring.primary] or 0.0) / 100  # dspy.Evaluate's own total: unused
 
 
 @dataclass
 class EvalResult:
     rows: list[dict]
-    estimates: dict[str, Estimate]  # per metric: mean over examples (0-100) and its interval
+    estimates: dict[str, Estimate]  # per metric: mean over the examples scored on it (0-100), its interval, n
     primary: str
     judge_failures: int = 0
     judge: str | None = None  # the judge LM, source of the semantic_f1 assessments
+    unscored: tuple[str, ...] = ()  # configured metrics no example was scored on (the judge never gave a verdict)
 
     @classmethod
     def from_rows(cls, rows: list[dict], scoring: Scoring, judge_failures: int = 0,
@@ -323,11 +334,14 @@ class EvalResult:
         names = [m for m in (*scoring.metrics, *recalls) if any(r.get(m) is not None for r in rows)]
         estimates = {m: scoring.interval([r[m] for r in rows if r.get(m) is not None]) for m in names}
         return cls(rows=rows, estimates=estimates, primary=scoring.primary, judge_failures=judge_failures,
-                   judge=judge)
+                   judge=judge, unscored=tuple(m for m in scoring.metrics
+                                               if m not in estimates and any(m in r for r in rows)))
 
     @property
-    def score(self) -> float:
-        return self.estimates[self.primary].value
+    def score(self) -> float | None:
+        """The primary metric's mean; None when no example was scored on it."""
+        estimate = self.estimates.get(self.primary)
+        return None if estimate is None else estimate.value
 
     @property
     def num_examples(self) -> int:
@@ -347,20 +361,46 @@ class EvalResult:
         return usage_means(self.rows)
 
     def headline(self) -> str:
-        """`SemanticF1 = 46.3 ± 18.2 (95% CI, n=6)`."""
-        return f"{label(self.primary)} = {self.estimates[self.primary].describe()}"
+        """`SemanticF1 = 46.3 ± 18.2 (95% CI, n=6)`, with how many examples the judge left unscored, or
+        that it scored none."""
+        return f"{label(self.primary)}{': ' if self.score is None else ' = '}{self.describe(self.primary)}"
+
+    def describe(self, metric: str) -> str:
+        """One metric's `46.3 ± 18.2 (95% CI, n=6)`, saying how many examples the judge left unscored."""
+        estimate = self.estimates.get(metric)
+        if estimate is None:
+            return self.no_example_scored()
+        unscored = self.num_examples - estimate.n
+        return estimate.describe() + (f", {unscored} of {self.num_examples} examples unscored (no judge verdict)"
+                                      if unscored and not is_recall(metric) else "")
+
+    def no_example_scored(self) -> str:
+        # A failed example scores 0 in every metric, so a metric is unscored only when no answer got a verdict.
+        return f"no example scored: the judge gave no verdict on any of the {self.num_examples} examples"
 
     def summary(self) -> str:
-        """Every metric, primary first: `SemanticF1 = 46.3 ± 18.2, token F1 = 20.5 ± 2.0 (95% CI, n=6)`."""
-        first = self.estimates[self.primary]
-        names = [self.primary, *(m for m in self.estimates if m != self.primary)]
-        scores = ", ".join(f"{label(m)} = {self.estimates[m]}" for m in names)
-        return f"{scores} ({first.no_interval_reason or f'{first.confidence:.0%} CI, n={first.n}'})"
+        """Every metric, primary first, with its n where it is not every example:
+        `SemanticF1 = 90.0 ± 3.1 (n=3), token F1 = 20.5 ± 2.0 (95% CI, n=6)`."""
+        names = [self.primary, *(m for m in (*self.estimates, *self.unscored) if m != self.primary)]
+        parts = []
+        for m in names:
+            estimate = self.estimates.get(m)
+            if estimate is None:
+                parts.append(f"{label(m)}: no example scored")
+            else:
+                parts.append(f"{label(m)} = {estimate}" + (f" (n={estimate.n})" if estimate.n != self.num_examples
+                                                            else ""))
+        spread = next((e for e in self.estimates.values() if e.half_width is not None), None)
+        first = next(iter(self.estimates.values()), None)
+        tail = (f"{spread.confidence:.0%} CI, n={self.num_examples}" if spread else
+                first.no_interval_reason if first else f"n={self.num_examples}")
+        return f"{', '.join(parts)} ({tail})"
 
 
 def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads: int, progress: bool = True,
              trace_id: Callable[[], str | None] | None = None) -> EvalResult:
-    """Score `program` on `examples`. Failed examples score 0, are counted, and never stop the run.
+    """Score `program` on `examples`. Failed examples score 0, are counted, and never stop the run; an answer
+    the judge could not score is counted (`judge_failures`) and left out of that metric's mean.
 
     `trace_id` returns the trace of the program call that just finished in this thread (see
     `tracking.last_trace_id`); each row keeps it so its metrics can be attached to that trace.
@@ -442,7 +482,8 @@ def result_row(example, prediction, scored: Scored | None, scoring: Scoring, ret
 
 
 def paired_scores(new_rows: list[dict], old_rows: list[dict], metric: str) -> tuple[list[float], list[float]]:
-    """One metric's per-example scores of two result tables, paired by question."""
+    """One metric's per-example scores of two result tables, paired by question: only the questions scored on
+    both sides, so both means are over the same examples."""
     old = {r["question"]: r.get(metric) for r in old_rows}
     pairs = [(r[metric], old[r["question"]]) for r in new_rows
              if r.get(metric) is not None and old.get(r["question"]) is not None]
@@ -450,7 +491,7 @@ def paired_scores(new_rows: list[dict], old_rows: list[dict], metric: str) -> tu
 
 
 def compare(new: EvalResult, old: EvalResult, scoring: Scoring) -> dict[str, Comparison]:
-    """new - old on every metric both have, over the examples both scored."""
+    """new - old on every metric both have, over the examples both scored (the difference's n)."""
     comparisons = {}
     for metric in new.estimates:
         if metric in old.estimates:

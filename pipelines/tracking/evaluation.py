@@ -76,11 +76,15 @@ def log_metrics(metrics: dict[str, float], *, model: LoggedModel | None = None,
     mlflow.log_metrics(metrics, model_id=linked.model_id if linked else None, dataset=dataset)
 
 
-def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "") -> dict[str, float]:
-    """`{prefix}{metric}` with `_ci_low` and `_ci_high` beside it when there is an interval."""
+def estimate_metrics(estimates: dict[str, Estimate], prefix: str = "", *, examples: int | None = None
+                     ) -> dict[str, float]:
+    """`{prefix}{metric}` with `_ci_low` and `_ci_high` beside it when there is an interval, and `_n` (how
+    many examples the mean is over) when that is not all `examples` (the judge left some unscored)."""
     metrics = {}
     for name, estimate in estimates.items():
         metrics[f"{prefix}{name}"] = estimate.value
+        if examples is not None and estimate.n != examples:
+            metrics[f"{prefix}{name}_n"] = estimate.n
         if estimate.half_width is not None:
             metrics[f"{prefix}{name}_ci_low"] = estimate.low
             metrics[f"{prefix}{name}_ci_high"] = estimate.high
@@ -102,7 +106,7 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
     """Metrics with intervals (linked to the evaluated model and dataset), the per-example table and
     trace assessments, named alike for every entry point."""
     metrics = {
-        **estimate_metrics(result.estimates, prefix),
+        **estimate_metrics(result.estimates, prefix, examples=result.num_examples),
         f"{prefix}failed_examples": result.failed,
         f"{prefix}judge_failures": result.judge_failures,
         f"{prefix}num_examples": result.num_examples,
@@ -115,6 +119,9 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
     if missing:
         log.warning("%s%s scores have %s", prefix, split, missing[0])
         mlflow.set_tag(f"{prefix}confidence_intervals", f"not computed: {missing[0]}")
+    for name in result.unscored:  # no metric at all, never a 0: the judge gave no verdict on any example
+        log.warning("%s%s: %s %s", prefix, split, name, result.no_example_scored())
+        mlflow.set_tag(f"{prefix}{name}", f"not computed: {result.no_example_scored()}")
     if RECALL not in result.estimates and any("retrieved_doc_ids" in r for r in result.rows):
         mlflow.set_tag(f"{prefix}recall_at_k", "not computed: the data has no gold_doc_ids / corpus doc_ids")
     if result.judge:  # which judge (LM, and aligned version) scored the judged metrics of this run
@@ -125,7 +132,8 @@ def log_evaluation(result: EvalResult, *, split: str, prefix: str = "", model: L
 
 
 def failure_metrics(result: EvalResult, prefix: str = "") -> dict[str, float]:
-    """`failure_<mode>` (examples) and `failure_<mode>_share` (0-1) for every failure mode."""
+    """`failure_<mode>` (examples) and `failure_<mode>_share` (0-1) for every failure mode
+    (`pipelines.evaluation.analysis`), `failure_judge_failed` included."""
     metrics = {}
     for mode, count in result.failure_counts.items():
         metrics[f"{prefix}failure_{mode}"] = count

@@ -49,14 +49,14 @@ def register(model_uri: str, *, registered_model: str, model_id: str, result: Ev
     version = mlflow.register_model(model_uri, registered_model).version
     primary = f"dev_{scoring.primary}"
     # Before any alias points here: a champion always has its scores.
-    _tag(registered_model, version, {"variant": variant, primary: result.estimates[scoring.primary].describe(),
+    _tag(registered_model, version, {"variant": variant, primary: result.describe(scoring.primary),
                                      **(tags or {})})
     current = champion(registered_model)
     promotion = decide(new=result, dev_set=dev_set, champion=_as_champion(current, scoring), scoring=scoring)
     if promotion.promoted:
         client.set_registered_model_alias(registered_model, CHAMPION, version)
     _tag(registered_model, version, {"promotion": promotion.reason})
-    metrics = estimate_metrics(result.estimates, "dev_")
+    metrics = estimate_metrics(result.estimates, "dev_", examples=result.num_examples)
     if promotion.comparison is not None:
         metrics.update(comparison_metrics({primary: promotion.comparison}, "vs_champion_"))
     mlflow.log_metrics(metrics, model_id=model_id)
@@ -114,7 +114,7 @@ def tag_scores(model_uri: str, result: EvalResult, split: str) -> None:
     """Record a split's primary score on the registry version behind `model_uri`, for the versions list
     (the full scores are the run's metrics)."""
     if found := registered_version(model_uri):
-        _tag(*found, {f"{split}_{result.primary}": result.estimates[result.primary].describe()})
+        _tag(*found, {f"{split}_{result.primary}": result.describe(result.primary)})
 
 
 def _tag(registered_model: str, version: str, tags: dict[str, str]) -> None:

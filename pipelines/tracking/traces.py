@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlflow
-from mlflow.entities import AssessmentSource, AssessmentSourceType, Feedback, LoggedModel
+from mlflow.entities import AssessmentError, AssessmentSource, AssessmentSourceType, Feedback, LoggedModel
 from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
@@ -174,7 +174,8 @@ def last_trace_id() -> str | None:
 def annotate_traces(result: EvalResult) -> None:
     """Every metric of every traced example as one feedback on its trace (0-100), to sort and filter by,
     and its failure mode as the trace tag `failure_mode`, so the Traces tab filters to one kind of
-    failure: written with the trace itself where it is still held (`held`), else one by one."""
+    failure: written with the trace itself where it is still held (`held`), else one by one. A verdict
+    the judge could not give is a feedback with no value and the judge's error."""
     judge = AssessmentSource(source_type=AssessmentSourceType.LLM_JUDGE, source_id=result.judge or "judge")
     feedback, tags = defaultdict(list), {}
     for row in result.rows:
@@ -182,14 +183,16 @@ def annotate_traces(result: EvalResult) -> None:
             continue
         if row.get("failure_mode"):
             tags[row["trace_id"]] = {FAILURE_MODE: row["failure_mode"]}
-        for name in result.estimates:
-            if row.get(name) is None:
+        for name in (*result.estimates, *result.unscored):
+            unjudged = row.get(name) is None and name in JUDGED_METRICS and name in row
+            if row.get(name) is None and not unjudged:
                 continue
             source = judge if name in JUDGED_METRICS else AssessmentSource(source_type=AssessmentSourceType.CODE,
                                                                    source_id=f"pipelines.evaluation.scoring.{name}")
+            rationale = row.get(f"{name}_rationale") or row.get("error") or None
             feedback[row["trace_id"]].append(Feedback(
-                trace_id=row["trace_id"], name=name, value=row[name], source=source,
-                rationale=row.get(f"{name}_rationale") or row.get("error") or None))
+                trace_id=row["trace_id"], name=name, value=row[name], source=source, rationale=rationale,
+                error=AssessmentError(error_code="JUDGE_FAILED", error_message=rationale) if unjudged else None))
     if not feedback and not tags:
         return
     attached = trace_export.release(feedback, tags)  # also waits for traces still being exported

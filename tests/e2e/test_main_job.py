@@ -26,7 +26,7 @@ def test_main_runs_three_children_and_the_ui_tells_the_story(store, local_server
     for step in ("cot", "rag", "optimize"):  # judge-free on the embedded stack: no SemanticF1 call paid for
         assert f"{step}_token_f1_ci_high" in parent.data.metrics and f"{step}_semantic_f1" not in parent.data.metrics
         assert sum(parent.data.metrics[f"{step}_failure_{mode}"] for mode in
-                   ("retrieval_miss", "answer_miss", "ok", "failed")) == 3
+                   ("ok", "ok_without_gold", "answer_miss", "retrieval_miss", "judge_failed", "failed")) == 3
     for pair in ("rag_vs_cot", "optimize_vs_cot", "optimize_vs_rag"):
         for metric in ("token_f1", "rouge_l"):
             assert f"{pair}_{metric}_delta_p_value" in parent.data.metrics

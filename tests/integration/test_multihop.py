@@ -80,7 +80,7 @@ def test_multihop_finds_what_the_question_alone_did_not_and_travels_like_rag(sto
         retrievals = [s for s in trace.data.spans if s.span_type == SpanType.RETRIEVER]
         question = trace.data.spans[0].inputs["question"]
         assert [s.inputs["query"] for s in retrievals] == [question, writer.written[question]]
-        assert trace.info.tags["failure_mode"] in ("ok", "answer_miss", "retrieval_miss")
+        assert trace.info.tags["failure_mode"] in ("ok", "ok_without_gold", "answer_miss", "retrieval_miss")
     prompts = child.data.tags["prompts"]
     assert f"{MODEL}.respond.predict/" in prompts and f"{MODEL}.write_query/" in prompts  # one per predictor
 

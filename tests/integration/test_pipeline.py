@@ -68,3 +68,28 @@ def test_one_dev_example_still_optimizes_and_registers_without_intervals(store, 
     assert str(champion.version) == result.version
     side = table(result.run_id, "eval/dev_side_by_side.json")
     assert {"baseline_semantic_f1", "optimized_semantic_f1", "delta"} <= set(side[0])
+
+
+def test_main_whose_judge_scores_nothing_finishes_and_says_so_without_a_zero(store, caplog, fake):
+    """A judge whose every verdict fails to parse: each step's run finishes with its failure counted, no
+    SemanticF1 anywhere (no 0), the comparison and registry say no example was scored, nothing is promoted."""
+    overrides = [f"tracking.artifact_location={store}/artifacts", "experiment=smoke",
+                 *fake_overrides(fake, judge_fail=1.0), "scoring.primary=semantic_f1"]
+    with caplog.at_level("INFO", logger="pipelines"):
+        result = run_pipeline(smoke("main", store, *overrides, "steps=[cot,rag]"), overrides)
+    parent = mlflow.get_run(result.run_id).data
+    assert result.result.score is None and not [k for k in parent.metrics if "semantic_f1" in k]
+    assert parent.tags["best_variant"] == "none: no step was scored on semantic_f1"
+    assert parent.metrics["rag_vs_cot_token_f1_delta"] == 0.0  # the judge-free metrics compare as usual
+    rows = {r["variant"]: r for r in table(result.run_id, "comparison.json")}
+    assert set(rows) == {"cot", "rag"} and rows["cot"]["semantic_f1"] is None and rows["cot"]["n"] == 0
+    for step in ("cot", "rag"):
+        assert parent.metrics[f"{step}_failure_judge_failed"] == 3 and parent.metrics[f"{step}_failure_ok"] == 0
+        (child,) = mlflow.search_runs(filter_string=f"tags.step = '{step}'", search_all_experiments=True,
+                                      output_format="list")
+        assert child.info.status == "FINISHED" and child.data.metrics["judge_failures"] == 3
+        assert child.data.tags["semantic_f1"].startswith("not computed: no example scored")
+        assert "no example scored" in child.data.tags["promotion_at_registration"]
+        assert f"{step}: SemanticF1: no example scored: the judge gave no verdict on any of the 3" in caplog.text
+    assert not mlflow.MlflowClient().get_registered_model("ragqa-tech-smoke").aliases  # no champion
+    assert "rag - cot: SemanticF1" not in caplog.text

@@ -15,8 +15,8 @@ from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, to
 from pipelines.lm import build_adapter, build_lm
 from pipelines.steps import run_variant
 
-from fake_lm import fake_model
-from helpers import fake_lm_overrides, fake_overrides, smoke
+from fake_lm import fake_model, judge_fails
+from helpers import fake_lm_overrides, fake_overrides, mlflow_run, smoke
 
 METRICS = ["semantic_f1", "token_f1", "rouge_l"]
 
@@ -209,3 +209,31 @@ def test_a_bad_few_shot_file_stops_the_step_before_any_run(store, fake, tmp_path
     with pytest.raises(ConfigError, match=f"scoring.arena.examples={pairs}, row 1: verdict 'A' is not 1, 2 or 0"):
         run_variant(smoke("cot", store, *fake_overrides(fake), f"scoring.arena.examples={pairs}"))
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list") and fake.calls == 0
+
+
+def test_cot_run_leaves_out_the_answers_its_judge_could_not_score(store, fake):
+    """`mlflow run . -e cot` with a judge whose verdict does not parse on about half the questions (the fake's
+    `judgefail0.5`, by a hash of the question) and gives F1 0.9 on the others: SemanticF1 is their mean, 90,
+    over the scored examples only, with that n; the rest are counted and have their own failure mode."""
+    overrides = ["experiment=smoke", "data.dev_size=24", *fake_overrides(fake, score=0.9, judge_fail=0.5),
+                 "scoring.metrics=[semantic_f1,token_f1]", "scoring.primary=semantic_f1"]
+    dev = load_splits(compose("cot", overrides).data).dev
+    unjudged = {e.question for e in dev if judge_fails(e.question, 0.5)}
+    assert 8 <= len(unjudged) <= 16  # about half of the 24 (11 on the sample data)
+    proc = mlflow_run("cot", store, " ".join(overrides))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = mlflow.MlflowClient()
+    (run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+              if r.data.tags.get("step") == "cot"]
+    metrics, scored = run.data.metrics, 24 - len(unjudged)
+    assert metrics["judge_failures"] == len(unjudged) and metrics["failure_judge_failed"] == len(unjudged)
+    assert metrics["semantic_f1"] == 90.0 and metrics["semantic_f1_n"] == scored  # not 90 * scored / 24
+    assert metrics["num_examples"] == 24 and "token_f1_n" not in metrics and metrics["failed_examples"] == 0
+    assert f"cot dev: SemanticF1 = 90.0 ± 0.0 (n={scored}), token F1 = " in proc.stderr + proc.stdout
+    assert f"SemanticF1 = 90.0 ± 0.0 (95% CI, n={scored}), {len(unjudged)} of 24 examples unscored" in proc.stdout
+    rows = json.loads(open(client.download_artifacts(run.info.run_id, "eval/dev_results.json")).read())
+    rows = [dict(zip(rows["columns"], row, strict=True)) for row in rows["data"]]
+    assert {r["question"] for r in rows if r["semantic_f1"] is None} == unjudged
+    assert all(r["failure_mode"] == ("judge_failed" if r["question"] in unjudged else "ok") for r in rows)
+    traces = mlflow.search_traces(locations=[run.info.experiment_id], return_type="list")
+    assert sorted(t.info.tags["failure_mode"] for t in traces) == sorted(r["failure_mode"] for r in rows)

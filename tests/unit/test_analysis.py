@@ -15,15 +15,22 @@ from pipelines.evaluation.scoring import Metered, Scorer, Scoring, result_row
 
 
 @pytest.mark.parametrize("failed, score, retrieved, gold, expected", [
-    (True, 0.0, [1], [1], "failed"),              # an error outranks everything
-    (False, 90.0, [1, 2], [3], "retrieval_miss"),  # no gold document found, however good the answer
-    (False, 10.0, [1, 2], [2, 3], "answer_miss"),  # a gold document found, the answer scored low
+    (True, 0.0, [1], [1], "failed"),                # an error outranks everything
+    (True, None, [1], [1], "failed"),
+    (False, None, [1], [1], "judge_failed"),        # no verdict: neither a good nor a poor answer
+    (False, 90.0, [1, 2], [3], "ok_without_gold"),  # a good answer is good, gold document or not
+    (False, 10.0, [1, 2], [3], "retrieval_miss"),   # no gold document found, and a poor answer
+    (False, 10.0, [1, 2], [2, 3], "answer_miss"),   # a gold document found, the answer scored low
     (False, 60.0, [1, 2], [2], "ok"),
-    (False, 10.0, None, [2], "answer_miss"),       # a program that does not retrieve has no retrieval miss
-    (False, 10.0, [1], None, "answer_miss"),       # nor does data without gold document ids
-    (False, 50.0, [1], [], "ok"),                  # the threshold itself is not a miss
+    (False, 60.0, [], [2], "ok_without_gold"),      # retrieved nothing at all
+    (False, 10.0, None, [2], "answer_miss"),        # a program that does not retrieve has no retrieval miss
+    (False, 90.0, None, [2], "ok"),
+    (False, 10.0, [1], None, "answer_miss"),        # nor does data without gold document ids
+    (False, 90.0, [1], [], "ok"),
+    (False, 50.0, [1], [], "ok"),                   # the threshold itself is not a miss
+    (False, 50.0, [1], [2], "ok_without_gold"),
 ])
-def test_failure_modes(failed, score, retrieved, gold, expected):
+def test_failure_modes_cross_retrieval_with_the_answer_score(failed, score, retrieved, gold, expected):
     assert failure_mode(failed=failed, score=score, threshold=50.0, retrieved=retrieved, gold=gold) == expected
 
 
@@ -42,8 +49,25 @@ def test_each_row_gets_its_failure_mode_and_every_recall():
     assert row["failure_mode"] == "ok" and row["queries"] == ["q", "written"] and row["recall_at_k_hop2"] == 50.0
     failed = result_row(example, None, None, scoring, retrieves=True)
     assert failed["failure_mode"] == "failed" and failed["recall_at_k"] == 0.0 and failed["lm_calls"] is None
-    assert failure_counts([row, failed, {"failure_mode": "ok"}]) == {"retrieval_miss": 0, "answer_miss": 0,
-                                                                     "ok": 2, "failed": 1}
+    assert failure_counts([row, failed, {"failure_mode": "ok"}]) == {
+        "ok": 2, "ok_without_gold": 0, "answer_miss": 0, "retrieval_miss": 0, "judge_failed": 0, "failed": 1}
+
+
+def test_the_failure_chart_stacks_every_mode_with_its_count_and_a_legend_in_stack_order():
+    from pipelines.evaluation.report import FAILURE_STYLES, failure_chart
+    from pipelines.evaluation.scoring import EvalResult
+
+    scoring = Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1"]).scoring)
+    counts = {"ok": 9, "ok_without_gold": 3, "answer_miss": 4, "retrieval_miss": 2, "judge_failed": 1, "failed": 1}
+    rows = [{"question": f"{m}{i}", "semantic_f1": 1.0, "failure_mode": m} for m, n in counts.items() for i in range(n)]
+    ax = failure_chart([("rag", EvalResult.from_rows(rows, scoring))]).axes[0]
+    bars = ax.patches  # one per mode, drawn bottom up in FAILURE_MODES order
+    assert [round(b.get_height(), 4) for b in bars] == [100 * n / 20 for n in counts.values()]
+    assert [round(b.get_y(), 4) for b in bars] == [0.0, 45.0, 60.0, 80.0, 90.0, 95.0]
+    assert bars[4].get_hatch() == "//" and len({b.get_facecolor() for b in bars}) == 6  # no two modes alike
+    assert [t.get_text() for t in ax.texts] == ["9", "3", "4", "2", "", ""]  # 5% is too thin for its count
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [FAILURE_STYLES[m][1] for m in reversed(counts)] and legend[0] == "failed (program error)"
 
 
 def test_usage_is_averaged_over_metered_questions_and_priced_only_where_known():

@@ -15,8 +15,10 @@ def scoring(rule="significant"):
 
 
 def result(scores, rule="significant"):
-    """A dev evaluation with these per-example SemanticF1 scores (0-100), one question each."""
-    rows = [{"question": f"q{i}", "semantic_f1": float(s), "error": ""} for i, s in enumerate(scores)]
+    """A dev evaluation with these per-example SemanticF1 scores (0-100; None: the judge gave no verdict), one
+    question each."""
+    rows = [{"question": f"q{i}", "semantic_f1": None if s is None else float(s), "error": ""}
+            for i, s in enumerate(scores)]
     return EvalResult.from_rows(rows, scoring(rule))
 
 
@@ -90,3 +92,30 @@ def test_scores_of_different_judges_are_never_compared():
     refused = decisions["openai/gpt-4o"]
     assert not refused.promoted and refused.comparison is None
     assert "scored by another judge (openai/gpt-4o, here openai/gpt-4o-mini)" in refused.reason
+
+
+def test_only_pairs_scored_on_both_sides_are_compared():
+    # 20 questions; the judge gave no verdict on 3 of the new version's answers and on 3 others of the
+    # champion's: 14 pairs remain, each +60 or +0.
+    new = [None if i in (0, 1, 2) else s for i, s in enumerate(CLEAR)]
+    old = [None if i in (3, 4, 5) else s for i, s in enumerate(BASE)]
+    decision = decide(new=result(new), dev_set="dev1", champion=champion_of(old), scoring=scoring())
+    kept = [i for i in range(20) if i not in range(6)]
+    assert decision.comparison.delta.n == 14
+    assert decision.comparison.delta.value == pytest.approx(sum(CLEAR[i] - BASE[i] for i in kept) / 14, abs=1e-3)
+    assert decision.promoted and "n=14" in decision.reason
+    # With a 0 in place of each missing verdict, the same answers would compare on 20 pairs and differently.
+    zeros = decide(new=result([0 if s is None else s for s in new]), dev_set="dev1",
+                   champion=champion_of([0 if s is None else s for s in old]), scoring=scoring())
+    assert zeros.comparison.delta.n == 20 and zeros.comparison.delta.value != decision.comparison.delta.value
+
+
+@pytest.mark.parametrize("rule", ["significant", "better"])
+def test_a_version_no_example_was_scored_on_is_never_promoted(rule):
+    unscored = result([None, None, None], rule)
+    assert unscored.score is None
+    for champion in (None, champion_of(BASE)):
+        decision = decide(new=unscored, dev_set="dev1", champion=champion, scoring=scoring(rule))
+        assert not decision.promoted and decision.comparison is None
+        assert decision.reason == ("SemanticF1: no example scored: the judge gave no verdict on any of the 3 "
+                                   "examples; nothing to promote on, champion unchanged")

@@ -1,5 +1,7 @@
 """Metrics per example, evaluation rows and trace assessments, against DSPy's DummyLM."""
 
+import dataclasses
+
 import dspy
 import mlflow
 import pytest
@@ -129,3 +131,99 @@ def test_traces_carry_one_clean_assessment_per_metric(store):
     run = mlflow.get_run(active.info.run_id)
     assert run.data.metrics["recall_at_k"] == 50.0 and run.data.metrics["recall_at_k_ci_low"] == 50.0
     assert run.data.metrics["token_f1_ci_high"] == 100.0
+
+
+VERDICT = {"reasoning": "r", "ground_truth_key_ideas": "reset", "system_response_key_ideas": "reset",
+           "discussion": "d", "recall": 0.9, "precision": 0.9}
+
+
+def half_judged(n: int = 4):
+    """`n` questions whose program answers name them; the judge's verdict parses on the even ones (F1 0.9) and
+    not on the odd ones (no precision or recall). Keyed by text, so the order of the calls does not matter."""
+    questions = [f"how do I undo commit {i}?" for i in range(n)]
+    judge = {f"reset number {i}": VERDICT if i % 2 == 0 else {"reasoning": "I cannot tell"} for i in range(n)}
+    program = {q: {"reasoning": "r", "response": f"reset number {i}"} for i, q in enumerate(questions)}
+    dev = [dspy.Example(question=q, response="git reset").with_inputs("question") for q in questions]
+    return DummyLM({**judge, **program}), dev  # the judge's keys first: its prompt holds the question too
+
+
+def test_a_verdict_the_judge_cannot_give_is_missing_not_a_zero():
+    lm, dev = half_judged()
+    scorer = scorer_for(lm, "scoring.metrics=[semantic_f1,token_f1]")
+    with dspy.context(lm=lm):
+        result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=2, progress=False)
+        optimizer_sees = [scorer(ex, dspy.Prediction(response=f"reset number {i}")) for i, ex in enumerate(dev)]
+    assert result.judge_failures == 2 and result.failed == 0
+    estimate = result.estimates["semantic_f1"]
+    assert estimate.value == 90.0 and estimate.n == 2  # over the two scored answers: not 45 over four
+    assert result.estimates["token_f1"].n == 4 and all(r["token_f1"] == 40.0 for r in result.rows)
+    rows = {r["question"]: r for r in result.rows}
+    for i, ex in enumerate(dev):
+        row = rows[ex.question]
+        if i % 2:
+            assert row["semantic_f1"] is None and row["failure_mode"] == "judge_failed"
+            assert row["semantic_f1_rationale"].startswith("the judge failed")
+        else:
+            assert row["semantic_f1"] == 90.0 and row["failure_mode"] == "ok"
+    assert result.failure_counts["judge_failed"] == 2 and result.failure_counts["ok"] == 2
+    assert result.summary().startswith("SemanticF1 = 90.0 ± 0.0 (n=2), token F1 = ")
+    assert result.headline() == "SemanticF1 = 90.0 ± 0.0 (95% CI, n=2), 2 of 4 examples unscored (no judge verdict)"
+    # The optimizer's own search needs a number: there an unscored answer counts 0.
+    assert optimizer_sees == [0.9, 0.0, 0.9, 0.0]
+
+
+def test_a_judge_that_never_gives_a_verdict_leaves_the_metric_unscored_never_zero(store):
+    cfg = traced_session(store, "cot", "scoring.primary=semantic_f1", "scoring.metrics=[token_f1]")
+    lm, dev = half_judged(2)
+    lm.answers = {k: v for k, v in lm.answers.items() if k != "reset number 0"}  # now no verdict parses
+    scorer = Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm))
+    with tracking.run("unscored", cfg) as active, dspy.context(lm=lm):
+        result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=1, progress=False,
+                          trace_id=tracking.last_trace_id)
+        tracking.log_evaluation(result, split="dev")
+    assert result.score is None and result.unscored == ("semantic_f1",) and result.judge_failures == 2
+    assert result.headline() == "SemanticF1: no example scored: the judge gave no verdict on any of the 2 examples"
+    assert result.summary().startswith("SemanticF1: no example scored, token F1 = ")
+    run = mlflow.get_run(active.info.run_id).data
+    assert not [k for k in run.metrics if k.startswith("semantic_f1")]  # no 0, no interval, nothing
+    assert run.tags["semantic_f1"] == ("not computed: no example scored: the judge gave no verdict on any of the 2 "
+                                       "examples")
+    assert run.metrics["judge_failures"] == 2 and run.metrics["failure_judge_failed"] == 2
+    assert run.metrics["token_f1"] >= 0 and "token_f1_n" not in run.metrics
+    traces = mlflow.search_traces(locations=[active.info.experiment_id], return_type="list")
+    assert len(traces) == 2
+    for trace in traces:  # each says what happened: no verdict (the judge's error), not a 0
+        assert trace.info.tags["failure_mode"] == "judge_failed"
+        judged = {a.name: a for a in trace.info.assessments}["semantic_f1"]
+        assert judged.value is None and judged.error.error_code == "JUDGE_FAILED"
+        assert judged.error.error_message.startswith("the judge failed")
+
+
+def test_any_judged_metric_without_a_value_is_missing_as_semantic_f1_is():
+    """A pairwise judge whose outcome has no value (an arena verdict that did not parse) on the odd questions:
+    the arena rates are over the even ones, and as primary the odd examples are `judge_failed`."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Outcome:  # as the arena judge's, whose failure has no value
+        judged: bool
+        rationale: str
+
+        def value(self, metric):
+            return 100.0 if self.judged else None
+
+    class HalfArena:
+        lm, failures = None, 0
+
+        def __call__(self, example, prediction):
+            judged = int(example.question[-1]) % 2 == 0
+            self.failures += not judged
+            return Outcome(judged, "program's answer won" if judged else "the judge failed")
+
+    cfg = compose("cot", ["scoring.metrics=[token_f1,arena_win_rate]", "scoring.primary=arena_win_rate"])
+    dev = [dspy.Example(question=f"question {i}", response="git reset").with_inputs("question") for i in range(4)]
+    result = evaluate(lambda question: dspy.Prediction(response="git reset"), dev,
+                      Scorer(Scoring.from_cfg(cfg.scoring), pairwise=HalfArena()), num_threads=1, progress=False)
+    estimate = result.estimates["arena_win_rate"]
+    assert estimate.value == 100.0 and estimate.n == 2 and result.estimates["token_f1"].n == 4
+    assert [r["failure_mode"] for r in result.rows] == ["ok", "judge_failed", "ok", "judge_failed"]
+    assert result.judge_failures == 2 and result.rows[1]["arena_win_rate_rationale"] == "the judge failed"

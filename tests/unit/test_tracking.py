@@ -51,8 +51,10 @@ def scoring(rule="significant"):
 
 
 def dev_result(scores, rule="significant"):
-    """A dev evaluation with these per-example SemanticF1 scores (0-100), one question each."""
-    rows = [{"question": f"q{i}", "semantic_f1": float(s), "error": ""} for i, s in enumerate(scores)]
+    """A dev evaluation with these per-example SemanticF1 scores (0-100; None: the judge gave no verdict), one
+    question each."""
+    rows = [{"question": f"q{i}", "semantic_f1": None if s is None else float(s), "error": ""}
+            for i, s in enumerate(scores)]
     return EvalResult.from_rows(rows, scoring(rule))
 
 
@@ -109,6 +111,23 @@ def test_clear_per_example_improvement_is_promoted_under_significant(store):
     assert str(current.version) == third.version == str(champion().version)
     assert metrics["vs_champion_dev_semantic_f1_delta_ci_low"] > 0
     assert metrics["dev_semantic_f1"] == 80.0 and "dev_semantic_f1_ci_low" in metrics
+
+
+def test_unscored_examples_stay_missing_through_the_store_and_out_of_the_pairs(store):
+    # The champion's table is read back from its run: the examples its judge could not score stay missing.
+    register_scores([None, None, *CHAMPION_SCORES[2:]])
+    second = register_scores([*CLEAR[:19], None])
+    version, metrics = version_of("reg", second)
+    assert second.promoted and second.promotion.comparison.delta.n == 17  # 20 less 2 on one side, 1 on the other
+    # Questions 2-18: the 9 the champion scored 0 are +60, the 8 it scored 100 are +0.
+    assert metrics["vs_champion_dev_semantic_f1_delta"] == pytest.approx(9 * 60 / 17, abs=1e-3)
+    assert metrics["dev_semantic_f1_n"] == 19
+    assert version.tags["dev_semantic_f1"].endswith("(95% CI, n=19), 1 of 20 examples unscored (no judge verdict)")
+    unscored = register_scores([None] * 20)
+    version, metrics = version_of("reg", unscored)
+    assert not unscored.promoted and "no example scored" in unscored.promotion.reason
+    assert not [k for k in metrics if k.startswith("dev_semantic_f1")] and str(champion().version) == second.version
+    assert version.tags["dev_semantic_f1"].startswith("no example scored")
 
 
 def test_versions_carry_the_few_tags_a_person_reads(store):
