@@ -69,6 +69,9 @@ def test_multihop_finds_what_the_question_alone_did_not_and_travels_like_rag(sto
     assert parent["multihop_vs_rag_recall_at_k_delta_ci_low"] > 0
     assert parent["multihop_recall_at_k_hop1"] == parent["rag_recall_at_k"]  # hop 1 is rag's search
     assert parent["multihop_recall_at_k_hop2"] > 0 and "rag-k2_recall_at_k" in parent  # rag at 2 passages too
+    # Hop 2's passages are all new, so what it found adds up with hop 1's.
+    assert parent["multihop_recall_at_k"] == pytest.approx(parent["multihop_recall_at_k_hop1"]
+                                                           + parent["multihop_recall_at_k_hop2"])
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)} >= {
         "comparison.json", "failure_modes.png", "quality_cost.png", "quality_cost.json"}
     costs = mlflow.load_table("quality_cost.json", run_ids=[result.run_id]).set_index("variant")
