@@ -18,13 +18,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipelines.config import ConfigError
-from pipelines.lm import check_credentials, merged_reflection_cfg
+from pipelines.lm import check_credentials, merged_reflection_cfg, merged_teacher_cfg
+from pipelines.schema import ProgramName
 
 # Keys of a preset that are ours, not the constructor's: the variant label, compile() arguments, the
 # reflection LM's and the teacher's configs (the optimizer gets the built LMs), how many scored candidates
 # the run keeps, and the finetuning settings (the provider gets them).
 OWN_KEYS = ("name", "compile", "reflection_lm", "teacher", "keep_candidates", "finetune")
 GEPA_DEFAULT_REFLECTION_MINIBATCH = 3
+DEFAULT_KEEP_CANDIDATES = 5
 
 
 def build_optimizer(opt_cfg, metric, **runtime: Any) -> dspy.teleprompt.Teleprompter:
@@ -113,6 +115,30 @@ def finetune_provider(opt_cfg, lm_cfg, cache_dir: Path):
     if not base.exists():
         raise ConfigError(f"optimizer.finetune.base_model={base}: no such file or directory")
     return LoRAProvider(base=base, cache_dir=cache_dir, settings=LoRASettings.from_kwargs(settings))
+
+
+def check_optimizer(cfg, train_size: int) -> None:
+    """Everything about an optimize step's config that can be wrong, found before any LM starts: a program
+    it cannot compile, a teacher it cannot learn from (or without its key), a GEPA budget or reflection LM
+    that cannot work, a finetune without the embedded model."""
+    if cfg.program.name == ProgramName.ensemble:
+        raise ConfigError("optimize compiles cot, rag or multihop; an ensemble is made of compiled programs: "
+                          "program=ensemble ensemble.candidates_of=<an optimize run's id>")
+    teacher_cfg = merged_teacher_cfg(cfg)
+    if teacher_cfg is not None:
+        if teaching(cfg.optimizer) is None:
+            raise ConfigError(f"optimizer={cfg.optimizer.name} learns from no teacher; optimizer.teacher applies to "
+                              "the optimizers that bootstrap demos or transcripts (mipro, bootstrap, finetune)")
+        check_credentials(teacher_cfg)
+    if reflective(cfg.optimizer):
+        check_reflection(cfg, train_size)
+    if cfg.optimizer.get("finetune"):
+        finetune_provider(cfg.optimizer, cfg.lm, Path(cfg.paths.cache) / "adapters")
+
+
+def kept_candidates(opt_cfg) -> int:
+    """How many of its best scored candidate programs an optimize run keeps (an ensemble is made of them)."""
+    return int(opt_cfg.get("keep_candidates", DEFAULT_KEEP_CANDIDATES))
 
 
 def compile_kwargs(opt_cfg) -> dict[str, Any]:

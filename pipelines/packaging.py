@@ -92,7 +92,8 @@ def program_spec(program: dspy.Module, path: Path, indexes: Path | None = None) 
                               "index": os.path.relpath(index, path),
                               "embedder": embedder_spec(retriever.embedder)}}
         if isinstance(program, MultiHop):
-            spec.update(kind="multihop", hops=program.hops)
+            spec.update(kind="multihop", hops=program.hops,
+                        query_inputs=list(program.write_query.signature.input_fields))
         return spec
     if isinstance(program, Ensemble):
         return ensemble_spec(program, path, indexes or path / INDEXES)
@@ -141,7 +142,15 @@ def build(spec: dict[str, Any], path: Path) -> dspy.Module:
     settings = {"k": spec["k"], "context_window": spec["context_window"], "max_tokens": spec["max_tokens"],
                 "reserve_tokens": spec["reserve_tokens"]}
     if spec["kind"] == "multihop":
-        return MultiHop(retriever, hops=spec["hops"], **settings)
+        program = MultiHop(retriever, hops=spec["hops"], **settings)
+        # DSPy's state matches a predictor's fields by position: a writer saved with other inputs would load
+        # with its field descriptions shifted.
+        reads = list(program.write_query.signature.input_fields)
+        logged = spec.get("query_inputs", ["question", "context"])  # unrecorded before it read past queries
+        if logged != reads:
+            raise ConfigError(f"{path} holds a multihop program whose query writer reads {', '.join(logged)}; "
+                              f"this project's reads {', '.join(reads)}: re-run the step that logged it")
+        return program
     return RAG(retriever, **settings)
 
 

@@ -17,7 +17,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,7 +286,7 @@ def read_index(path: Path, identity: dict[str, Any], brute_force_threshold: int)
 
 
 @contextlib.contextmanager
-def retriever_span(query: str, k: int):
+def retriever_span(query: str, k: int, excluded: int = 0):
     """A RETRIEVER span inside the trace of the program call that retrieves, so MLflow's trace view
     lists the passages as documents; outside a trace (serving, tests), no span and no new trace.
     A process that never imported MLflow has no trace: it is not imported for nothing."""
@@ -297,8 +297,13 @@ def retriever_span(query: str, k: int):
     from mlflow.entities import SpanType
 
     with mlflow.start_span(name="retrieve", span_type=SpanType.RETRIEVER) as span:
-        span.set_inputs({"query": query, "k": k})
+        span.set_inputs({"query": query, "k": k, **({"excluded": excluded} if excluded else {})})
         yield span
+
+
+def passage_key(doc_id: Any, passage: str) -> Any:
+    """What tells two passages apart: the doc id, or the passage itself where the corpus has no ids."""
+    return passage if doc_id is None else doc_id
 
 
 class Retriever:
@@ -307,13 +312,17 @@ class Retriever:
     def __init__(self, index: Index, embedder, k: int = 5):
         self.index, self.embedder, self.k = index, embedder, k
 
-    def __call__(self, query: str, k: int | None = None) -> dspy.Prediction:
+    def __call__(self, query: str, k: int | None = None, *, exclude: Collection = ()) -> dspy.Prediction:
+        """The `k` passages nearest `query`, leaving out those whose `passage_key` is in `exclude` (what
+        earlier searches found): the search reaches that much deeper, so up to `k` come back."""
         k = k or self.k
-        with retriever_span(query, k) as span:
+        with retriever_span(query, k, len(exclude)) as span:
             vector = np.asarray(self.embedder([query]), dtype=np.float32)
-            ids, scores = self.index.search(vector, k)[0]
-            hits = dspy.Prediction(passages=[self.index.passages[i] for i in ids],
-                                   doc_ids=[self.index.doc_ids[i] for i in ids], scores=scores)
+            ids, scores = self.index.search(vector, k + len(exclude))[0]
+            kept = [(i, s) for i, s in zip(ids, scores, strict=True)
+                    if passage_key(self.index.doc_ids[i], self.index.passages[i]) not in exclude][:k]
+            hits = dspy.Prediction(passages=[self.index.passages[i] for i, _ in kept],
+                                   doc_ids=[self.index.doc_ids[i] for i, _ in kept], scores=[s for _, s in kept])
             if span is not None:
                 from mlflow.entities import Document
 

@@ -48,16 +48,18 @@ from pipelines.lm import (
     check_credentials,
     ensure_reachable,
     merged_judge_cfg,
+    merged_reflection_cfg,
     merged_teacher_cfg,
 )
 from pipelines.optimizers import (
     AtLeast,
     Compiling,
     build_optimizer,
-    check_reflection,
+    check_optimizer,
     compile_kwargs,
     finetune_provider,
     gepa_candidates,
+    kept_candidates,
     nested,
     ranked_candidates,
     reflective,
@@ -125,20 +127,41 @@ class Session:
         return self.scorer.scoring
 
 
-def prepare(cfg: Config, *, model_uri: str | None = None) -> Session:
-    """Check and build everything a step needs, cheapest checks first: a tracking server that is down
-    or refuses us, or a `model_uri` that names no model, fails before any LM starts."""
+@dataclass(frozen=True)
+class Checked:
+    """What checking a step's config reads on the way: its scoring (judge resolved) and its data."""
+
+    scoring: Scoring
+    splits: Splits
+
+
+def check_step(cfg: Config, *, model_uri: str | None = None, optimizing: bool = False) -> Checked:
+    """Everything about a step's config that can be wrong, checked with no LM built or called and no run
+    opened, cheapest first: the program's numbers, a tracking server that is down or refuses us, a judge
+    or `model_uri` that names nothing, a missing key, the data, and (`optimizing`) the optimizer's config.
+    An ensemble's members are checked where they are loaded (`members.build`), or by `main` before its
+    optimize step has made them."""
     scoring = Scoring.from_cfg(cfg.scoring)
     check_program(cfg.program)
     tracking.setup(cfg)
     scoring = resolved_judge(scoring)
     if model_uri:
         tracking.check_model(model_uri)
-    ensemble = members.build(cfg.ensemble) if cfg.program.name == ProgramName.ensemble else None
     check_credentials(cfg.lm)
-    judge_cfg = merged_judge_cfg(cfg)
-    check_credentials(judge_cfg)
+    check_credentials(merged_judge_cfg(cfg))
     splits = load_splits(cfg.data)
+    if optimizing:
+        check_optimizer(cfg, len(splits.train))
+    return Checked(scoring, splits)
+
+
+def prepare(cfg: Config, *, model_uri: str | None = None, optimizing: bool = False) -> Session:
+    """Check (`check_step`) and build everything a step needs: an ensemble's members are loaded, then the
+    LMs are built and reached (the embedded server starts here), still before any run opens."""
+    checked = check_step(cfg, model_uri=model_uri, optimizing=optimizing)
+    scoring, splits = checked.scoring, checked.splits
+    ensemble = members.build(cfg.ensemble) if cfg.program.name == ProgramName.ensemble else None
+    judge_cfg = merged_judge_cfg(cfg)
     lm = build_lm(cfg.lm)
     judge = lm if judge_cfg is cfg.lm else build_lm(judge_cfg)
     adapter = build_adapter(cfg.lm)
@@ -261,14 +284,12 @@ def run_variant(cfg: Config, *, name: str | None = None) -> StepResult:
 def session_optimizer(session: Session) -> Compiling:
     """The configured optimizer with what it needs at run time: GEPA gets SemanticF1 with feedback and a
     reflection LM, a teacher is built and reached, BootstrapFinetune gets its finetuning provider and keeps
-    the traces that pass `optimizer.finetune.min_score`. Bad optimizer config fails here, before a run opens."""
+    the traces that pass `optimizer.finetune.min_score`. The session was prepared with `optimizing=True`,
+    so its optimizer config was checked (`check_optimizer`) before any LM started."""
     cfg = session.cfg
     teacher_cfg, teaching_mode = merged_teacher_cfg(cfg), teaching(cfg.optimizer)
     teacher_lm = teacher_adapter = None
     if teacher_cfg is not None:
-        if teaching_mode is None:
-            raise ConfigError(f"optimizer={cfg.optimizer.name} learns from no teacher; optimizer.teacher applies to "
-                              "the optimizers that bootstrap demos or transcripts (mipro, bootstrap, finetune)")
         teacher_lm, teacher_adapter = build_lm(teacher_cfg), build_adapter(teacher_cfg)
         ensure_reachable(teacher_lm)
     runtime: dict[str, Any] = {}
@@ -296,7 +317,7 @@ def session_optimizer(session: Session) -> Compiling:
     if not reflective(cfg.optimizer):
         return Compiling(build_optimizer(cfg.optimizer, session.scorer, **runtime), teacher_lm=teacher_lm,
                          teaching=teaching_mode)
-    reflection_cfg = check_reflection(cfg, len(session.splits.train))
+    reflection_cfg = merged_reflection_cfg(cfg)
     reflection_lm = session.lm if reflection_cfg is cfg.lm else build_lm(reflection_cfg)
     ensure_reachable(reflection_lm)
     # The reflection LM answers through its own config's adapter: schema-constrained for the embedded LM.
@@ -311,10 +332,7 @@ def run_optimize(cfg: Config) -> StepResult:
     """Compile the program (rag, multihop or cot) on train with the configured optimizer, every predictor of
     it; score baseline and optimized on dev; keep the best scored candidates; log, register, promote. Every
     optimizer takes this same path; the `variant` tag names both (rag-mipro, multihop-gepa)."""
-    if cfg.program.name == ProgramName.ensemble:
-        raise ConfigError("optimize compiles cot, rag or multihop; an ensemble is made of compiled programs: "
-                          "program=ensemble ensemble.candidates_of=<an optimize run's id>")
-    session = prepare(cfg)
+    session = prepare(cfg, optimizing=True)
     compiling = session_optimizer(session)
     retriever, index_info = build_retriever(cfg) if cfg.program.name in RETRIEVING else (None, None)
     baseline_variant = str(cfg.program.name)
@@ -342,7 +360,7 @@ def run_optimize(cfg: Config) -> StepResult:
         if details is not None:
             tracking.log_table(gepa_candidates(details), "optimizer/gepa_candidates.json")
         tracking.log_candidates(ranked_candidates(optimized, details),
-                                keep=int(cfg.optimizer.get("keep_candidates", 5)))
+                                keep=kept_candidates(cfg.optimizer))
         tracking.log_optimizer_trials(optimized)
         model = tracking.new_model(variant, variant=variant, tags=lineage)
         # The calls of an LM the program carries are not the session LM's: counted apart.
@@ -611,6 +629,7 @@ def main_steps(cfg: Config, overrides: Sequence[str] = ()) -> list[str]:
         steps.append(step)
         if step == "multihop" and cfg.matched_rag:
             multihop = step_config(cfg, step, overrides).program
+            check_program(multihop)  # its hops and k name the matched step
             steps.append(f"rag-k{multihop.hops * multihop.k}")
     return list(dict.fromkeys(steps))
 
@@ -627,21 +646,37 @@ def step_config(cfg: Config, step: str, overrides: Sequence[str] = ()) -> Config
     return compose(step, overrides)
 
 
-def _check_main(cfg: Config, steps: list[str], configs: dict[str, Config], train_size: int) -> None:
-    """What can fail in a later step, checked before the parent run opens."""
+def check_main(cfg: Config, overrides: Sequence[str] = ()) -> dict[str, Config]:
+    """`main`'s steps in order, each with its config, every one checked as the step checks it itself
+    (`check_step`, an ensemble's members) and with what main implies (the matched rag step, an ensemble of
+    the optimize step before it), with no LM built or called and no run opened."""
+    steps = main_steps(cfg, overrides)
+    configs = {step: step_config(cfg, step, overrides) for step in steps}
     for step, step_cfg in configs.items():
-        check_program(step_cfg.program)
-        if step in OPTIMIZING and reflective(step_cfg.optimizer):
-            check_reflection(step_cfg, train_size)
-        if step in OPTIMIZING and step_cfg.optimizer.get("finetune"):
-            finetune_provider(step_cfg.optimizer, step_cfg.lm, Path(step_cfg.paths.cache) / "adapters")
+        check_step(step_cfg, optimizing=step in OPTIMIZING)
     if "ensemble" in configs:
-        if any(configs["ensemble"].ensemble.get(source) for source in members.SOURCES):
-            members.check(configs["ensemble"].ensemble)
-        elif not any(s in SCORING_CANDIDATES for s in steps[:steps.index("ensemble")]):
-            raise ConfigError("the ensemble step is made of the best candidates of an optimize (or gepa) step "
-                              "before it, or of the members ensemble.* names: add optimize before ensemble in "
-                              "steps, or set ensemble.members / ensemble.candidates_of / ensemble.samples_of")
+        _check_ensemble_step(steps, configs)
+    return configs
+
+
+def _check_ensemble_step(steps: list[str], configs: dict[str, Config]) -> None:
+    """The members `ensemble.*` names, or else the best candidates of the last optimize (or gepa) step
+    before it: as many as that step keeps, and enough for the reducer."""
+    ensemble = configs["ensemble"].ensemble
+    if any(ensemble.get(source) for source in members.SOURCES):
+        members.check(ensemble)
+        return
+    compiling = [s for s in steps[:steps.index("ensemble")] if s in SCORING_CANDIDATES]
+    if not compiling:
+        raise ConfigError("the ensemble step is made of the best candidates of an optimize (or gepa) step "
+                          "before it, or of the members ensemble.* names: add optimize before ensemble in "
+                          "steps, or set ensemble.members / ensemble.candidates_of / ensemble.samples_of")
+    members.check_size(ensemble, "candidates_of")
+    keep = kept_candidates(configs[compiling[-1]].optimizer)
+    if keep < ensemble.size:
+        raise ConfigError(f"ensemble.size={ensemble.size}, but the {compiling[-1]} step keeps {keep} candidate "
+                          f"programs (optimizer.keep_candidates={keep}): raise optimizer.keep_candidates or lower "
+                          "ensemble.size")
 
 
 def _run_step(step: str, step_cfg: Config, earlier: list[StepResult]) -> StepResult:
@@ -662,15 +697,13 @@ def run_pipeline(cfg: Config, overrides: Sequence[str] = ()) -> StepResult:
     parent also shows where each step's answers fail (`failure_modes.png`) and what they cost against
     what they score (`quality_cost.png`).
     """
-    steps = main_steps(cfg, overrides)
-    session = prepare(cfg)  # fail on bad input before the parent run opens
+    configs = check_main(cfg, overrides)  # every step's bad input fails before any LM starts
+    session = prepare(cfg)  # the LM reached before the parent run opens
     scoring = session.scoring
-    configs = {step: step_config(cfg, step, overrides) for step in steps}
-    _check_main(cfg, steps, configs, len(session.splits.train))
     results = []
     with tracking.run("main", cfg) as parent:
-        for step in steps:
-            results.append(dataclasses.replace(_run_step(step, configs[step], results), name=step))
+        for step, step_cfg in configs.items():
+            results.append(dataclasses.replace(_run_step(step, step_cfg, results), name=step))
         metrics, rows = {}, []
         for r in results:
             log.info("%s: %s", r.name, r.result.headline())

@@ -5,7 +5,8 @@ reducer returns a list. Here the reducer is made for long free text:
 
 - `mbr` (default, judge-free): minimum Bayes risk. Each answer's mean similarity to the others (token F1
   or ROUGE-L) estimates how much it agrees with what the ensemble as a whole says; the answer with the
-  highest wins, ties to the earlier member (the better-ranked candidate).
+  highest wins, ties to the earlier member (the better-ranked candidate). Between two answers both means
+  are their one similarity, so an `mbr` ensemble is configured with three members or more (`members.check`).
 - `select`: an LM reads the candidates and picks one (a bad pick number falls back to `mbr`).
 - `merge`: an LM reads the candidates and writes one answer from them.
 

@@ -52,10 +52,11 @@ class RAG(dspy.Module):
         self.reserve_tokens = reserve_tokens
         self.respond = dspy.ChainOfThought("context, question -> response")
 
-    def fit(self, passages: list[str], predictor: dspy.Predict, question: str) -> list[str]:
-        """`passages` trimmed to the room `predictor`'s prompt leaves in the context window."""
+    def fit(self, passages: list[str], predictor: dspy.Predict, inputs: str) -> list[str]:
+        """`passages` trimmed to the room `predictor`'s prompt leaves in the context window beside its
+        other `inputs` (their text: the question, and whatever else the prompt carries)."""
         budget = context_char_budget(self.context_window, self.max_tokens, self.reserve_tokens,
-                                     prompt_chars(predictor) + len(question))
+                                     prompt_chars(predictor) + len(inputs))
         context, trimmed = fit_passages(passages, budget)
         if trimmed:
             log.info("Trimmed %d passages to %d chars each to fit a %d-token context",

@@ -98,9 +98,10 @@ def bad_members(store, fake) -> dict[str, tuple[list[str], str]]:
         foreign = mlflow.pyfunc.log_model(name="echo", python_model=Echo()).model_uri
     rag_run = run_variant(smoke("rag", store, *fake_overrides(fake))).run_id  # has a program but no candidates
     return {
-        "unknown": ([f"ensemble.members=[{cot},models:/{MODEL}/99]"], f"cannot load models:/{MODEL}/99"),
-        "foreign": ([f"ensemble.members=[{cot},{foreign}]"], "is not a program logged by this project"),
-        "inputs": ([f"ensemble.members=[{cot},{other}]"], "ask for different inputs"),
+        "unknown": ([f"ensemble.members=[{cot},{cot},models:/{MODEL}/99]"], f"cannot load models:/{MODEL}/99"),
+        "foreign": ([f"ensemble.members=[{cot},{cot},{foreign}]"], "is not a program logged by this project"),
+        "inputs": ([f"ensemble.members=[{cot},{cot},{other}]"], "ask for different inputs"),
+        "mbr of two": ([f"ensemble.members=[{cot},{cot}]"], "mbr cannot choose between 2 members"),
         "no candidates": ([f"ensemble.candidates_of={rag_run}"], "kept no candidate programs"),
         "one": ([f"ensemble.members=[{cot}]"], "at least 2 members"),
     }

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import time
 
 import dspy
 import mlflow
@@ -14,7 +15,7 @@ from pipelines.steps import run_variant
 from pipelines.tracking import load_program
 
 from fake_lm import FakeLM
-from helpers import ROOT, fake_overrides, run_cli, smoke
+from helpers import ROOT, fake_overrides, mlflow_run, run_cli, smoke
 
 
 def test_server_dying_mid_evaluation_fails_the_run_but_keeps_scored_examples(store):
@@ -121,6 +122,29 @@ def test_evaluate_of_a_missing_model_starts_no_lm(store, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot load models:/nope@champion")
     assert not servers.exists() or not any(servers.iterdir())  # no server was started, or even looked for
+
+
+@pytest.mark.parametrize("lm", ["fake", "embedded", "unreachable"])
+def test_main_fails_on_a_later_steps_config_before_any_lm_or_run(store, tmp_path, fake, lm):
+    """An ensemble of 1 after optimize could never run: `mlflow run .` stops in one line before optimize
+    runs, with no LM asked (the fake counts every request), no embedded server started (none recorded in
+    its state directory), and no run but the one `mlflow run` opened, FAILED. With an LM nobody serves,
+    the config's error still comes first."""
+    servers = tmp_path / "llama-server"
+    stack = {"fake": " ".join(fake_overrides(fake)), "embedded": "",
+             "unreachable": "lm=openai lm.api_base=http://127.0.0.1:9/v1 lm.api_key_env=null"}[lm]
+    started = time.monotonic()
+    proc = mlflow_run("main", store, f"experiment=smoke tracking.artifact_location={store}/artifacts "
+                                     f"steps=[cot,optimize,ensemble] ensemble.size=1 {stack}",
+                      env={"RAGQA_SERVER_DIR": str(servers)})
+    print(f"lm={lm}: exit {proc.returncode} after {time.monotonic() - started:.1f} s")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: an ensemble needs at least 2 members; ensemble.size=1"], proc.stderr[-3000:]
+    assert fake.calls == 0 and fake.embedding_calls == 0
+    assert not servers.exists() or not any(servers.iterdir())
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [r.info.status for r in runs] == ["FAILED"]  # `mlflow run`'s own: no step's run was opened
 
 
 def test_runs_record_the_command_line_overrides_with_secrets_masked(store, fake):

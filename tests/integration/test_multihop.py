@@ -6,10 +6,12 @@ hop, and the logged program loads both ways in a fresh process, serves, and comp
 import re
 
 import mlflow
+import pytest
 from mlflow.entities import SpanType
 
 from pipelines.config import compose
 from pipelines.data import load_corpus, load_splits
+from pipelines.evaluation.scoring import Scoring, paired_scores
 from pipelines.steps import run_optimize, run_pipeline
 from pipelines.tracking import load_program
 
@@ -37,12 +39,14 @@ class GoldQueryWriter:
         self.only_in = {d: sorted(w for w in words(t) if counts[w] == 1) for d, t in self.texts.items()}
         self.gold = {e.question: list(e.gold_doc_ids) for e in load_splits(cfg.data).dev}
         self.written: dict[str, str] = {}
+        self.past_queries: dict[str, str] = {}  # what each question's writer was shown as its past queries
 
     def __call__(self, request: dict) -> str | None:
         question = question_of(request, list(self.gold))
         if question is None:
             return None
         content = str(request["messages"][-1]["content"])
+        self.past_queries[question] = content.split("[[ ## past_queries ## ]]", 1)[-1].split("[[ ##", 1)[0]
         missing = [d for d in self.gold[question] if self.texts[d][:80] not in content and self.only_in[d]]
         query = " ".join(self.only_in[missing[0]][:12]) if missing else question
         self.written[question] = query
@@ -65,22 +69,49 @@ def test_multihop_finds_what_the_question_alone_did_not_and_travels_like_rag(sto
     assert parent["multihop_vs_rag_recall_at_k_delta_ci_low"] > 0
     assert parent["multihop_recall_at_k_hop1"] == parent["rag_recall_at_k"]  # hop 1 is rag's search
     assert parent["multihop_recall_at_k_hop2"] > 0 and "rag-k2_recall_at_k" in parent  # rag at 2 passages too
+    # Hop 2's passages are all new, so what it found adds up with hop 1's.
+    assert parent["multihop_recall_at_k"] == pytest.approx(parent["multihop_recall_at_k_hop1"]
+                                                           + parent["multihop_recall_at_k_hop2"])
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)} >= {
         "comparison.json", "failure_modes.png", "quality_cost.png", "quality_cost.json"}
     costs = mlflow.load_table("quality_cost.json", run_ids=[result.run_id]).set_index("variant")
     assert costs.loc["multihop", "lm_calls_per_question"] == 2.0 and costs.loc["rag", "lm_calls_per_question"] == 1.0
     assert costs.loc["multihop", "tokens_per_question"] > costs.loc["rag", "tokens_per_question"] > 0
 
-    (child,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}' AND "
-                                                "tags.step = 'multihop'")
+    children = {run.data.tags["step"]: run for run in mlflow.search_runs(
+        search_all_experiments=True, output_format="list",
+        filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")}
+    child = children["multihop"]
+    rows = {step: mlflow.load_table("eval/dev_results.json", run_ids=[children[step].info.run_id]).to_dict("records")
+            for step in ("multihop", "rag-k2")}
+    gold = {e.question: set(e.gold_doc_ids) for e in load_splits(compose("multihop", overrides).data).dev}
+    # Each hop's passages are new: the second search left out what the first found.
+    assert all(len(r["hop_doc_ids"]) == 2 and not set(r["hop_doc_ids"][0]) & set(r["hop_doc_ids"][1])
+               and len(r["retrieved_doc_ids"]) == 2 for r in rows["multihop"])
+    # Against rag at as many passages (2), paired by question: reported, not assumed better.
+    with_gold = sum(1 for ids in gold.values() if ids)
+    matched = Scoring.from_cfg(compose("main", overrides).scoring).paired(
+        *paired_scores(rows["multihop"], rows["rag-k2"], "recall_at_k"))
+    print(f"recall@k, multihop - rag-k2 (2 passages each): {matched.describe()}")
+    assert matched.delta.n == with_gold > 0
+    assert matched.delta.value == pytest.approx(-parent["rag-k2_vs_multihop_recall_at_k_delta"])
+    # What the passages beyond the first found: the written query's new passage, against rag's second one.
+    hop2_gold = sum(bool(set(r["hop_doc_ids"][1]) & gold[r["question"]]) for r in rows["multihop"])
+    second_gold = sum(bool(set(r["retrieved_doc_ids"][1:]) & gold[r["question"]]) for r in rows["rag-k2"])
+    print(f"a gold document among the passages after the first: multihop {hop2_gold}, rag-k2 {second_gold} "
+          f"of {len(rows['multihop'])}")
+    assert hop2_gold > second_gold  # the fake's writer aims at a gold document's own words: by design, not a claim
+
     traces = mlflow.search_traces(run_id=child.info.run_id, return_type="list")
     assert len(traces) == 8
     for trace in traces:
         retrievals = [s for s in trace.data.spans if s.span_type == SpanType.RETRIEVER]
         question = trace.data.spans[0].inputs["question"]
         assert [s.inputs["query"] for s in retrievals] == [question, writer.written[question]]
+        first, second = ([d["id"] for d in s.outputs] for s in retrievals)
+        assert retrievals[1].inputs["excluded"] == 1 and len(second) == 1 and not set(first) & set(second)
         assert trace.info.tags["failure_mode"] in ("ok", "ok_without_gold", "answer_miss", "retrieval_miss")
+    assert len(writer.past_queries) == 8 and all(q in asked for q, asked in writer.past_queries.items())  # its searches
     prompts = child.data.tags["prompts"]
     assert f"{MODEL}.respond.predict/" in prompts and f"{MODEL}.write_query/" in prompts  # one per predictor
 

@@ -51,11 +51,57 @@ def test_main_runs_rag_with_as_many_passages_as_multihop_reads():
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (["steps=[cot,optimize,ensemble]", "ensemble.size=1"], r"^an ensemble needs at least 2 members; ensemble.size=1$"),
+    (["steps=[cot,optimize,ensemble]", "ensemble.size=2"], r"mbr cannot choose between 2 members .*select.*merge"),
+    (["steps=[optimize,ensemble]", "optimizer.keep_candidates=2"],
+     r"ensemble.size=3, but the optimize step keeps 2 candidate programs \(optimizer.keep_candidates=2\)"),
+    (["steps=[optimize,gepa,ensemble]", "ensemble.size=6"], r"ensemble.size=6, but the gepa step keeps 5"),
+    (["steps=[rag,ensemble]"], "made of the best candidates of an optimize"),
+    (["steps=[rag,multihop]", "program.hops=0"], r"^program.hops=0: multihop needs at least 1 hop"),
+    (["steps=[cot,gepa]", "gepa_optimizer=gepa", "++optimizer.max_metric_calls=2"], "too few for one reflection"),
+])
+def test_main_checks_every_steps_config_before_any_lm(store, overrides, message):
+    """What a later step would fail on, main's ensemble of its optimize step's candidates included, fails
+    before any step runs: with the embedded LM configured, no server is started (the unit guard would
+    refuse it) and no run opens."""
+    import mlflow
+
+    from pipelines.steps import check_main
+
+    with pytest.raises(ConfigError, match=message) as error:
+        check_main(compose("main", overrides), overrides)
+    assert "\n" not in str(error.value)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.parametrize("overrides, steps", [
+    (["steps=[cot,optimize,ensemble]"], ["cot", "optimize", "ensemble"]),
+    (["steps=[optimize,ensemble]", "ensemble.size=2", "ensemble.reducer=select"], ["optimize", "ensemble"]),
+    (["steps=[rag,multihop]", "program.k=2"], ["rag", "multihop", "rag-k4"]),
+])
+def test_main_checks_pass_what_can_run(store, overrides, steps):
+    from pipelines.steps import check_main
+
+    configs = check_main(compose("main", overrides), overrides)
+    assert list(configs) == steps and configs[steps[-1]].program.name == steps[-1].split("-")[0]
+
+
+def test_an_optimize_steps_teacher_it_cannot_use_fails_before_any_lm(store):
+    from pipelines.steps import run_optimize
+
+    cfg = compose("optimize", ["optimizer=gepa_quick", "+optimizer.teacher={model: openai/gpt-4o}"])
+    with pytest.raises(ConfigError, match="optimizer=gepa learns from no teacher"):
+        run_optimize(cfg)  # the embedded LM would start a server: the unit guard refuses that
+
+
+@pytest.mark.parametrize("overrides, message", [
     ([], "needs exactly one of ensemble.members"),
     (["ensemble.members=[models:/a/1]", "ensemble.samples_of=models:/a/1"], "got \\['members', 'samples_of'\\]"),
     (["ensemble.members=[models:/a/1]"], "at least 2 members; ensemble.members lists 1"),
     (["ensemble.candidates_of=abc", "ensemble.size=1"], "at least 2 members; ensemble.size=1"),
     (["ensemble.samples_of=models:/a/1", "ensemble.temperature=0"], "temperature > 0"),
+    (["ensemble.members=[models:/a/1,models:/a/2]"], "mbr cannot choose between 2 members \\(ensemble.members lists 2"),
+    (["ensemble.samples_of=models:/a/1", "ensemble.size=2", "ensemble.similarity=rouge_l"], "mbr cannot choose"),
 ])
 def test_an_ensemble_needs_one_source_and_two_members(overrides, message):
     from pipelines import members

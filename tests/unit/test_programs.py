@@ -1,7 +1,10 @@
 """The programs: RAG's passages shrink to fit a small context window; multihop writes its later queries and
 keeps each document once; an ensemble keeps the consensus answer and survives a failing member."""
 
+import json
+
 import dspy
+import numpy as np
 import pytest
 from dspy.utils import DummyLM
 
@@ -76,15 +79,17 @@ def test_deepcopy_shares_the_retriever():
 
 
 class WordRetriever:
-    """Top-k passages by words shared with the query; doc ids are given. Records every query."""
+    """Top-k passages by words shared with the query, leaving out the doc ids in `exclude`; doc ids are
+    given. Records every query."""
 
     def __init__(self, docs: dict):
         self.docs, self.queries = docs, []
 
-    def __call__(self, query, k=None):
+    def __call__(self, query, k=None, exclude=()):
         self.queries.append(query)
         words = set(query.lower().split())
-        ranked = sorted(self.docs, key=lambda d: (-len(words & set(self.docs[d].lower().split())), str(d)))[:k]
+        ranked = sorted((d for d in self.docs if d not in exclude),
+                        key=lambda d: (-len(words & set(self.docs[d].lower().split())), str(d)))[:k]
         return dspy.Prediction(passages=[self.docs[d] for d in ranked], doc_ids=ranked)
 
 
@@ -101,13 +106,51 @@ def test_multihop_writes_the_second_query_and_keeps_each_document_once_in_first_
     assert retriever.queries == ["git undo a reset", "reflog lost commits"]  # the question, then the written one
     assert pred.queries == retriever.queries and pred.response == "use the reflog"
     first, second = pred.hop_doc_ids
-    assert first == [11, 12] and second[0] == 13
-    assert pred.doc_ids == list(dict.fromkeys(first + second)) and len(pred.context) == len(pred.doc_ids)
-    # The query writer read what the first search found; the answer step read every distinct passage.
+    # The second search leaves out what the first found: without that, 11 (no closer to the query than 14,
+    # but first by id) would come back in 14's place.
+    assert first == [11, 12] and second == [13, 14]
+    assert pred.doc_ids == first + second and len(pred.context) == len(pred.doc_ids)
+    # The query writer read what the first search found and the query it ran; the answer step read every passage.
     writer_prompt, answer_prompt = (entry["messages"][-1]["content"] for entry in lm.history)
     assert DOCS[11] in writer_prompt and DOCS[13] not in writer_prompt
+    assert "past_queries" in writer_prompt and '["git undo a reset"]' in writer_prompt
     assert all(DOCS[d] in answer_prompt for d in pred.doc_ids)
     assert [name for name, _ in program.named_predictors()] == ["respond.predict", "write_query"]
+
+
+def test_each_hop_finds_new_documents_even_when_the_writer_repeats_itself():
+    retriever = WordRetriever(DOCS)
+    lm = DummyLM([{"query": "git reset"}, {"query": "git reset"}, {"reasoning": "r", "response": "ok"}])
+    with dspy.context(lm=lm):
+        pred = MultiHop(retriever, hops=3, k=1)(question="git undo a reset")
+    assert pred.queries == ["git undo a reset", "git reset", "git reset"]
+    assert pred.hop_doc_ids == [[11], [12], [13]] and pred.doc_ids == [11, 12, 13]  # without exclusion: 11 each time
+    second_writer = lm.history[1]["messages"][-1]["content"]
+    assert '["git undo a reset", "git reset"]' in second_writer  # it was told which queries it had run
+
+
+def test_a_multihop_program_round_trips_as_files_and_an_older_query_writer_is_refused(tmp_path):
+    from pipelines import packaging
+    from pipelines.lm import build_adapter, build_lm
+    from pipelines.retrieval import Index, LocalEmbedder, Retriever
+
+    cfg = compose("multihop")
+    index = Index(np.eye(4, dtype=np.float32), list(DOCS.values()), list(DOCS), meta={"embedder": {"kind": "local"}})
+    program = MultiHop(Retriever(index, dspy.Embedder(LocalEmbedder()), k=1), hops=3, k=1)
+    program.write_query.signature = program.write_query.signature.with_instructions("aim at what is missing")
+    packaging.save(program, build_lm(cfg.lm), build_adapter(cfg.lm), tmp_path / "program")
+    loaded = packaging.load(tmp_path / "program").program
+    assert type(loaded) is MultiHop and loaded.hops == 3
+    assert loaded.write_query.signature.instructions == "aim at what is missing"
+    assert list(loaded.write_query.signature.input_fields) == ["question", "past_queries", "context"]
+    spec_file = tmp_path / "program" / packaging.SPEC
+    spec = json.loads(spec_file.read_text())
+    del spec["program"]["query_inputs"]  # as this project wrote it before the writer read its past queries
+    spec_file.write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="query writer reads question, context; this project's reads question, "
+                                          "past_queries, context: re-run") as error:
+        packaging.load(tmp_path / "program")
+    assert "\n" not in str(error.value)
 
 
 def test_one_hop_is_rag():

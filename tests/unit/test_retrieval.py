@@ -113,6 +113,21 @@ def test_retriever_is_shared_by_deep_copies_and_pickles_without_model(tmp_path):
     assert pickle.loads(pickle.dumps(retriever))("topic7 thing 7").doc_ids == hits.doc_ids
 
 
+def test_excluded_passages_are_left_out_and_k_others_come_back(tmp_path):
+    corpus = make_corpus(tmp_path)
+    index = build(tmp_path, corpus, CountingEmbedder()).index
+    retriever = Retriever(index, CountingEmbedder(), k=3)
+    first = retriever("topic7 thing 7")
+    again = retriever("topic7 thing 7", exclude=set(first.doc_ids))
+    assert again.doc_ids == retriever("topic7 thing 7", k=6).doc_ids[3:]  # the next three, in rank order
+    assert len(again.scores) == len(again.passages) == 3
+    # A corpus without doc ids: passages are told apart by their text.
+    unnamed = Retriever(Index(index.embeddings, index.passages, [None] * len(index.passages), meta={}),
+                        CountingEmbedder(), k=3)
+    hits = unnamed("topic7 thing 7", exclude=set(first.passages))
+    assert hits.passages == again.passages and hits.doc_ids == [None] * 3
+
+
 def test_local_embedder_runs_offline_and_pickles_small():
     embedder = LocalEmbedder()
     assert len(pickle.dumps(embedder)) < 500  # weights are never pickled
