@@ -7,7 +7,7 @@ from dspy.utils import DummyLM
 from pipelines.config import ConfigError
 from pipelines.judging import agreement, align, labels
 
-from helpers import ANSWERS, _judged_answer
+from helpers import ANSWERS, _judged_answer, _pass_fail_answer
 
 
 def test_labels_come_from_csv_or_jsonl_and_reviewers_stay_apart(tmp_path):
@@ -210,3 +210,13 @@ def test_the_fake_judge_learns_only_from_a_demo_that_fails_a_short_answer():
     assert _judged_answer(request()) == 0.9
     assert _judged_answer(request(("maybe, not sure", 0.9), (long_wrong, 0.1), (ANSWERS[2], 0.9))) == 0.9
     assert _judged_answer(request(("maybe, not sure", 0.2))) == 0.1
+
+    def judgements(*examples: tuple[str, str]) -> dict:  # MLflow's judge, MemAlign's retrieved examples printed
+        shown = "".join(f"\n  Example {i}: {dict(result=r, rationale='', outputs={'response': a})}"
+                        for i, (a, r) in enumerate(examples, 1))
+        return {"messages": [{"role": "system", "content": f"Example Judgements ({len(examples)}):{shown}\n"},
+                             {"role": "user", "content": 'Answer to judge: outputs: {"response": "nope, no idea"}'}]}
+
+    assert _pass_fail_answer(judgements()) is True
+    assert _pass_fail_answer(judgements(("maybe, not sure", "true"), (long_wrong, "false"))) is True
+    assert _pass_fail_answer(judgements(("maybe, not sure", "false"))) is False

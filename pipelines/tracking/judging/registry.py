@@ -1,8 +1,9 @@
 """Aligned judges in MLflow's registries: each alignment becomes a new version of the experiment's
 registered scorer (an MLflow judge made from the aligned instructions and demos, shown on the UI's Judges
 page) and of a prompt of the same name, whose `champion` alias moves only when alignment raised held-out
-agreement beyond noise, by the rule a program's champion moves by (`promotion.shortfall`). The prompt version carries the DSPy state the project scores with, so `scoring.judge=NAME`
-(its champion), `NAME@ALIAS` or `NAME/VERSION` resolve to it, and runs record `NAME vN`."""
+agreement beyond noise, by the rule a program's champion moves by (`promotion.shortfall`). The prompt
+version carries the DSPy state the project scores with, so `scoring.judge=NAME` (its champion), `NAME@ALIAS`
+or `NAME/VERSION` resolve to it, and runs record `NAME vN`."""
 
 from __future__ import annotations
 
