@@ -1,8 +1,9 @@
 """What aligning the judge costs (BENCHMARKS.md, 10): LM calls and seconds for 50 labels against the fake LM
 at 200 ms per call, as `mlflow run . -e judge -P overrides="align=true"` spends them: the judge's verdict on
-every labelled trace (agreement), then the alignment (BootstrapFewShot on 60% of the labels, stopping at 4
-demos) and the held-out share judged before and after; then, as `mlflow_aligner=memalign|simba` adds,
-MLflow's own Judge.align on the same split (50 labelled traces in a scratch store) and its held-out verdicts.
+every labelled trace (agreement), then the alignment (the `verdicts` preset on 60% of the labels: the judge's
+verdict on 2 yes- and 2 no-labelled traces, its demos) and the held-out share judged before and after; then,
+as `mlflow_aligner=memalign|simba` adds, MLflow's own Judge.align on the same split (50 labelled traces in a
+scratch store) and its held-out verdicts.
 
     .venv/bin/python bench/judge.py                 # ~1 min
     .venv/bin/python bench/judge.py --labels 100
@@ -50,7 +51,7 @@ def main(args) -> None:
         original = align.JudgeProgram()
         optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
         with dspy.context(lm=lm, callbacks=[]):
-            aligned = phase(f"alignment: BootstrapFewShot on {len(parts.align)}",
+            aligned = phase(f"alignment: optimizer={cfg.optimizer.name} on {len(parts.align)}",
                             lambda: optimizer.compile(original.deepcopy(), trainset=parts.align))
         phase(f"held-out {len(parts.held_out)}: original", lambda: align.verdicts(original, parts.held_out, lm))
         phase(f"held-out {len(parts.held_out)}: aligned", lambda: align.verdicts(aligned, parts.held_out, lm))

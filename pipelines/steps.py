@@ -21,6 +21,7 @@ from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.evaluation.feedback import FeedbackF1
+from pipelines.evaluation.promotion import shortfall
 from pipelines.evaluation.report import (
     comparison_chart,
     comparison_row,
@@ -521,26 +522,31 @@ def run_judge(cfg: Config) -> JudgeResult:
                          "reviewers": consensus[trace_id].reviewers, "judge_score": round(float(verdict.score), 4),
                          "judge_rationale": verdict.feedback,
                          "link": f"#/experiments/{active.info.experiment_id}/traces?selectedEvaluationId={trace_id}"})
-        found = agreement.measure(human, scores, threshold=cfg.judge_threshold, confidence=cfg.scoring.confidence,
-                                  n_resamples=cfg.scoring.n_resamples, seed=cfg.scoring.seed)
+        bootstrap = {"confidence": cfg.scoring.confidence, "n_resamples": cfg.scoring.n_resamples,
+                     "seed": cfg.scoring.seed}
+        found = agreement.measure(human, scores, threshold=cfg.judge_threshold, **bootstrap)
+        among = agreement.between_reviewers(existing + new_labels, **bootstrap)
         tracking.log_judge_agreement(found, rows=rows, unparseable=judged.failures,
-                                     disagreeing=sum(c.disagree for c in consensus.values()),
+                                     disagreeing=sum(c.disagree for c in consensus.values()), reviewers=among,
                                      confusion=agreement.confusion(human, [s >= cfg.judge_threshold for s in scores])
                                      if all(isinstance(h, bool) for h in human) else None)
         for a in found:
             log.info("judge vs people: %s", a.describe())
+        if among:
+            log.info("reviewers vs each other (the ceiling for the judge's kappa): %s", among.describe())
         if parts is None:
             return JudgeResult(run_id=active.info.run_id, agreements=found)
         aligned, comparison, agreed = _align_judge(cfg, scoring, parts, judge_lm)
         uri = tracking.log_aligned_judge(aligned, comparison, held_out=len(parts.held_out), aligned_on=len(parts.align))
         if cfg.mlflow_aligner:
             _mlflow_align_beside(cfg, scoring, parts, examples, judge_lm, agreed)
+        short = shortfall(comparison, cfg.scoring.confidence)
         registered = tracking.register_judge(aligned.judge, name=cfg.judge_name, state=uri, lm_model=judge_lm.model,
-                                             threshold=cfg.judge_threshold, improved=comparison.above_zero)
+                                             threshold=cfg.judge_threshold, improved=short is None)
         log.info("aligned judge %s v%d, held-out agreement aligned - original: %s; %s", registered.name,
                  registered.version, comparison.describe(),
                  f"champion: scoring.judge={registered.name}" if registered.champion else
-                 f"not champion (not better beyond doubt); scoring.judge={registered.name}/{registered.prompt_version}")
+                 f"not champion ({short}); scoring.judge={registered.name}/{registered.prompt_version}")
         return JudgeResult(run_id=active.info.run_id, agreements=found, aligned=uri, alignment=comparison,
                            registered=registered)
 
@@ -551,8 +557,13 @@ def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> ali
     if len(yes_no) < len(usable):
         raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
     data = [align.example(examples[t]["question"], examples[t]["gold"], examples[t]["prediction"] or "",
-                          consensus[t].value, trace_id=t) for t in yes_no]
+                          consensus[t].value, trace_id=t, rationale=consensus[t].rationale) for t in yes_no]
     parts = align.split(data, cfg.align_held_out, cfg.scoring.seed)
+    if len({e.label for e in parts.align}) < 2:
+        given = sum(e.label for e in data)
+        raise ConfigError(f"align=true needs yes and no labels to build demos of both: {given} yes and "
+                          f"{len(data) - given} no among {len(data)} labelled traces ({len(parts.align)} to align "
+                          "on); label traces of the other kind")
     if len(parts.align) < 4 or len(parts.held_out) < 2:
         raise ConfigError(f"{len(data)} labelled traces split into {len(parts.align)} to align on and "
                           f"{len(parts.held_out)} held out: alignment needs at least 4 and 2; label more traces")

@@ -3,6 +3,7 @@ commands as a user would. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import json
 import os
@@ -72,33 +73,78 @@ ANSWERS = ("nope, no idea", "maybe, not sure",
            "the wrong way is to run some command with a random flag and hope that it works out fine")
 
 
+SHORT = 10  # words: the unaligned fake judge passes any answer shorter than this, whatever it says
+_VERDICT = re.compile(r"(precision|recall)(?: ## \]\]\s*|\"?\s*:\s*)(-?[\d.]+)")
+
+
+def _answer_judged(content: str) -> str:
+    """The answer a SemanticF1 request (or one of its demos) asks about."""
+    return content.split("system_response ## ]]", 1)[1].split("[[ ##", 1)[0].split("Respond with", 1)[0].strip()
+
+
+def _taught_by_demos(messages: list[dict]) -> bool:
+    """Whether one of a SemanticF1 request's demos (user/assistant pairs between the system message and the
+    last one) shows a short answer failed: F1 of its precision and recall below 0.5."""
+    for user, assistant in zip(messages[1:-1:2], messages[2:-1:2], strict=False):
+        content, verdict = str(user.get("content")), dict(_VERDICT.findall(str(assistant.get("content"))))
+        if "system_response ## ]]" not in content or set(verdict) != {"precision", "recall"}:
+            continue
+        precision, recall = (min(max(float(verdict[k]), 0.0), 1.0) for k in ("precision", "recall"))
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if len(_answer_judged(content).split()) < SHORT and f1 < 0.5:
+            return True
+    return False
+
+
 def _judged_answer(request):
-    """A judge that is wrong in a learnable, consistent way: shown no examples, it passes every answer under
-    10 words; shown some (demos), it passes only answers that say `right`."""
-    last = str(request["messages"][-1]["content"])
+    """A judge that is wrong in a learnable, consistent way: it passes every answer under SHORT words, longer
+    ones only when they say `right`. It fails short answers too only once a demo in the request shows it one
+    failed (a short answer with low precision and recall); demos of anything else (passes, long answers
+    failed) leave it as wrong as it was."""
+    messages = request["messages"]
+    last = str(messages[-1]["content"])
     if "system_response ## ]]" not in last:
         return None
-    answer = last.split("system_response ## ]]", 1)[1].split("[[ ##", 1)[0].split("Respond with", 1)[0]
-    if len(request["messages"]) <= 2 and len(answer.split()) < 10:
+    answer = _answer_judged(last)
+    if len(answer.split()) < SHORT and not _taught_by_demos(messages):
         return 0.9
     return 0.9 if "right" in answer else 0.1
 
 
 def _pass_fail_answer(request):
-    """The same judge as MLflow's pass/fail judge: shown no example judgements, it passes short answers."""
+    """The same judge as MLflow's pass/fail judge: it passes short answers until its "Example Judgements"
+    (MemAlign's retrieved examples) show a short answer a person failed."""
     text = "\n".join(str(m.get("content")) for m in request["messages"])
     if "Answer to judge" not in text or "outputs: {" not in text:
         return None
     answer = re.search(r'"response": "([^"]*)"', text.rsplit("outputs: {", 1)[1]).group(1)
-    if "Example Judgements" not in text and len(answer.split()) < 10:
+    if len(answer.split()) < SHORT and not any(
+            example.get("result") == "false" and len(_example_response(example).split()) < SHORT
+            for example in _example_judgements(text)):
         return True
     return "right" in answer
+
+
+def _example_judgements(text: str) -> list[dict]:
+    """MemAlign's "Example Judgements" in a judge's prompt: one `Example N: {...}` (a Python dict) a line."""
+    if "Example Judgements" not in text:
+        return []
+    found = []
+    for line in re.findall(r"^\s*Example \d+: (\{.*\})\s*$", text, flags=re.MULTILINE):
+        with contextlib.suppress(ValueError, SyntaxError):
+            found.append(ast.literal_eval(line))
+    return found
+
+
+def _example_response(example: dict) -> str:
+    outputs = example.get("outputs")
+    return str(outputs.get("response", "")) if isinstance(outputs, dict) else str(outputs or "")
 
 
 def learnable_judge(fake, questions: list[str]) -> None:
     """The fake LM answers the i-th question with ANSWERS[i % 4] (a person would pass only the `right` one)
     and judges as `_judged_answer` (SemanticF1) and `_pass_fail_answer` (MLflow's judge): alignment has
-    something to learn."""
+    something to learn, and only demos that show a short answer failed teach it."""
     kinds = {q: i % 4 for i, q in enumerate(questions)}
     fake.field_answers["response"] = lambda r: next((ANSWERS[k] for q, k in kinds.items()
                                                      if q in str(r["messages"][-1]["content"])), None)

@@ -7,7 +7,8 @@ current champion from MLflow and applies the decision. The rule (`scoring.promot
   test the project prints: the paired bootstrap interval lies above 0 and the sign-flip permutation test
   gives p below 1 - `scoring.confidence`. At small n the percentile interval is too narrow (with 6
   examples no permutation p can fall below 1/32), so the two can disagree; the verdict names the test
-  that decided. Unpaired (the champion's table is missing) means no move.
+  that decided. Unpaired (the champion's table is missing) means no move. The same test (`shortfall`)
+  moves an aligned judge's `champion`: its held-out agreement, aligned - the judge it started from.
 - `better`: the new point score beats the champion's, however slightly.
 
 Either way programs are compared only on the same dev set (by content hash), and, on a judged primary
@@ -73,23 +74,30 @@ def decide(*, new: EvalResult, dev_set: str, champion: Champion | None, scoring:
         return Promotion(promoted=False, reason=f"cannot pair with champion v{champion.version}'s per-example "
                                                 f"{name} scores (its dev table is missing or has no such column); "
                                                 "champion unchanged")
-    if comparison.p_value is None:
-        return Promotion(promoted=False, reason=f"{name} {comparison.describe()}: too few paired examples; "
-                                                "champion unchanged", comparison=comparison)
-    alpha = tidy(1 - scoring.confidence)
-    low, p = comparison.delta.low, comparison.p_value
-    if not comparison.above_zero:
-        why = f"its {scoring.confidence:.0%} interval's low end {low:.1f} is not above 0"
-    elif p >= alpha:
-        why = (f"its {scoring.confidence:.0%} bootstrap interval lies above 0, but the permutation test gives "
-               f"p={p:.3f}, not below {alpha:g}")
-    else:
+    why = shortfall(comparison, scoring.confidence)
+    if why is None:
         return Promotion(promoted=True, reason=f"beats champion v{champion.version} beyond noise by both tests "
-                                               f"(interval above 0, p={p:.3f} < {alpha:g}): {name} "
-                                               f"{comparison.describe()}", comparison=comparison)
+                                               f"(interval above 0, p={comparison.p_value:.3f} < "
+                                               f"{tidy(1 - scoring.confidence):g}): {name} {comparison.describe()}",
+                         comparison=comparison)
     return Promotion(promoted=False, comparison=comparison,
                      reason=f"not better than champion v{champion.version} beyond noise: {why}; {name} "
                             f"{comparison.describe()}; champion unchanged")
+
+
+def shortfall(comparison: Comparison, confidence: float) -> str | None:
+    """The `significant` rule on a paired difference new - old: None where it lies above 0 by both tests
+    (the bootstrap interval above 0, the sign-flip permutation p below 1 - `confidence`), else why not.
+    A program's champion and a judge's move by it."""
+    if comparison.p_value is None:
+        return f"too few paired examples ({comparison.delta.n})"
+    alpha, p = tidy(1 - confidence), comparison.p_value
+    if not comparison.above_zero:
+        return f"its {confidence:.0%} interval's low end {comparison.delta.low:.1f} is not above 0"
+    if p >= alpha:
+        return (f"its {confidence:.0%} bootstrap interval lies above 0, but the permutation test gives "
+                f"p={p:.3f}, not below {alpha:g}")
+    return None
 
 
 def _point_rule(score: float, champion: Champion, label: str, comparison: Comparison | None) -> Promotion:

@@ -3,15 +3,22 @@
 Yes/no labels: accuracy and Cohen's kappa (agreement beyond what the two label rates give by chance), the
 judge's 0-1 score cut at a threshold. Numeric labels: Pearson and Spearman r with the judge's score. Each
 statistic has a percentile bootstrap interval over the labelled traces (seeded), and n.
+
+People's agreement with each other (`between_reviewers`, Cohen's kappa on the traces two reviewers both
+labelled yes/no) is the ceiling the judge's is read against: a judge cannot be held to agree with people
+more than they agree among themselves.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+
+from pipelines.judging.labels import Label, by_reviewer
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,40 @@ def with_interval(name: str, statistic: Callable, human: Sequence, judge: Sequen
                   n_resamples: int = 2000, seed: int = 0) -> Agreement:
     """The statistic on all pairs and a percentile bootstrap interval over resampled pairs."""
     h, j = np.asarray(human), np.asarray(judge)
-    n = len(h)
+    return _bootstrapped(name, lambda idx: statistic(h[idx], j[idx]), len(h), confidence=confidence,
+                         n_resamples=n_resamples, seed=seed)
+
+
+def _bootstrapped(name: str, statistic: Callable[[np.ndarray], float], n: int, *, confidence: float,
+                  n_resamples: int, seed: int) -> Agreement:
+    """`statistic` of row indices on all n rows, and a percentile bootstrap interval over resampled rows."""
     if n < 2:
-        return Agreement(name, statistic(h, j), None, None, n)
+        return Agreement(name, statistic(np.arange(n)), None, None, n)
     rng = np.random.default_rng(seed)
-    draws = [statistic(h[idx], j[idx]) for idx in rng.integers(0, n, size=(n_resamples, n))]
+    draws = [statistic(idx) for idx in rng.integers(0, n, size=(n_resamples, n))]
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws, [tail, 100 - tail])
-    return Agreement(name, statistic(h, j), float(low), float(high), n)
+    return Agreement(name, statistic(np.arange(n)), float(low), float(high), n)
+
+
+def between_reviewers(given: Sequence[Label], *, confidence: float = 0.95, n_resamples: int = 2000,
+                      seed: int = 0) -> Agreement | None:
+    """People's agreement with each other: Cohen's kappa between two reviewers on the traces both labelled
+    yes/no (each reviewer's last label on a trace); with more than two reviewers, the mean of every pair's
+    kappa (Light's kappa), pairs sharing fewer than 2 traces left out. The interval resamples the traces two
+    or more reviewers labelled; n counts them. None where no two reviewers share 2 traces, or the labels
+    are numeric."""
+    shared = [{reviewer: x.value for reviewer, x in by.items()} for by in by_reviewer(list(given)).values()
+              if len(by) > 1 and all(isinstance(x.value, bool) for x in by.values())]
+
+    def mean_kappa(idx: np.ndarray) -> float:
+        kappas = [cohen_kappa(x, y) for x, y in _reviewer_pairs([shared[i] for i in idx]).values() if len(x) > 1]
+        return float(np.mean(kappas)) if kappas else 0.0
+
+    if not any(len(x) > 1 for x, _ in _reviewer_pairs(shared).values()):
+        return None
+    return _bootstrapped("cohen_kappa", mean_kappa, len(shared), confidence=confidence,
+                         n_resamples=n_resamples, seed=seed)
 
 
 def measure(human: Sequence, judge_scores: Sequence[float], *, threshold: float = 0.5, **bootstrap) -> list[Agreement]:
@@ -76,6 +109,17 @@ def measure(human: Sequence, judge_scores: Sequence[float], *, threshold: float 
                 with_interval("cohen_kappa", cohen_kappa, human, judge, **bootstrap)]
     return [with_interval("pearson_r", pearson, human, judge_scores, **bootstrap),
             with_interval("spearman_r", spearman, human, judge_scores, **bootstrap)]
+
+
+def _reviewer_pairs(rows: list[dict[str, bool]]) -> dict[tuple[str, str], tuple[list[bool], list[bool]]]:
+    """Per pair of reviewers, their two labels on each row (trace) both labelled."""
+    pairs: dict[tuple[str, str], tuple[list[bool], list[bool]]] = {}
+    for row in rows:
+        for a, b in itertools.combinations(sorted(row), 2):
+            first, second = pairs.setdefault((a, b), ([], []))
+            first.append(row[a])
+            second.append(row[b])
+    return pairs
 
 
 def confusion(human: Sequence[bool], judge: Sequence[bool]) -> list[dict]:

@@ -1,21 +1,28 @@
-"""Align the SemanticF1 judge with people's labels: DSPy compiles the judge program itself, with the
-optimizers the project runs for programs, to agree with the labels (a verdict agrees when its F1 cut at
-the threshold says what the person said). Labels are split, seeded, into an alignment share and a held-out
-share; agreement before and after is measured on the held-out share only, example by example.
+"""Align the SemanticF1 judge with people's labels: the judge program itself is compiled to agree with them
+(a verdict agrees when its F1 cut at the threshold says what the person said). Labels are split, seeded,
+into an alignment share and a held-out share; agreement before and after is measured on the held-out share
+only, example by example.
 
-With BootstrapFewShot (the default) the aligned judge carries, as demos, its own verdicts that agreed with
-people: the cases it gets right, shown before every new case. The aligned judge is the judge program's
-DSPy state (instructions and demos), loaded into `JudgedF1` by `scoring.judge=<its URI>`.
+By default (`optimizer=verdicts`, the `Verdicts` teleprompter below) the aligned judge carries demos of
+both labels, yes and no: people's verdicts, each with the reviewer's comment where one was written. A demo
+of only the verdicts the judge already gives teaches it nothing about the cases it gets wrong, which is why
+BootstrapFewShot's demos (its own verdicts that agreed) are not the default. The aligned judge is the judge
+program's DSPy state (instructions and demos), loaded into `JudgedF1` by `scoring.judge=<its URI>`.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 from dataclasses import dataclass
 
 import dspy
+from dspy.teleprompt import Teleprompter
 
 from pipelines.evaluation.scoring import SemanticF1
+
+log = logging.getLogger(__name__)
 
 
 class JudgeProgram(dspy.Module):
@@ -39,6 +46,54 @@ class Agrees:
         return (float(prediction.score) >= self.threshold) == example.label
 
 
+class Verdicts(Teleprompter):
+    """Demos balanced by label, people's verdicts: for yes and for no, the first `per_label` examples of the
+    alignment share (in `split`'s seeded order). The judge judges each once: where it agreed with the person
+    its verdict is the demo as it gave it; where it did not, the demo is that verdict turned to the person's
+    (precision and recall 1 for yes, 0 for no, its reasoning replaced by the person's). Where the reviewer
+    wrote a comment it is the demo's discussion. Demos alternate yes and no."""
+
+    def __init__(self, metric: Agrees, *, per_label: int = 2):
+        if not isinstance(metric, Agrees):
+            raise TypeError("optimizer=verdicts aligns a judge to people's labels (`-e judge` with align=true); "
+                            "a program has no labels to learn from")
+        super().__init__()
+        self.metric, self.per_label = metric, per_label
+
+    def compile(self, student: JudgeProgram, *, trainset: list[dspy.Example], teacher=None, valset=None,
+                **kwargs) -> JudgeProgram:
+        demos: dict[bool, list[dspy.Example]] = {True: [], False: []}
+        for example in trainset:
+            if all(len(found) >= self.per_label for found in demos.values()):
+                break
+            if len(demos[example.label]) >= self.per_label:
+                continue
+            try:
+                with dspy.context(trace=[]):
+                    prediction = student(**example.inputs())
+                    _, inputs, verdict = dspy.settings.trace[-1]
+            except Exception as e:  # an unparseable verdict: the next example of this label stands in
+                log.warning("the judge failed on %r while building demos: %s", example.question[:60], e)
+                continue
+            demos[example.label].append(_demo(example, inputs, verdict.toDict(),
+                                              agreed=bool(self.metric(example, prediction))))
+        program = student.deepcopy()
+        (predictor,) = program.predictors()
+        predictor.demos = _alternating(demos[True], demos[False])
+        program._compiled = True
+        return program
+
+
+def _demo(example: dspy.Example, inputs: dict, verdict: dict, *, agreed: bool) -> dspy.Example:
+    """The judge's verdict on one example as a demo that says what the person said."""
+    said = example.get("rationale")
+    if not agreed:
+        said = said or f"A person judged this response {'correct' if example.label else 'incorrect'}."
+        score = 1.0 if example.label else 0.0
+        verdict = {**verdict, "reasoning": said, "precision": score, "recall": score}
+    return dspy.Example(**inputs, **{**verdict, **({"discussion": said} if said else {})})
+
+
 @dataclass(frozen=True)
 class Split:
     align: list[dspy.Example]
@@ -46,21 +101,29 @@ class Split:
 
 
 def split(examples: list[dspy.Example], held_out: float, seed: int) -> Split:
-    """A seeded split; each share keeps the yes/no balance of the whole (stratified by label)."""
+    """A seeded split; each share keeps the yes/no balance of the whole (stratified by label). Each label's
+    examples are shuffled, and the alignment share alternates yes and no, so an optimizer that walks it in
+    order (BootstrapFewShot, `Verdicts`) meets both from its start."""
     rng = random.Random(seed)
-    align, keep = [], []
+    groups, keep = [], []
     for value in (True, False):
         group = [e for e in examples if e.label is value]
         rng.shuffle(group)
         cut = round(len(group) * held_out)
         keep += group[:cut]
-        align += group[cut:]
-    return Split(align, keep)
+        groups.append(group[cut:])
+    return Split(_alternating(*groups), keep)
 
 
-def example(question: str, gold: str, answer: str, label: bool, trace_id: str | None = None) -> dspy.Example:
-    return dspy.Example(question=question, gold=gold, answer=answer, label=label,
-                        trace_id=trace_id).with_inputs("question", "gold", "answer")
+def _alternating(*groups: list) -> list:
+    """The groups' items taken in turn (a, b, a, b, ...), the longer group's rest at the end."""
+    return [x for row in itertools.zip_longest(*groups) for x in row if x is not None]
+
+
+def example(question: str, gold: str, answer: str, label: bool, trace_id: str | None = None,
+            rationale: str | None = None) -> dspy.Example:
+    return dspy.Example(question=question, gold=gold, answer=answer, label=label, trace_id=trace_id,
+                        rationale=rationale).with_inputs("question", "gold", "answer")
 
 
 def verdicts(judge: JudgeProgram, examples: list[dspy.Example], lm: dspy.LM) -> list[float | None]:

@@ -1,8 +1,9 @@
 """People's labels of traces: read from a file, checked, and gathered per trace.
 
 A label is yes/no (yes, no, pass, fail, true, false, correct, incorrect, 1, 0) or a number in [0, 1]; a file
-holds one kind. Labels by several reviewers of one trace stay separate records; `by_trace` gives each
-trace's majority (yes/no) or mean (numeric) and whether its reviewers disagreed.
+holds one kind. Labels by several reviewers of one trace stay separate records (`by_reviewer`); `by_trace`
+gives each trace's majority (yes/no) or mean (numeric), whether its reviewers disagreed, and the comments
+given for the majority's verdict.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Consensus:
     value: bool | float | None  # None: reviewers split evenly on yes/no
     reviewers: int
     disagree: bool              # yes and no both given, or numbers more than 0.25 apart
+    rationale: str | None = None  # yes/no: the comments of the reviewers on the majority's side, joined
 
 
 def read(path: Path) -> list[Label]:
@@ -92,19 +94,25 @@ def _number(text: str, path: Path, line: int) -> float:
     return value
 
 
+def by_reviewer(labels: list[Label]) -> dict[str, dict[str, Label]]:
+    """Each trace's labels by reviewer, a reviewer's last label on a trace being the one that counts."""
+    found: dict[str, dict[str, Label]] = defaultdict(dict)
+    for label in labels:
+        found[label.trace_id][label.reviewer] = label
+    return dict(found)
+
+
 def by_trace(labels: list[Label]) -> dict[str, Consensus]:
     """Each trace's consensus over its reviewers, each reviewer's last label counting once. Yes/no labels
     whose reviewers split evenly have no majority: value None."""
-    latest = {(label.trace_id, label.reviewer): label.value for label in labels}  # a reviewer's last word counts
-    grouped: dict[str, list[bool | float]] = defaultdict(list)
-    for (trace_id, _), value in latest.items():
-        grouped[trace_id].append(value)
     result = {}
-    for trace_id, values in grouped.items():
+    for trace_id, given in by_reviewer(labels).items():
+        values = [x.value for x in given.values()]
         if all(isinstance(v, bool) for v in values):
             yes = sum(values)
             value = None if 2 * yes == len(values) else 2 * yes > len(values)
-            result[trace_id] = Consensus(value, len(values), 0 < yes < len(values))
+            said = "; ".join(x.rationale for x in given.values() if x.rationale and x.value == value)
+            result[trace_id] = Consensus(value, len(values), 0 < yes < len(values), said or None)
         else:
             result[trace_id] = Consensus(sum(values) / len(values), len(values), max(values) - min(values) > 0.25)
     return result

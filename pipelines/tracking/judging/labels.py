@@ -86,15 +86,19 @@ def labelled_rows(trace_ids: set[str]) -> dict[str, dict]:
 
 
 def log_judge_agreement(found: list, *, rows: list[dict], unparseable: int, disagreeing: int,
-                        confusion: list[dict] | None) -> None:
+                        confusion: list[dict] | None, reviewers=None) -> None:
     """The judge's agreement statistics with their intervals and n, the confusion table (yes/no labels), and
-    every labelled trace, those where judge and people differ most first, with a link to the trace."""
+    every labelled trace, those where judge and people differ most first, with a link to the trace. Where
+    reviewers labelled the same traces, their agreement with each other beside it (`reviewers_cohen_kappa`,
+    its interval, `reviewers_shared_traces`): the ceiling the judge's kappa is read against."""
     metrics = {"judge_labelled_traces": len(rows), "judge_unparseable": unparseable,
                "labels_disagreeing_traces": disagreeing}
-    for a in found:
-        metrics[f"judge_{a.name}"] = a.value
+    for prefix, a in [*(("judge", a) for a in found), *([("reviewers", reviewers)] if reviewers else [])]:
+        metrics[f"{prefix}_{a.name}"] = a.value
         if a.low is not None:
-            metrics.update({f"judge_{a.name}_ci_low": a.low, f"judge_{a.name}_ci_high": a.high})
+            metrics.update({f"{prefix}_{a.name}_ci_low": a.low, f"{prefix}_{a.name}_ci_high": a.high})
+    if reviewers:
+        metrics["reviewers_shared_traces"] = reviewers.n
     mlflow.log_metrics(metrics)
     gap = sorted(rows, key=lambda r: -abs(float(r["human"]) - r["judge_score"]))
     log_table(gap, "judge/disagreements.json")

@@ -1,8 +1,9 @@
 """Aligned judges in MLflow's registries: each alignment becomes a new version of the experiment's
 registered scorer (an MLflow judge made from the aligned instructions and demos, shown on the UI's Judges
 page) and of a prompt of the same name, whose `champion` alias moves only when alignment raised held-out
-agreement. The prompt version carries the DSPy state the project scores with, so `scoring.judge=NAME`
-(its champion), `NAME@ALIAS` or `NAME/VERSION` resolve to it, and runs record `NAME vN`."""
+agreement beyond noise, by the rule a program's champion moves by (`promotion.shortfall`). The prompt
+version carries the DSPy state the project scores with, so `scoring.judge=NAME` (its champion), `NAME@ALIAS`
+or `NAME/VERSION` resolve to it, and runs record `NAME vN`."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def judge_instructions(program: dspy.Module, threshold: float) -> str:
              "means a person would call the response correct."]
     for i, demo in enumerate(predictor.demos, 1):
         fields = "\n".join(f"{k}: {plain_text(v)}" for k, v in demo.items() if not str(k).startswith("augmented"))
-        parts.append(f"Worked verdict {i} (one a person agreed with):\n{fields}")
+        parts.append(f"Worked verdict {i} (as a person judged it):\n{fields}")
     parts.append("Question: {{ inputs }}\nGold answer: {{ expectations }}\nResponse to judge: {{ outputs }}")
     return "\n\n".join(parts)
 
@@ -81,7 +82,8 @@ def judge_model(lm_model: str) -> str:
 def register_judge(program: dspy.Module, *, name: str, state: str, lm_model: str, threshold: float,
                    improved: bool) -> RegisteredJudge:
     """A new version of the experiment's scorer `name` (the Judges page) and of the prompt `name`, tagged
-    with the judge program's state; the prompt's `champion` alias moves only when `improved`."""
+    with the judge program's state; the prompt's `champion` alias moves only when `improved` (the caller
+    applies `promotion.shortfall` to the held-out gain)."""
     from mlflow.genai.judges import make_judge
 
     run = mlflow.active_run()
