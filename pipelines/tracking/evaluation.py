@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import LoggedModel, LoggedModelStatus
+from mlflow.exceptions import MlflowException
 
 from pipelines.evaluation.scoring import RECALL, EvalResult
 from pipelines.evaluation.stats import Comparison, Estimate
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from pipelines.schema import DataConfig
 
 log = logging.getLogger(__name__)
+
+# A broken unique key as SQL stores word it (PostgreSQL, SQLite, MySQL, SQL Server), wrapped by MLflow.
+DUPLICATE_KEY = re.compile(r"UniqueViolation|duplicate key|UNIQUE constraint failed|Duplicate entry", re.IGNORECASE)
 
 
 def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg: DataConfig) -> dict[str, PandasDataset]:
@@ -35,7 +40,7 @@ def log_datasets(splits: dict[str, list[dspy.Example]], data_cfg: DataConfig) ->
         frame = pd.DataFrame([{"question": e.question, "response": e.response,
                                "gold_doc_ids": list(e.get("gold_doc_ids") or [])} for e in examples])
         dataset = mlflow.data.from_pandas(frame, source=source, name=f"{data_cfg.name}-{split}", targets="response")
-        mlflow.log_input(dataset, context=split)
+        log_input(dataset, context=split)
         datasets[split] = dataset
     return datasets
 
@@ -45,7 +50,24 @@ def log_spark_input(frame, path: Path) -> None:
     with warnings.catch_warnings():  # MLflow's advice on integer columns (an id) is for model signatures
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         dataset = mlflow.data.from_spark(frame, path=str(path), name=path.name)
-    mlflow.log_input(dataset, context="predict")
+    log_input(dataset, context="predict")
+
+
+def log_input(dataset, context: str) -> None:
+    """`mlflow.log_input`, safe when other runs log the same dataset at the same moment (a sweep's jobs).
+
+    A SQL store looks for the dataset's row (experiment, name, digest), then inserts it; runs that looked
+    at once all insert, and all but the first to commit break the row's key and get BAD_REQUEST. The row
+    exists by then, so one more try links to it. Any other error, or the same one twice, is raised.
+    """
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as error:
+        if not (error.error_code == "BAD_REQUEST" and "dataset" in error.message
+                and DUPLICATE_KEY.search(error.message)):
+            raise
+        log.info("dataset %s was logged by another run at the same moment; linking this run to it", dataset.name)
+        mlflow.log_input(dataset, context=context)
 
 
 def dataset_source(data_cfg: DataConfig):

@@ -186,6 +186,66 @@ def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server,
     assert parent.data.metrics["jobs_finished"] == 4
 
 
+# The stress test's jobs: forked once the imports are done and before any request (no job shares another's
+# connections), each opens a run per experiment, waits until all have, and logs train and dev as a step does.
+DATASET_JOBS = """
+import logging, multiprocessing, os, sys, mlflow
+from pipelines import tracking
+from pipelines.config import compose
+from pipelines.data import load_splits
+
+cfg = compose("cot", ["experiment=smoke"])
+splits = load_splits(cfg.data)
+logging.basicConfig(format="%(name)s: %(message)s")  # on stderr: when a job met another's row
+logging.getLogger("pipelines.tracking.evaluation").setLevel(logging.INFO)
+jobs, experiments = int(sys.argv[1]), sys.argv[2:]
+fork = multiprocessing.get_context("fork")
+together = fork.Barrier(jobs)
+
+def job():
+    said = os.dup(1)  # one line per outcome, in one write; MLflow's own prints ("View run ...") go to stderr
+    os.dup2(2, 1)
+    for experiment_id in experiments:
+        with mlflow.start_run(experiment_id=experiment_id):
+            together.wait(timeout=120)
+            try:
+                tracking.log_datasets({"train": splits.train, "dev": splits.dev}, cfg.data)
+                os.write(said, b"ok\\n")
+            except mlflow.exceptions.MlflowException as error:
+                os.write(said, f"failed: {error.message.splitlines()[0][:300]}\\n".encode())
+
+workers = [fork.Process(target=job) for _ in range(jobs)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+sys.exit(max(worker.exitcode for worker in workers))
+"""
+
+
+def test_parallel_jobs_logging_the_same_dataset_all_succeed(team_server, monkeypatch):
+    """Eight processes, each with its own run, log the same dataset, new to the experiment, at the same
+    moment, five times: the store checks for the dataset's row, then inserts it, so several may find none."""
+    jobs, rounds = 8, 5
+    client = admin_client(team_server, monkeypatch)
+    experiments = [client.create_experiment(f"dataset-race-{n}") for n in range(rounds)]
+    started = time.monotonic()
+    proc = run_cli([sys.executable, "-c", DATASET_JOBS, str(jobs), *experiments], cwd=ROOT, timeout=300,
+                   env=as_user(team_server, "admin", ADMIN_PASSWORD))
+    outcomes = proc.stdout.splitlines()
+    failures = [o for o in outcomes if o != "ok"]
+    met = proc.stderr.count("was logged by another run at the same moment")
+    print(f"{jobs} jobs x {rounds} rounds logging one dataset: {len(failures)} of {len(outcomes)} failed, "
+          f"{met} logs met another job's insert, {time.monotonic() - started:.0f} s; {failures[:1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not failures and len(outcomes) == jobs * rounds, outcomes
+    for experiment_id in experiments:
+        runs = client.search_runs([experiment_id])
+        assert len(runs) == jobs and all(r.info.status == "FINISHED" for r in runs)
+        inputs = [{(d.dataset.name, d.dataset.digest) for d in r.inputs.dataset_inputs} for r in runs]
+        assert len(inputs[0]) == 2 and all(i == inputs[0] for i in inputs)  # train and dev, the same for all
+
+
 def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(team_server, monkeypatch, fake):
     """MLflow's client rides out a short restart with its retries (minutes by default); with the retries
     lowered, a server that stays down ends the job in one line, exit 1, and what was logged stays."""

@@ -5,6 +5,8 @@ import time
 import dspy
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos.databricks_pb2 import BAD_REQUEST
 from omegaconf import OmegaConf
 
 from pipelines import tracking
@@ -185,6 +187,48 @@ def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
     assert datasets["dev"].source.uri.endswith("ragqa_arena_tech_examples.jsonl")
     tutorial = compose("cot", ["data=ragqa_arena_tech"]).data
     assert dataset_source(tutorial).url == tutorial.examples_url
+
+
+# What the team server (PostgreSQL) answered a job whose dataset another job inserted a moment before.
+DUPLICATE_ON_SERVER = RestException({"error_code": "BAD_REQUEST", "message": (
+    '(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"')})
+# The same race on a local SQLite store (MLflow wraps SQLAlchemy's IntegrityError in BAD_REQUEST).
+DUPLICATE_IN_SQLITE = MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                                      "datasets.name, datasets.digest", error_code=BAD_REQUEST)
+OTHER_BAD_REQUEST = RestException({"error_code": "BAD_REQUEST", "message": "Invalid value for dataset digest"})
+
+
+@pytest.mark.parametrize("errors, calls", [
+    ([DUPLICATE_ON_SERVER], 2),  # the row exists now: the second try links the run to it
+    ([DUPLICATE_IN_SQLITE], 2),
+    ([DUPLICATE_ON_SERVER, DUPLICATE_ON_SERVER], 2),  # one more try, no more
+    ([OTHER_BAD_REQUEST], 1),  # anything else is not retried
+    ([RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "duplicate key in dataset"})], 1),
+])
+def test_a_dataset_logged_by_another_run_at_the_same_moment_is_linked_with_one_more_try(store, monkeypatch,
+                                                                                       errors, calls):
+    from pipelines.data import load_splits
+
+    log_input, tries = mlflow.log_input, []
+
+    def racing(dataset, context):  # the store's answers, then the real store
+        tries.append(context)
+        if len(tries) <= len(errors):
+            raise errors[len(tries) - 1]
+        log_input(dataset, context=context)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    cfg = compose("cot", ["experiment=smoke", f"tracking.artifact_location={store}/artifacts"])
+    with mlflow.start_run() as active:
+        if calls > len(errors):
+            tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+        else:
+            with pytest.raises(MlflowException) as raised:
+                tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+            assert raised.value is errors[calls - 1]
+    assert len(tries) == calls
+    logged = mlflow.get_run(active.info.run_id).inputs.dataset_inputs
+    assert [d.dataset.name for d in logged] == (["sample-dev"] if calls > len(errors) else [])
 
 
 def program_with(instructions: str, signature: str = "question -> response", demos=()):
