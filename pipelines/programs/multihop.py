@@ -4,18 +4,17 @@ What this takes from DSPy's own multi-hop programs, and why:
 
 - Baleen (and DSPy's SimplifiedBaleen) writes a query per hop from the question and the passages found so
   far, keeps passages once, and answers from all of them. Kept: the findings carried forward are the
-  passages themselves, deduplicated by doc id in first-seen order, trimmed to the same context budget as
+  passages themselves, once each (by doc id) in the order found, trimmed to the same context budget as
   RAG. So the answer step sees exactly the documents `recall_at_k` is scored on, and no hop pays for an
   extra summarising call.
 - The HoVer multi-hop tutorial condenses each hop into notes with a second predictor. Not taken: notes
   cost one more LM call per hop and lose the doc ids, and a small model's notes lose most of the passage.
 - STORM's query writer asks for the queries that would cover what is still missing. Kept, as the
   writer's instructions; its many-perspective conversation is out of scope for one question.
-
-- Baleen's query writer is also kept from repeating itself (DSPy's assertion examples tell it which
-  queries it already tried). Kept, as an input: the writer reads its earlier queries (`past_queries`, the
-  question first). And a hop's search leaves out the passages found already, so each hop adds up to `k`
-  new passages rather than finding the first hop's again.
+- DSPy's Baleen example with assertions asks that each new query differ from the earlier ones. Kept, as
+  an input rather than a retry: the writer reads its earlier queries (`past_queries`, the question
+  first). Beyond it, a hop's search leaves out the passages found already, so each hop adds up to `k`
+  new passages, even when a query repeats, rather than finding the first hop's again.
 
 The first hop searches with the question itself, as RAG does: hop 1 is RAG's retrieval, so each later
 hop's `recall_at_k_hop<N>` shows what a written query found that the searches before it had not. The
