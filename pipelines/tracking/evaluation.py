@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import dspy
 import mlflow
 import pandas as pd
+from mlflow.data.dataset import Dataset
 from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.exceptions import MlflowException
@@ -53,7 +54,7 @@ def log_spark_input(frame, path: Path) -> None:
     log_input(dataset, context="predict")
 
 
-def log_input(dataset, context: str) -> None:
+def log_input(dataset: Dataset, *, context: str) -> None:
     """`mlflow.log_input`, safe when other runs log the same dataset at the same moment (a sweep's jobs).
 
     A SQL store looks for the dataset's row (experiment, name, digest), then inserts it; runs that looked

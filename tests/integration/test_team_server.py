@@ -2,9 +2,11 @@
 (`python -m deploy.team_server`), entry points run against it with credentials from the environment,
 LM and embeddings from the fake server. No mocks: every request goes through MLflow's auth app."""
 
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,12 +42,16 @@ def stop_server(server: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def team_server(tmp_path_factory):
-    data = tmp_path_factory.mktemp("team")
+def team_server():
+    # Not under pytest's temp root: as root, pgserver runs PostgreSQL as another user and opens the folders
+    # above its data to it, and any pytest session started meanwhile makes that root private again
+    # (PostgreSQL then panics on its own files).
+    data = Path(tempfile.mkdtemp(prefix="team-server-"))
     server = {"url": f"http://127.0.0.1:{free_port()}", "data": data, "log": data / "server.log"}
     start_server(server)
     yield server
     stop_server(server)
+    shutil.rmtree(data)  # (kept when the server did not stop cleanly, to read its log)
 
 
 def as_user(server, user: str, password: str, **extra: str) -> dict[str, str]:
