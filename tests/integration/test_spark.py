@@ -120,7 +120,8 @@ def test_multihop_and_an_ensemble_evaluate_and_predict_on_spark(store, fake, tmp
     assert on_spark.result.estimates == multihop.result.estimates and "recall_at_k_hop2" in multihop.result.estimates
 
     rag = run_variant(smoke("rag", store, *base))
-    members = f"[models:/ragqa-tech-smoke/{multihop.version},models:/ragqa-tech-smoke/{rag.version}]"
+    members = f"[models:/ragqa-tech-smoke/{multihop.version},models:/ragqa-tech-smoke/{rag.version}," \
+              f"models:/ragqa-tech-smoke/{rag.version}]"  # mbr needs 3 to choose
     ensemble = run_variant(smoke("ensemble", store, *base, f"ensemble.members={members}"))
     source = questions(tmp_path / "questions.jsonl", 12, empty_at=3)
     for logged, outputs in ((multihop, {"context", "doc_ids", "queries"}),
