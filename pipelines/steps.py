@@ -443,16 +443,25 @@ REVIEW_INSTRUCTION = ("Is the answer correct and useful for the question, as the
 
 
 def run_review(cfg: Config) -> ReviewResult:
-    """`review`: a run's dev traces into a review queue with the judge's label schema (pass/fail)."""
-    if not cfg.get("run_id"):
-        raise ConfigError("review needs run_id=<a run that evaluated dev with traces>, e.g. a rag or optimize run")
+    """`review`: a run's dev traces (`run_id`), or a version's served traffic (`model_uri`), into a review
+    queue with the judge's label schema (pass/fail)."""
+    if bool(cfg.get("run_id")) == bool(cfg.get("model_uri")):
+        raise ConfigError("review needs run_id=<a run that evaluated dev with traces> (e.g. a rag or optimize run) "
+                          "or model_uri=<a served version, e.g. models:/NAME@champion>")
     tracking.setup(cfg)
-    queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
-    if items:
-        log.info("queued %d traces of run %s for review as %r, label %r", items, cfg.run_id, queue, cfg.label_name)
+    if cfg.get("model_uri"):
+        model = tracking.logged_model_of(cfg.model_uri)
+        if model is None:
+            raise ConfigError(f"{cfg.model_uri} has no LoggedModel (logged before MLflow 3): its traffic is not linked")
+        queue, items = tracking.queue_traffic_for_review(model.model_id, cfg.label_name, REVIEW_INSTRUCTION)
     else:
-        log.info("run %s was queued before, as %r: label it on the Review page", cfg.run_id, queue)
-    return ReviewResult(run_id=cfg.run_id, queue=queue, items=items)
+        queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
+    what = cfg.get("run_id") or cfg.model_uri
+    if items:
+        log.info("queued %d traces of %s for review as %r, label %r", items, what, queue, cfg.label_name)
+    else:
+        log.info("%s was queued before, as %r: label it on the Review page", what, queue)
+    return ReviewResult(run_id=cfg.get("run_id") or "", queue=queue, items=items)
 
 
 def resolved_judge(scoring: Scoring) -> Scoring:
@@ -481,7 +490,8 @@ def run_judge(cfg: Config) -> JudgeResult:
     if len(usable) < 2:
         raise ConfigError(f"{len(usable)} labelled traces with an evaluated example: the judge's agreement needs at "
                           f"least 2; label traces of an evaluation (labels=FILE, or the {cfg.label_name!r} label on "
-                          "the Review page)")
+                          "the Review page), or served traces that carry a gold answer (the expectation "
+                          "expected_response, mlflow.log_expectation)")
     parts = _alignment_split(cfg, usable, consensus, examples) if cfg.align else None
     judge_cfg = merged_judge_cfg(cfg)
     judge_lm = build_lm(judge_cfg)

@@ -45,6 +45,7 @@ from pipelines.tracking.judging.labels import (
     log_judge_agreement,
     log_labels,
     queue_for_review,
+    queue_traffic_for_review,
 )
 from pipelines.tracking.judging.mlflow_align import (
     ALIGNERS,

@@ -19,6 +19,7 @@ import os
 import threading
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.utils.autologging_utils import get_autologging_config
 
 log = logging.getLogger(__name__)
@@ -38,11 +39,27 @@ def tracing_on() -> bool:
 def start_tracing() -> bool:
     """Trace the program's calls (MLflow's DSPy spans), unless `RAGQA_TRACING=false`. DSPy autologging
     that the process has configured already (the project's steps, a user's notebook) is left as it is."""
-    if not tracing_on():
+    if not tracing_on() or not _pin_experiment():
         return False
     if get_autologging_config("dspy", "log_traces") is None:
         mlflow.dspy.autolog(log_traces=True, silent=True)
     DroppedTraces.install()
+    return True
+
+
+def _pin_experiment() -> bool:
+    """Resolve `MLFLOW_EXPERIMENT_ID` (or `_NAME`) once, as the process's experiment. MLflow otherwise asks
+    the tracking server for it at every span it starts, so a slow or stopped server would hold up every
+    answer. False (tracing off, said once) when the server cannot name it now."""
+    if mlflow.tracking.fluent._active_experiment_id or not (MLFLOW_EXPERIMENT_ID.get() or MLFLOW_EXPERIMENT_NAME.get()):
+        return True  # chosen in code already, or MLflow's default experiment (no lookup per span)
+    try:
+        mlflow.set_experiment(experiment_name=MLFLOW_EXPERIMENT_NAME.get(), experiment_id=MLFLOW_EXPERIMENT_ID.get())
+    except Exception as e:  # noqa: BLE001 - any failure to reach the store: answer without traces
+        log.warning("tracing off: the experiment %s is not reachable at %s (%s); requests answer untraced",
+                    MLFLOW_EXPERIMENT_ID.get() or MLFLOW_EXPERIMENT_NAME.get(), mlflow.get_tracking_uri(),
+                    str(e).splitlines()[0][:200])
+        return False
     return True
 
 

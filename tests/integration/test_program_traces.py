@@ -7,9 +7,13 @@ import time
 
 import mlflow
 import pandas as pd
+from mlflow.entities import AssessmentSource, AssessmentSourceType
 from test_packaging import PICKLE_VARIABLE, in_fresh_process, log_rag_with_demos
 
-from helpers import served, tracking_server
+from pipelines.config import compose
+from pipelines.steps import run_judge, run_review
+
+from helpers import fake_overrides, served, tracking_server
 
 QUESTIONS = ["how do I undo my last git commit?", "how do I free disk space?", "how do I list open ports?"]
 
@@ -134,7 +138,7 @@ def test_served_requests_are_traced_to_the_experiment_and_linked_to_the_version(
         experiment = mlflow.get_logged_model(info.model_id).experiment_id
         # MLflow's own settings, and a short retry budget so a stopped server fails its traces quickly.
         env = {"MLFLOW_TRACKING_URI": server_uri, "MLFLOW_EXPERIMENT_ID": experiment,
-               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
         with served(uri, tmp_path, env) as ask:
             answers = [ask({"question": q})["predictions"][0] for q in QUESTIONS]
             traces = served_traces(experiment, len(QUESTIONS))
@@ -150,9 +154,26 @@ def test_served_requests_are_traced_to_the_experiment_and_linked_to_the_version(
             linked = mlflow.search_traces(locations=[experiment], model_id=info.model_id, return_type="list")
             assert {t.info.trace_id for t in linked} == set(by_id)
 
+            # The version's traffic goes to people for review; their verdicts come back as HUMAN feedback under
+            # the judge's label name, a gold answer where they know it, and the judge step measures them.
+            assert run_review(compose("review", ["experiment=smoke", f"model_uri={uri}"])).items == len(QUESTIONS)
+            person = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="alice")
+            for answer, verdict in zip(answers, (True, False, True), strict=True):
+                mlflow.log_feedback(trace_id=answer["trace_id"], name="correct", value=verdict, source=person)
+            for answer in answers[:2]:  # the third has no gold answer: it cannot be measured
+                mlflow.log_expectation(trace_id=answer["trace_id"], name="expected_response",
+                                       value="git reset --soft HEAD~1 keeps the changes", source=person)
+            judged = run_judge(compose("judge", ["experiment=smoke", *fake_overrides(fake, score=0.7)]))
+            metrics = mlflow.get_run(judged.run_id).data.metrics
+            assert metrics["judge_labelled_traces"] == 2
+            table = mlflow.load_table("judge/disagreements.json", run_ids=[judged.run_id])
+            assert set(table["trace_id"]) == {a["trace_id"] for a in answers[:2]}
+            assert sorted(table["human"]) == [False, True]
+
             tracking.close()  # the tracking server stops: requests still answer, the lost traces are one warning
-            after = [ask({"question": q})["predictions"][0] for q in QUESTIONS[:2]]
-            assert all(a["error"] == "" and a["response"] for a in after)
+            for question in QUESTIONS[:2]:
+                (answer,) = ask({"question": question})["predictions"]
+                assert answer["error"] == "" and answer["response"]
             log = tmp_path / "serve.log"
             deadline = time.monotonic() + 60
             while "trace was not written" not in log.read_text() and time.monotonic() < deadline:
