@@ -19,7 +19,11 @@ import os
 import threading
 
 import mlflow
-from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
+from mlflow.environment_variables import (
+    MLFLOW_ENABLE_ASYNC_TRACE_LOGGING,
+    MLFLOW_EXPERIMENT_ID,
+    MLFLOW_EXPERIMENT_NAME,
+)
 from mlflow.utils.autologging_utils import get_autologging_config
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ def start_tracing() -> bool:
     if get_autologging_config("dspy", "log_traces") is None:
         mlflow.dspy.autolog(log_traces=True, silent=True)
     DroppedTraces.install()
+    if not MLFLOW_ENABLE_ASYNC_TRACE_LOGGING.get() and os.environ.get(TRACE_EXECUTORS) != "true":
+        log.warning("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING=false: each answer waits until its trace is written, and "
+                    "a slow or stopped tracking server holds it up; unset it to export in the background")
     return True
 
 

@@ -119,11 +119,13 @@ def test_a_loaded_program_traces_each_row_alone_or_inside_the_callers_trace(stor
 
 
 def served_traces(experiment: str, expected: int, timeout: float = 90) -> list:
-    """The experiment's traces once `expected` of them are in (serving exports them asynchronously)."""
+    """The experiment's traces once `expected` of them are in with their spans (serving exports both
+    asynchronously)."""
     deadline = time.monotonic() + timeout
     while True:
         traces = mlflow.search_traces(locations=[experiment], return_type="list")
-        if len(traces) >= expected or time.monotonic() > deadline:
+        complete = len(traces) >= expected and all(len(t.data.spans) >= 7 for t in traces)
+        if complete or time.monotonic() > deadline:
             return traces
         time.sleep(1)
 
@@ -171,9 +173,10 @@ def test_served_requests_are_traced_to_the_experiment_and_linked_to_the_version(
             assert sorted(table["human"]) == [False, True]
 
             tracking.close()  # the tracking server stops: requests still answer, the lost traces are one warning
-            for question in QUESTIONS[:2]:
+            for question in QUESTIONS[:2]:  # a trace written while answering would retry 7 spans x 3 s
+                started = time.monotonic()
                 (answer,) = ask({"question": question})["predictions"]
-                assert answer["error"] == "" and answer["response"]
+                assert answer["error"] == "" and answer["response"] and time.monotonic() - started < 10
             log = tmp_path / "serve.log"
             deadline = time.monotonic() + 60
             while "trace was not written" not in log.read_text() and time.monotonic() < deadline:
