@@ -1,4 +1,4 @@
-"""What tracing costs a served program (BENCHMARKS.md, 12): a registered RAG behind `mlflow models serve`, the fake
+"""What tracing costs a served program (BENCHMARKS.md, 11): a registered RAG behind `mlflow models serve`, the fake
 LM answering each chat request after --latency s, asked one question per request by 1 and by --clients concurrent
 clients. Settings: traced (MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID at a local `mlflow server` over sqlite),
 untraced (RAGQA_TRACING=false), and traced with the tracking server stopped after start. p50/p95 latency per
