@@ -16,6 +16,7 @@ One directory holds:
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import shutil
@@ -215,8 +216,8 @@ def restore_embedder(spec: dict[str, Any]) -> dspy.Embedder:
     return dspy.Embedder(local, batch_size=spec["batch_size"], caching=False)
 
 
-ERROR = "error"                             # why a row has no answer ("" when it has one)
-TRACE_EXECUTORS = "RAGQA_TRACE_EXECUTORS"   # "true": trace the calls (a Spark executor of a job with a tracking server)
+ERROR = "error"          # why a row has no answer ("" when it has one)
+TRACE_ID = "trace_id"    # the row's trace ("" when untraced): where `mlflow.log_feedback` attaches feedback
 EMPTY = {"context": [], "doc_ids": [], "queries": [], "candidates": []}  # a list output of a row with no answer
 
 
@@ -225,42 +226,53 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
 
     N rows with a `question` column (and the program's other input fields, if any) in, N rows out in the
     same order: `reasoning`, `response`, what else the program answers with (`pipelines.programs.outputs`:
-    a RAG's `context` and `doc_ids`, ...) and `error`.
+    a RAG's `context` and `doc_ids`, ...), `error` and `trace_id`.
     Rows are answered concurrently (`num_threads`, an inference param whose default is the logged run's); a
     row whose program fails gets its error and empty outputs, and the other rows still answer.
+    Each row answers inside the caller's trace when there is one (`mlflow.genai.evaluate`, a function under
+    `@mlflow.trace`), else as a trace of its own, linked to the logged model (`pipelines.tracking.serving`;
+    `RAGQA_TRACING=false` turns it off).
     """
 
     def load_context(self, context) -> None:
+        from pipelines.tracking import serving  # not at import: the tracking package imports this module
+
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
         self.inputs, self.outputs = inputs(self.program), outputs(self.program)
-        # A Spark executor of a job that logs to a tracking server traces its calls there (the driver
-        # sets this, with MLflow's own MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID).
-        self.traced = os.environ.get(TRACE_EXECUTORS) == "true"
-        if self.traced:
-            mlflow.dspy.autolog(log_traces=True, silent=True)
+        self.serving = serving
+        self.traced = serving.start_tracing()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         records = model_input[list(self.inputs)].to_dict(orient="records")
         threads = max(1, min(int((params or {}).get("num_threads") or 1), len(records) or 1))
+        # Each row in a copy of the caller's context: its trace (the parent span), MLflow's prediction
+        # context (the model id traces link to) and DSPy's settings follow the row into its thread.
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            rows = list(pool.map(self._answer, records))
-        if self.traced:  # a Spark worker may be stopped before MLflow's export queue drains on its own
-            mlflow.flush_trace_async_logging()
-        return pd.DataFrame(rows, columns=[*self.outputs, ERROR])
+            futures = [pool.submit(contextvars.copy_context().run, self._answer, record) for record in records]
+            rows = [future.result() for future in futures]
+        if self.traced:
+            self.serving.flush_on_executor()
+        return pd.DataFrame(rows, columns=[*self.outputs, ERROR, TRACE_ID])
 
     def _answer(self, record: dict[str, Any]) -> dict[str, Any]:
         empty = {name: EMPTY.get(name, "") for name in self.outputs}
         blank = [name for name, value in record.items() if not isinstance(value, str) or not value.strip()]
         if blank:
-            return {**empty, ERROR: f"empty {' and '.join(blank)}"}
+            return {**empty, ERROR: f"empty {' and '.join(blank)}", TRACE_ID: ""}
+        parent = mlflow.get_current_active_span() if self.traced else None
+        last = mlflow.get_last_active_trace_id(thread_local=True)
         try:
             # A context per call, not global settings: rows run on worker threads (and servers' threads).
             with dspy.context(lm=self.lm, adapter=self.adapter):
                 prediction = self.program(**record)
+            error = ""
         except Exception as e:
-            return {**empty, ERROR: f"{type(e).__name__}: {e}"[:2000]}
-        answer = {name: prediction.get(name, empty[name]) for name in empty}
-        if not answer["response"]:
-            return {**answer, ERROR: NO_PREDICTION}
-        return {**answer, ERROR: ""}
+            prediction, error = dspy.Prediction(), f"{type(e).__name__}: {e}"[:2000]
+        # The caller's trace, or the one this call made (a failed call's trace records its error too).
+        finished = mlflow.get_last_active_trace_id(thread_local=True)
+        trace_id = parent.trace_id if parent else (finished if self.traced and finished != last else None)
+        answer = {name: prediction.get(name, empty[name]) for name in empty} if not error else empty
+        if not error and not answer["response"]:
+            error = NO_PREDICTION
+        return {**answer, ERROR: error, TRACE_ID: trace_id or ""}

@@ -237,7 +237,11 @@ class Config:
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     gepa_optimizer: str = "gepa_quick"
     finetune_optimizer: str = "finetune_quick"
-    run_id: str | None = None        # review: the run whose dev traces go to a review queue
+    run_id: str | None = None        # review, assess: the run whose traces go to a review queue / are scored
+    scorers: list[str] = field(default_factory=list)  # assess: scorer names (pipelines/tracking/scorers.py)
+    guidelines: list[str] = field(default_factory=list)  # assess: the rules the `guidelines` judge checks
+    since: str | None = None         # assess: traces from this ISO date/time on
+    until: str | None = None         # assess: traces up to this ISO date/time
     labels: str | None = None        # judge: a CSV/JSONL of trace_id,label[,rationale][,reviewer]
     label_name: str = "correct"      # judge: the name people's labels carry on the traces
     judge_threshold: float = 0.5     # judge: a 0-1 judge score at or above this is a yes

@@ -41,7 +41,7 @@ from pipelines.evaluation.scoring import (
     evaluate,
     label,
 )
-from pipelines.evaluation.stats import Comparison
+from pipelines.evaluation.stats import Comparison, Estimate, interval
 from pipelines.judging import agreement, align, labels
 from pipelines.lm import (
     build_adapter,
@@ -72,6 +72,7 @@ from pipelines.scale import batch, engine, spark
 from pipelines.scale.batch import Predictions
 from pipelines.schema import Engine, ProgramName
 from pipelines.server import LMServerError, healthy
+from pipelines.tracking import scorers
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -463,16 +464,25 @@ REVIEW_INSTRUCTION = ("Is the answer correct and useful for the question, as the
 
 
 def run_review(cfg: Config) -> ReviewResult:
-    """`review`: a run's dev traces into a review queue with the judge's label schema (pass/fail)."""
-    if not cfg.get("run_id"):
-        raise ConfigError("review needs run_id=<a run that evaluated dev with traces>, e.g. a rag or optimize run")
+    """`review`: a run's dev traces (`run_id`), or a version's served traffic (`model_uri`), into a review
+    queue with the judge's label schema (pass/fail)."""
+    if bool(cfg.get("run_id")) == bool(cfg.get("model_uri")):
+        raise ConfigError("review needs run_id=<a run that evaluated dev with traces> (e.g. a rag or optimize run) "
+                          "or model_uri=<a served version, e.g. models:/NAME@champion>")
     tracking.setup(cfg)
-    queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
-    if items:
-        log.info("queued %d traces of run %s for review as %r, label %r", items, cfg.run_id, queue, cfg.label_name)
+    if cfg.get("model_uri"):
+        model = tracking.logged_model_of(cfg.model_uri)
+        if model is None:
+            raise ConfigError(f"{cfg.model_uri} has no LoggedModel (logged before MLflow 3): its traffic is not linked")
+        queue, items = tracking.queue_traffic_for_review(model.model_id, cfg.label_name, REVIEW_INSTRUCTION)
     else:
-        log.info("run %s was queued before, as %r: label it on the Review page", cfg.run_id, queue)
-    return ReviewResult(run_id=cfg.run_id, queue=queue, items=items)
+        queue, items = tracking.queue_for_review(cfg.run_id, cfg.label_name, REVIEW_INSTRUCTION)
+    what = cfg.get("run_id") or cfg.model_uri
+    if items:
+        log.info("queued %d traces of %s for review as %r, label %r", items, what, queue, cfg.label_name)
+    else:
+        log.info("%s was queued before, as %r: label it on the Review page", what, queue)
+    return ReviewResult(run_id=cfg.get("run_id") or "", queue=queue, items=items)
 
 
 def resolved_judge(scoring: Scoring) -> Scoring:
@@ -501,7 +511,8 @@ def run_judge(cfg: Config) -> JudgeResult:
     if len(usable) < 2:
         raise ConfigError(f"{len(usable)} labelled traces with an evaluated example: the judge's agreement needs at "
                           f"least 2; label traces of an evaluation (labels=FILE, or the {cfg.label_name!r} label on "
-                          "the Review page)")
+                          "the Review page), or served traces that carry a gold answer (the expectation "
+                          "expected_response, mlflow.log_expectation)")
     parts = _alignment_split(cfg, usable, consensus, examples) if cfg.align else None
     judge_cfg = merged_judge_cfg(cfg)
     judge_lm = build_lm(judge_cfg)
@@ -549,6 +560,55 @@ def run_judge(cfg: Config) -> JudgeResult:
                  f"not champion ({short}); scoring.judge={registered.name}/{registered.prompt_version}")
         return JudgeResult(run_id=active.info.run_id, agreements=found, aligned=uri, alignment=comparison,
                            registered=registered)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssessResult:
+    run_id: str
+    traces: int
+    estimates: dict[str, Estimate]
+    score = None  # nothing for a sweep to compare
+
+    def headline(self) -> str:
+        scored = "; ".join(f"{name} {e.describe()}" for name, e in self.estimates.items()) or "no scorer gave a value"
+        return f"{self.traces} traces: {scored}"
+
+
+def run_assess(cfg: Config) -> AssessResult:
+    """`assess`: stored traces (a run's, a version's served traffic, or the experiment's) scored with MLflow's
+    judges and the project's metrics (`tracking.scorers`); one run with each scorer's mean and interval.
+    Unknown scorers, or judges without a judge model, fail before any trace is read."""
+    if cfg.get("run_id") and cfg.get("model_uri"):
+        raise ConfigError("assess takes run_id=... or model_uri=... (or neither: the whole experiment), not both")
+    names, guidelines = list(cfg.scorers or []), list(cfg.guidelines or [])
+    judged = [n for n in names if n in scorers.NEEDS_JUDGE]
+    judge_cfg = merged_judge_cfg(cfg)
+    scorers.check_names(names, judge_model=judge_cfg.get("model") if judged else None, guidelines=guidelines)
+    judge_lm = build_lm(judge_cfg) if judged else None
+    tracking.setup(cfg)
+    experiment_id, model_id = tracking.where(run_id=cfg.get("run_id"), model_uri=cfg.get("model_uri"),
+                                             experiment=cfg.tracking.experiment)
+    traces = tracking.find_traces(experiment_id=experiment_id, run_id=cfg.get("run_id"), model_id=model_id,
+                                  since=cfg.get("since"), until=cfg.get("until"))
+    if judge_lm is not None:
+        ensure_reachable(judge_lm)
+    scoring = resolved_judge(Scoring.from_cfg(cfg.scoring))
+    made = scorers.build_scorers(names, judge_model=tracking.judge_model(judge_lm.model) if judge_lm else None,
+                                 judge_lm=judge_lm, aligned=scoring.judge, guidelines=guidelines)
+    expectations = tracking.expectations_of(traces, cfg.get("run_id"))
+    tags = {"assessed": cfg.get("run_id") or cfg.get("model_uri") or f"experiment {experiment_id}",
+            "scorers": ",".join(names)}
+    endpoint = judge_lm.kwargs if judge_lm is not None else {}
+    with tracking.run("assess", cfg, tags=tags) as active, \
+            tracking.lm_endpoint(endpoint.get("api_base"), endpoint.get("api_key")):
+        values = tracking.assess(traces, made, expectations)
+        estimates = {name: interval(v, confidence=cfg.scoring.confidence, n_resamples=cfg.scoring.n_resamples,
+                                    seed=cfg.scoring.seed) for name, v in values.items() if v}
+        tracking.log_metrics({**tracking.estimate_metrics(estimates), "traces": len(traces),
+                              **{f"{name}_n": len(v) for name, v in values.items()}})
+        result = AssessResult(run_id=active.info.run_id, traces=len(traces), estimates=estimates)
+        log.info("assess: %s", result.headline())
+        return result
 
 
 def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> align.Split:

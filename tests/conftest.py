@@ -23,6 +23,7 @@ import pytest
 from pipelines.config import compose
 
 from fake_lm import FakeLM
+from helpers import FAKE_KEY
 
 TIERS = ("unit", "integration", "e2e")
 HERE = Path(__file__).resolve().parent
@@ -92,6 +93,15 @@ def store(tmp_path, monkeypatch):
     yield tmp_path
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture
+def user(store, monkeypatch):
+    """A user who has an OpenAI-style key in the environment and has not allowed pickles; the environment
+    their own processes get."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
 
 
 @pytest.fixture(scope="session")

@@ -203,15 +203,44 @@ def start_team_server(data_dir: Path, port: int, admin_password: str, log: Path,
 
 
 @contextlib.contextmanager
+def tracking_server(base):
+    """A plain `mlflow server` on loopback (sqlite behind it), as a team without auth would run one."""
+    from deploy.team_server import wait_healthy
+
+    port = free_port()
+    with open(base / "server.log", "w") as log:
+        server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                                   "--backend-store-uri", f"sqlite:///{base}/server.db",
+                                   "--artifacts-destination", str(base / "server-artifacts")],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env())
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_healthy(uri, server, timeout=120)
+        except SystemExit as e:
+            raise AssertionError(f"{e}\n{(base / 'server.log').read_text()[-3000:]}") from None
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: its workers may not finish in time
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+
+
+@contextlib.contextmanager
 def served(model_uri: str, cwd: Path, env: dict[str, str], timeout: float = 180):
     """`mlflow models serve` of `model_uri` on a loopback port, as a user starts it (log in `cwd/serve.log`);
     yields `ask(records)` (one record, a dict, a list of them, or a request body as a string), which waits
     for the server to come up and returns its JSON answer."""
     port = free_port()
+    # A user's shell does not carry what `tracking.setup` set for this process (synchronous trace export).
+    environment = {k: v for k, v in user_env(env).items() if k != "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING" or k in env}
     with open(cwd / "serve.log", "w") as log:
         server = subprocess.Popen(
             [MLFLOW, "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port), "--env-manager", "local"],
-            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env(env))
+            cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment)
 
     def ask(records: dict | list[dict] | str) -> dict:
         body = (records if isinstance(records, str) else

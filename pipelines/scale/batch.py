@@ -3,8 +3,9 @@ Spark, answered through `mlflow.pyfunc.spark_udf`, written atomically.
 
 Input: JSONL, CSV or Parquet (a file, or a directory of part files as Spark writes them) with a
 `question` column; other columns (an id, say) travel through to the output. Output: a directory of
-Parquet or JSONL part files, in input order, one row per question with the program's outputs and
-`error` ("" when it answered). It appears under its name only once complete.
+Parquet or JSONL part files, in input order, one row per question with the program's outputs,
+`error` ("" when it answered) and `trace_id` ("" when executors do not trace). It appears under its
+name only once complete.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError
-from pipelines.packaging import ERROR
+from pipelines.packaging import ERROR, TRACE_ID
 from pipelines.programs import ALL_OUTPUTS
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def check_input(path: str) -> Source:
     if "question" not in columns:
         raise ConfigError(f"input={path} has no `question` column (columns: {', '.join(columns)}); "
                           "rename the column that holds the questions")
-    clashes = [c for c in columns if c in (*ALL_OUTPUTS, ERROR, ROW)]
+    clashes = [c for c in columns if c in (*ALL_OUTPUTS, ERROR, TRACE_ID, ROW)]
     if clashes:
         raise ConfigError(f"input={path}: column(s) {', '.join(clashes)} would be overwritten by the predictions; "
                           "rename them")

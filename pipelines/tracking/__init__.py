@@ -4,6 +4,9 @@
   runs        a step's run: where it opens, its config, how it always ends
   evaluation  datasets, scores with intervals, paired differences, per-example tables
   traces      evaluation traces: tags, model links, counts, assessments; where Spark executors trace
+  serving     a loaded or served program's traces: on unless RAGQA_TRACING=false, dropped ones counted
+  scorers     the project's metrics as MLflow scorers, beside MLflow's judges, by name
+  assess      stored traces (a run's, a version's traffic, an experiment's) scored with genai.evaluate
   trace_export  the bulk trace writer (the one module on MLflow internals, tested against them)
   models      programs as MLflow models: log and load (the flavor itself: pipelines/flavor.py)
   candidates  an optimize run's best scored candidate programs, kept for ensembles
@@ -19,10 +22,11 @@
 
 Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
 `pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run), by the
-program's pyfunc (`packaging.ProgramModel`, which turns on tracing on a Spark executor that traces),
+program's pyfunc (`packaging.ProgramModel`, which traces through `tracking.serving`),
 and by `pipelines/scale/batch.py` (`mlflow.pyfunc.spark_udf`).
 """
 
+from pipelines.tracking.assess import assess, expectations_of, find_traces, where
 from pipelines.tracking.candidates import candidate_states, log_candidates
 from pipelines.tracking.evaluation import (
     comparison_metrics,
@@ -45,10 +49,12 @@ from pipelines.tracking.judging.labels import (
     log_judge_agreement,
     log_labels,
     queue_for_review,
+    queue_traffic_for_review,
 )
 from pipelines.tracking.judging.mlflow_align import (
     ALIGNERS,
     SIMBA_MIN_TRACES,
+    lm_endpoint,
     log_mlflow_alignment,
     mlflow_align,
     mlflow_verdicts,

@@ -35,14 +35,15 @@ def new_model(name: str, *, variant: str, external: bool = False, tags: dict[str
 
 def program_signature(program: dspy.Module, *, doc_id_type: str = "long", num_threads: int = 1) -> ModelSignature:
     """Questions in (with the program's other input fields, if any); per question what the program answers
-    with (`pipelines.programs.outputs`: the answer, its reasoning, a RAG's passages and their doc ids, ...)
-    and the row's error ("" when it answered).
+    with (`pipelines.programs.outputs`: the answer, its reasoning, a RAG's passages and their doc ids, ...),
+    the row's error ("" when it answered) and its trace id ("" when untraced), to attach feedback to.
     `num_threads`: rows answered at once, unless a call says."""
     types = {"doc_ids": Array(doc_id_type), "context": Array("string"), "queries": Array("string"),
              "candidates": Array("string")}
     columns = [ColSpec(types.get(name, "string"), name) for name in outputs(program)]
     return ModelSignature(inputs=Schema([ColSpec("string", name) for name in inputs(program)]),
-                          outputs=Schema([*columns, ColSpec("string", packaging.ERROR)]),
+                          outputs=Schema([*columns, ColSpec("string", packaging.ERROR),
+                                                  ColSpec("string", packaging.TRACE_ID)]),
                           params=ParamSchema([ParamSpec("num_threads", "long", num_threads)]))
 
 

@@ -17,8 +17,8 @@ from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
 from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult
-from pipelines.packaging import TRACE_EXECUTORS
 from pipelines.tracking import trace_export
+from pipelines.tracking.serving import TRACE_EXECUTORS, TRACING
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,11 @@ def executors_trace() -> bool:
 
 def executor_tracing() -> dict[str, str]:
     """The environment a `spark_udf` needs to trace this run's predictions (credentials travel as the
-    job's other secrets do, pipelines/scale/spark.py); empty when executors do not trace."""
+    job's other secrets do, pipelines/scale/spark.py); tracing off when executors do not trace (a local
+    master's executors would otherwise trace to the driver's store file: `spark_udf` points them at it)."""
     if not executors_trace():
-        return {}
-    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), TRACE_EXECUTORS: "true",
+        return {TRACING: "false"}
+    return {"MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(), TRACE_EXECUTORS: "true", TRACING: "true",
             "MLFLOW_EXPERIMENT_ID": mlflow.active_run().info.experiment_id}
 
 

@@ -20,21 +20,13 @@ from pipelines.programs import build_program
 from pipelines.steps import build_retriever, run_variant
 
 from fake_lm import DEMO_MARKER
-from helpers import FAKE_KEY, ROOT, fake_lm_overrides, run_cli, served, smoke
+from helpers import ROOT, fake_lm_overrides, run_cli, served, smoke
 
 PICKLE_VARIABLE = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 QUESTION = "how do I undo my last git commit?"
 LEARNED = "Answer from the passages like a senior engineer would."
 DEMO = {"question": "how do I free disk space?", "context": ["df -h shows free disk space"],
         "reasoning": "the passage names the command", "response": "run df -h, then delete", "augmented": True}
-
-
-@pytest.fixture
-def user(store, monkeypatch):
-    """A user who has an OpenAI-style key in the environment and has not allowed pickles."""
-    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
-    monkeypatch.delenv(PICKLE_VARIABLE, raising=False)
-    return {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}
 
 
 def fake_stack(fake) -> list[str]:
@@ -133,7 +125,7 @@ def test_programs_load_both_ways_in_a_fresh_process_without_keys_or_re_embedding
         first, empty, third = by_pyfunc[uri]["answers"]  # in order; the empty question fails alone
         assert first["error"] == third["error"] == "" and first["response"] and third["response"]
         assert empty["error"] == "empty question" and empty["response"] == ""
-    assert set(by_pyfunc[cot_uri]["answers"][0]) == {"reasoning", "response", "error"}
+    assert set(by_pyfunc[cot_uri]["answers"][0]) == {"reasoning", "response", "error", "trace_id"}
     rag_answer = by_pyfunc[rag_uri]["answers"][0]
     assert rag_answer["doc_ids"] == expected_ids and len(rag_answer["context"]) == 5
     assert rag_answer["response"] == f"fake response {DEMO_MARKER}"  # the demo reached the prompt
@@ -168,7 +160,8 @@ def test_the_served_champion_answers_a_batch_in_order_with_pickles_refused(store
     first, empty, third = batch["predictions"]
     assert first["doc_ids"] == rag.retriever("how do I free disk space?").doc_ids and first["error"] == ""
     assert empty["error"] == "empty question" and empty["response"] == "" and empty["doc_ids"] == []
-    assert third == single[0]
+    assert third["trace_id"] != single[0]["trace_id"]  # a trace per request
+    assert {**third, "trace_id": ""} == {**single[0], "trace_id": ""}
     (answer,) = example["predictions"]  # the request shown with the model in the UI works as it is
     assert answer["error"] == "" and answer["response"] and len(answer["doc_ids"]) == 5
 

@@ -2,11 +2,8 @@
 evaluation and corpus embedding on executors matching the local engine, and a standalone cluster on
 loopback (master + 2 workers) that loses an executor mid-job and still answers every row once."""
 
-import contextlib
 import json
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -17,7 +14,6 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from deploy.team_server import wait_healthy
 from pipelines.config import compose
 from pipelines.data import load_corpus
 from pipelines.retrieval import build_embedder, embed_all
@@ -28,17 +24,15 @@ from pipelines.steps import run_evaluate, run_predict, run_variant
 from fake_lm import fake_model
 from helpers import (
     FAKE_KEY,
-    MLFLOW,
     ROOT,
     fake_lm_overrides,
     fake_overrides,
-    free_port,
     mlflow_run,
     run_cli,
     smoke,
     spark_cluster,
     spark_executors,
-    user_env,
+    tracking_server,
 )
 
 
@@ -70,7 +64,8 @@ def test_predict_on_local_spark_answers_every_question_with_its_id_and_no_key_le
     assert proc.returncode == 0, proc.stderr[-4000:]
     answers = pd.read_parquet(output)
     assert list(answers["id"]) == list(range(1000, 1050))  # every row, in input order, ids through
-    assert set(answers.columns) == {"id", "question", "reasoning", "response", "error"}
+    assert set(answers.columns) == {"id", "question", "reasoning", "response", "error", "trace_id"}
+    assert (answers["trace_id"] == "").all()  # a local store: executors do not trace
     assert answers.loc[7, "error"] == "empty question" and answers.loc[7, "response"] == ""
     assert (answers.drop(index=7)["response"] == "fake response").all() and (answers.drop(index=7)["error"] == "").all()
     run = predict_run()
@@ -207,27 +202,6 @@ def test_a_standalone_cluster_loses_an_executor_mid_job_and_answers_every_row_on
     assert tables[0]["token_f1"].tolist() == tables[1]["token_f1"].tolist()
 
 
-@contextlib.contextmanager
-def tracking_server(base):
-    """A plain `mlflow server` on loopback (sqlite behind it), as a team without auth would run one."""
-    port = free_port()
-    with open(base / "server.log", "w") as log:
-        server = subprocess.Popen([MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                                   "--backend-store-uri", f"sqlite:///{base}/server.db",
-                                   "--artifacts-destination", str(base / "server-artifacts")],
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=user_env())
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_healthy(uri, server, timeout=120)
-        except SystemExit as e:
-            raise AssertionError(f"{e}\n{(base / 'server.log').read_text()[-3000:]}") from None
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_with_a_tracking_server_executors_trace_predictions_and_evaluations(tmp_path, fake, monkeypatch):
     with tracking_server(tmp_path) as uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -241,6 +215,10 @@ def test_with_a_tracking_server_executors_trace_predictions_and_evaluations(tmp_
         predicted = [t for t in mlflow.search_traces(locations=[experiment], return_type="list")
                      if "how do I fix problem number" in str(t.data.request)]
         assert len(predicted) == 6  # one per question, written by the executors
+        answered = pd.read_parquet(tmp_path / "out")  # each row names its trace, linked to the version
+        assert set(answered["trace_id"]) == {t.info.trace_id for t in predicted}
+        assert {t.info.request_metadata.get("mlflow.modelId") for t in predicted} == {
+            mlflow.models.get_model_info(model_uri).model_id}
 
         evaluated = run_evaluate(OmegaConf.merge(cfg, {"model_uri": model_uri}))
         run = mlflow.get_run(evaluated.run_id)

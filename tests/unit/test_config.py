@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from pipelines.config import CONFIG_DIR, ConfigError, compose, flatten, is_secret, to_container
 from pipelines.lm import merged_judge_cfg
 
-ENTRY_POINTS = ["cot", "rag", "multihop", "ensemble", "optimize", "evaluate", "review", "judge", "main"]
+ENTRY_POINTS = ["cot", "rag", "multihop", "ensemble", "optimize", "evaluate", "review", "judge", "assess", "main"]
 
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)

@@ -4,6 +4,7 @@ review queues; the judge's agreement and an aligned judge."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -71,18 +72,42 @@ def human_labels(experiment: str, name: str) -> list[Label]:
 
 
 def labelled_rows(trace_ids: set[str]) -> dict[str, dict]:
-    """The evaluation rows (question, gold, prediction, ...) of the traces, from the runs that logged them."""
+    """The evaluation rows (question, gold, prediction, ...) of the traces, from the runs that logged them.
+    A trace outside any run (served traffic) is a row when someone gave its gold answer (the expectation
+    `expected_response`): the judge is measured against a reference answer, never without one."""
     by_run: dict[str, set[str]] = {}
+    rows = {}
     for trace_id in trace_ids:
         trace = _trace(trace_id)
         run_id = trace and trace.info.request_metadata.get("mlflow.sourceRun")
         if run_id:
             by_run.setdefault(run_id, set()).add(trace_id)
-    rows = {}
+        elif trace and (row := served_row(trace)):
+            rows[trace_id] = row
     for run_id, wanted in by_run.items():
         for table in EVAL_TABLES:
             rows.update({r["trace_id"]: r for r in load_table(run_id, table) or [] if r.get("trace_id") in wanted})
     return rows
+
+
+def served_row(trace) -> dict | None:
+    """A served trace as an evaluation row: the question it was asked, the answer it gave and its gold answer;
+    None without a gold answer or a question."""
+    gold = next((a.value for a in trace.info.assessments or [] if a.name == EXPECTATION
+                 and getattr(a, "expectation", None) is not None and a.valid is not False), None)
+    inputs, outputs = _payload(trace.data.request), _payload(trace.data.response)
+    if not gold or not isinstance(inputs.get("question"), str):
+        return None
+    return {"trace_id": trace.info.trace_id, "question": inputs["question"], "gold": gold,
+            "prediction": outputs.get("response") or ""}
+
+
+def _payload(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def log_judge_agreement(found: list, *, rows: list[dict], unparseable: int, disagreeing: int,
@@ -126,17 +151,36 @@ def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[st
     `label_name` (created once per experiment), so people label them on the experiment's Review page;
     each trace carries its gold answer as an expectation. Returns (queue name, items added: 0 when the run
     was queued before)."""
-    from mlflow.genai import label_schemas, review_queues
-
     run = mlflow.get_run(run_id)
-    experiment = run.info.experiment_id
     rows = {r["trace_id"]: r for r in load_table(run_id, EVAL_TABLES[0]) or [] if r.get("trace_id")}
     if not rows:
         raise ConfigError(f"run {run_id} has no traced dev evaluation ({EVAL_TABLES[0]} with trace ids) to review")
     name = f"{run.info.run_name} {run_id[:8]}"
+    return _queue(run.info.experiment_id, name, list(rows), label_name, instruction, gold=rows)
+
+
+def queue_traffic_for_review(model_id: str, label_name: str, instruction: str) -> tuple[str, int]:
+    """Put the served traffic of a version (the traces linked to its LoggedModel outside any run) into a
+    review queue, as `queue_for_review` does; a reviewer who knows the right answer adds it as the trace's
+    `expected_response`, which the judge step needs to measure the trace."""
+    model = mlflow.get_logged_model(model_id)
+    traces = mlflow.search_traces(locations=[model.experiment_id], model_id=model_id, return_type="list",
+                                  include_spans=False)
+    served = [t.info.trace_id for t in traces if not t.info.request_metadata.get("mlflow.sourceRun")]
+    if not served:
+        raise ConfigError(f"model {model.name} ({model_id}) has no served traces to review: serve it with "
+                          "MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID set (README: served traffic)")
+    name = f"{model.name} traffic {model_id[-8:]} {len(served)}"
+    return _queue(model.experiment_id, name, served, label_name, instruction, gold={})
+
+
+def _queue(experiment: str, name: str, trace_ids: list[str], label_name: str, instruction: str, *,
+           gold: dict[str, dict]) -> tuple[str, int]:
+    from mlflow.genai import label_schemas, review_queues
+
     if any(q.name.lower() == name.lower() for q in review_queues.list_review_queues(experiment_id=experiment)):
         return name, 0  # queued before: its queue keeps its items and the labels given there
-    log_gold(rows)
+    log_gold(gold)
     schemas = {s.name: s for s in label_schemas.list_label_schemas(experiment_id=experiment)}
     schema = schemas.get(label_name) or label_schemas.create_label_schema(
         label_name, type="feedback", input=label_schemas.InputPassFail(positive_label="pass", negative_label="fail"),
@@ -144,5 +188,5 @@ def queue_for_review(run_id: str, label_name: str, instruction: str) -> tuple[st
         enable_comment=True, experiment_id=experiment)
     queue = review_queues.create_review_queue(name, queue_type="custom", schema_ids=[schema.schema_id],
                                               experiment_id=experiment)
-    review_queues.add_items_to_review_queue(queue.queue_id, item_ids=list(rows))
-    return name, len(rows)
+    review_queues.add_items_to_review_queue(queue.queue_id, item_ids=trace_ids)
+    return name, len(trace_ids)

@@ -21,7 +21,7 @@ SIMBA_MIN_TRACES = 10  # MLflow's SIMBA refuses fewer labelled traces
 
 
 @contextlib.contextmanager
-def _lm_endpoint(api_base: str | None, api_key: str | None) -> Iterator[None]:
+def lm_endpoint(api_base: str | None, api_key: str | None) -> Iterator[None]:
     """MLflow's aligners build their own LMs from a model URI alone: a local server's address and key reach
     them, for the alignment only, through the variables LiteLLM reads."""
     saved = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
@@ -57,7 +57,7 @@ def mlflow_align(judge, *, trace_ids: list[str], aligner: str, model: str, api_b
     optimizer = (SIMBAAlignmentOptimizer(model=model) if aligner == "simba" else
                  MemAlignOptimizer(reflection_lm=model, embedding_model=embedding_model))
     traces = [mlflow.get_trace(t) for t in trace_ids]
-    with _lm_endpoint(api_base, api_key):
+    with lm_endpoint(api_base, api_key):
         try:
             return judge.align(traces, optimizer)
         except mlflow.exceptions.MlflowException as e:
@@ -67,7 +67,7 @@ def mlflow_align(judge, *, trace_ids: list[str], aligner: str, model: str, api_b
 def mlflow_verdicts(judge, rows: list[dict], *, api_base: str | None, api_key: str | None) -> list[bool | None]:
     """The judge's pass/fail per row; None where it gave no usable verdict (counted, never agreement)."""
     verdicts = []
-    with _lm_endpoint(api_base, api_key):
+    with lm_endpoint(api_base, api_key):
         for row in rows:
             feedback = judge(inputs={"question": row["question"]}, outputs={"response": row["prediction"] or ""},
                              expectations={EXPECTATION: row["gold"]})
