@@ -126,7 +126,7 @@ def test_multihop_and_an_ensemble_evaluate_and_predict_on_spark(store, fake, tmp
                                         f"output={output}", f"tracking.artifact_location={store}/artifacts"]))
         answers = pd.read_parquet(output)
         assert list(answers["id"]) == list(range(1000, 1012))
-        assert set(answers.columns) == {"id", "question", "reasoning", "response", "error", *outputs}
+        assert set(answers.columns) == {"id", "question", "reasoning", "response", "error", "trace_id", *outputs}
         assert answers.loc[3, "error"] == "empty question" and (answers.drop(index=3)["error"] == "").all()
         assert all(len(d) > 0 for d in answers.drop(index=3)["doc_ids"])
 
