@@ -22,8 +22,9 @@ from mlflow.genai import scorers as mlflow_scorers
 
 from pipelines.config import ConfigError
 from pipelines.evaluation.scoring import LEXICAL, JudgedF1
+from pipelines.tracking.judging.labels import EXPECTATION as GOLD
 
-GOLD, GOLD_DOCS = "expected_response", "expected_doc_ids"
+GOLD_DOCS = "expected_doc_ids"
 # MLflow's judges, by the name their assessments carry; each needs a judge model.
 BUILTIN = {"retrieval_groundedness": mlflow_scorers.RetrievalGroundedness,
            "retrieval_relevance": mlflow_scorers.RetrievalRelevance,
