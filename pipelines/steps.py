@@ -41,7 +41,7 @@ from pipelines.evaluation.scoring import (
     evaluate,
     label,
 )
-from pipelines.evaluation.stats import Comparison, Estimate, interval
+from pipelines.evaluation.stats import Comparison, Estimate
 from pipelines.judging import agreement, align, labels
 from pipelines.lm import (
     build_adapter,
@@ -602,8 +602,7 @@ def run_assess(cfg: Config) -> AssessResult:
     with tracking.run("assess", cfg, tags=tags) as active, \
             tracking.lm_endpoint(endpoint.get("api_base"), endpoint.get("api_key")):
         values = tracking.assess(traces, made, expectations)
-        estimates = {name: interval(v, confidence=cfg.scoring.confidence, n_resamples=cfg.scoring.n_resamples,
-                                    seed=cfg.scoring.seed) for name, v in values.items() if v}
+        estimates = {name: scoring.interval(v) for name, v in values.items() if v}
         tracking.log_metrics({**tracking.estimate_metrics(estimates), "traces": len(traces),
                               **{f"{name}_n": len(v) for name, v in values.items()}})
         result = AssessResult(run_id=active.info.run_id, traces=len(traces), estimates=estimates)
