@@ -35,7 +35,7 @@ def evaluation(args, api_base, counts, store) -> None:
         evaluate(program, devset[:4], metric, 4, progress=False)  # warm-up: imports, first calls
         for threads in args.threads:
             before, t = counts()[0], time.perf_counter()
-            with tracking.held() if "mlflow" in sys.modules else contextlib.nullcontext():  # until stored
+            with held() if "mlflow" in sys.modules else contextlib.nullcontext():  # until stored
                 result = evaluate(program, devset, metric, threads, progress=False)
             wall, calls = time.perf_counter() - t, counts()[0] - before
             ideal = calls * args.latency / threads
@@ -46,6 +46,7 @@ def evaluation(args, api_base, counts, store) -> None:
     measure("no-mlflow")
     assert "mlflow" not in sys.modules
     from pipelines import tracking
+    from pipelines.tracking.traces import held
 
     tracking.setup(cfg)
     with tracking.run("bench-concurrency", cfg):
@@ -59,7 +60,7 @@ def prediction(args, api_base, store) -> None:
     import pandas as pd
 
     from pipelines.config import compose
-    from pipelines.steps import run_variant
+    from pipelines.steps.variant import run_variant
 
     threads = args.threads[0]
     cfg = compose("cot", common.fake_overrides(api_base, store / "artifacts", f"num_threads={threads}"))

@@ -105,7 +105,7 @@ def describe_runs(store: Path, since: float, until: float) -> list[dict]:
 
 def registered_demos(store: Path) -> list[str]:
     """Demos per predictor of each registered MIPROv2 program, loaded back as a user would."""
-    from pipelines.tracking import load_program
+    from pipelines.tracking.models import load_program
 
     client, out = MlflowClient(common.sqlite_uri(store)), []  # (describe_runs set the tracking URI)
     for mv in client.search_model_versions():

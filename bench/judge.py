@@ -24,8 +24,9 @@ from pipelines.evaluation.scoring import JudgedF1
 from pipelines.judging import align
 from pipelines.judging.labels import Label
 from pipelines.optimizers import build_optimizer
-from pipelines.steps import REVIEW_INSTRUCTION
-from pipelines import tracking
+from pipelines.steps.judge import REVIEW_INSTRUCTION
+from pipelines.tracking.judging.labels import log_gold, log_labels
+from pipelines.tracking.judging.mlflow_align import ALIGNERS, mlflow_align, mlflow_verdicts, pass_fail_judge
 
 
 def main(args) -> None:
@@ -73,8 +74,8 @@ def labelled_traces(examples: list[dspy.Example]) -> list[str]:
         program(e.question, e.answer)
         ids.append(mlflow.get_last_active_trace_id())
     mlflow.flush_trace_async_logging()
-    tracking.log_labels([Label(t, e.label, "bench") for t, e in zip(ids, examples, strict=True)], "correct")
-    tracking.log_gold({t: {"gold": e.gold} for t, e in zip(ids, examples, strict=True)})
+    log_labels([Label(t, e.label, "bench") for t, e in zip(ids, examples, strict=True)], "correct")
+    log_gold({t: {"gold": e.gold} for t, e in zip(ids, examples, strict=True)})
     return ids
 
 
@@ -86,14 +87,14 @@ def mlflow_aligners(parts: align.Split, api_base: str, *, phase, rows: list) -> 
     ids = labelled_traces(parts.align)
     held = [{"question": e.question, "gold": e.gold, "prediction": e.answer} for e in parts.held_out]
     endpoint = {"api_base": api_base, "api_key": "local"}
-    base = tracking.pass_fail_judge(name="correct", instruction=REVIEW_INSTRUCTION, model="openai:/fake-ok",
-                                    api_base=api_base)
+    base = pass_fail_judge(name="correct", instruction=REVIEW_INSTRUCTION, model="openai:/fake-ok",
+                           api_base=api_base)
     first = len(rows)
-    for aligner in tracking.ALIGNERS:
-        judge = phase(f"{aligner}: Judge.align on {len(ids)}", lambda a=aligner: tracking.mlflow_align(
+    for aligner in ALIGNERS:
+        judge = phase(f"{aligner}: Judge.align on {len(ids)}", lambda a=aligner: mlflow_align(
             base, trace_ids=ids, aligner=a, model="openai:/fake-ok", embedding_model="openai:/fake-embed",
             **endpoint))
-        phase(f"{aligner}: held-out {len(held)}", lambda j=judge: tracking.mlflow_verdicts(j, held, **endpoint))
+        phase(f"{aligner}: held-out {len(held)}", lambda j=judge: mlflow_verdicts(j, held, **endpoint))
     return len(rows) - first
 
 

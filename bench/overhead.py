@@ -1,4 +1,4 @@
-"""Harness overhead: `pipelines.steps.run_variant` versus a bare `dspy.Evaluate` loop (BENCHMARKS.md, 1 and 6).
+"""Harness overhead: `pipelines.variant.run_variant` versus a bare `dspy.Evaluate` loop (BENCHMARKS.md, 1 and 6).
 
 Each arm in a fresh process, same program (cot, rag), dev examples, LM (the fake, uncached, or --lm local: the
 embedded SmolLM2 server, private, gone when the script ends), adapter, judge and threads; the bare arm never
@@ -49,20 +49,20 @@ def worker_project(args) -> dict:
     common.isolate_mlflow(Path(args.store))
     import mlflow
 
-    from pipelines import steps
+    from pipelines.steps import session, variant
 
     times = {"imports": time.perf_counter() - T_START}
-    build_embedder = steps.build_embedder
+    build_embedder = session.build_embedder
 
     def loaded_embedder(embedder_cfg):  # the model loads in the index phase, not in the first evaluation
         embedder = build_embedder(embedder_cfg)
         embedder(["warm up"])
         return embedder
 
-    steps.build_embedder = loaded_embedder  # time_evaluate_s runs until the traces are stored
+    session.build_embedder = loaded_embedder  # time_evaluate_s runs until the traces are stored
     cfg, times["compose"] = common.timed(compose, args, *["tracking.log_traces=false"] * (args.mode != "project"))
     times["litellm_init"] = warm_litellm(cfg)
-    result, times["run_variant"] = common.timed(steps.run_variant, cfg)
+    result, times["run_variant"] = common.timed(variant.run_variant, cfg)
     phases = common.phase_times(mlflow.get_run(result.run_id))
     if missing := {"evaluate", "log_model", "register"} - set(phases):
         raise SystemExit(f"the run logged no time_<phase>_s for {sorted(missing)}; update bench/overhead.py")

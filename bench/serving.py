@@ -29,7 +29,8 @@ def log_rag(api_base: str, store) -> tuple[str, str]:
     from pipelines.config import compose
     from pipelines.lm import build_adapter, build_lm
     from pipelines.programs import build_program
-    from pipelines.steps import build_retriever
+    from pipelines.steps.session import build_retriever
+    from pipelines.tracking.models import log_program, new_model, program_signature
 
     cfg = compose("rag", ["experiment=smoke", *fake_lm_overrides(api_base), "embedder=openai",
                           f"embedder.api_base={api_base}", "embedder.api_key_env=null",
@@ -38,9 +39,9 @@ def log_rag(api_base: str, store) -> tuple[str, str]:
     retriever, _ = build_retriever(cfg)
     program = build_program(cfg.program, cfg.lm, retriever)
     with mlflow.start_run() as run:
-        model = tracking.new_model("rag", variant="rag")
-        info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
-                                    signature=tracking.program_signature(program), dspy_flavor=False)
+        model = new_model("rag", variant="rag")
+        info = log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
+                           signature=program_signature(program), dspy_flavor=False)
     version = mlflow.register_model(info.model_uri, "ragqa-bench-serving").version
     return f"models:/ragqa-bench-serving/{version}", run.info.experiment_id
 
@@ -83,7 +84,7 @@ def stored(experiment: str, answers: list[dict], timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while True:
         found = {t.info.trace_id for t in mlflow.search_traces(locations=[experiment], return_type="list",
-                                                                include_spans=False)} & wanted
+                                                               include_spans=False)} & wanted
         if len(found) == len(wanted) or time.monotonic() > deadline:
             return len(found)
         time.sleep(1)

@@ -65,17 +65,17 @@ def worker(args) -> dict:
 
         from pipelines import tracking
         from pipelines.tracking import trace_export
-        from pipelines.tracking.traces import annotate_traces, count_traces
+        from pipelines.tracking.traces import annotate_traces, count_traces, held, last_trace_id
 
         if args.setting.startswith("mlflow"):
             trace_export.install = lambda: None  # keep MLflow's own exporter
         stats = sql_counter()
         tracking.setup(cfg)
         run = tracking.run("bench-trace-cost", cfg)
-    trace_id = tracking.last_trace_id if traced else None
+    trace_id = last_trace_id if traced else None
 
     def scored(devset):  # as the project's steps do: traces held (default) until their assessments are known
-        with tracking.held() if traced else contextlib.nullcontext():
+        with held() if traced else contextlib.nullcontext():
             result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
             evaluated = time.perf_counter()
             if traced:

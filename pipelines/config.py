@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipelines import schema
+from pipelines.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "conf"
@@ -76,5 +77,3 @@ def require_env(name: str | None, why: str) -> None:
         raise ConfigError(f"{why} needs the environment variable {name}; set it (export {name}=...) and retry.")
 
 
-class ConfigError(ValueError):
-    """Bad configuration or input, reported as one line without a traceback."""

@@ -14,7 +14,7 @@ import dspy
 import ujson
 from tqdm.auto import tqdm
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.schema import DataConfig, Split
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def fetch(path: str | Path, url: str | None) -> Path:
         with urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             with open(tmp, "wb") as out, tqdm(total=total or None, unit="B", unit_scale=True,
-                                               desc=f"download {path.name}") as bar:
+                                              desc=f"download {path.name}") as bar:
                 for block in iter(lambda: resp.read(1 << 20), b""):
                     out.write(block)
                     bar.update(len(block))

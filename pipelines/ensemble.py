@@ -2,9 +2,8 @@
 score, table, its members and the registered model."""
 
 from pipelines.cli import entry
-from pipelines.steps import run_variant
 
-main = entry("ensemble", run_variant)
+main = entry("ensemble", "pipelines.steps.variant:run_variant")
 
 if __name__ == "__main__":
     main()

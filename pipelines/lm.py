@@ -17,11 +17,12 @@ from dspy.adapters.utils import serialize_for_json
 from dspy.utils.callback import with_callbacks
 from pydantic import TypeAdapter
 
-from pipelines.config import NO_KEY, ConfigError, require_env
+from pipelines.config import NO_KEY, require_env
+from pipelines.errors import ConfigError, LMServerError
 from pipelines.evaluation import meter
 from pipelines.finetune import adapters
 from pipelines.schema import Adapter, LMConfig
-from pipelines.server import LMServerError, ensure_server, healthy
+from pipelines.server import ensure_server, healthy
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.lm import check_credentials, merged_reflection_cfg, merged_teacher_cfg
 from pipelines.schema import ProgramName
 
@@ -100,9 +100,10 @@ def taught(student: dspy.Module, lm: dspy.LM, adapter: dspy.Adapter | None) -> d
 
 def finetune_provider(opt_cfg, lm_cfg, cache_dir: Path):
     """The LoRA provider for `optimizer.finetune`, checked before any LM starts."""
+    from pipelines.errors import LMServerError
     from pipelines.finetune.provider import LoRAProvider
     from pipelines.finetune.train import LoRASettings
-    from pipelines.server import LMServerError, resolve_gguf
+    from pipelines.server import resolve_gguf
 
     if not lm_cfg.get("server"):
         raise ConfigError(f"optimizer={opt_cfg.name} trains the embedded model's weights and serves them with "

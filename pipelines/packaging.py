@@ -30,7 +30,8 @@ import mlflow
 import pandas as pd
 from omegaconf import OmegaConf
 
-from pipelines.config import NO_KEY, ConfigError, is_secret
+from pipelines.config import NO_KEY, is_secret
+from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import NO_PREDICTION
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
 from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs

@@ -9,9 +9,8 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from pipelines.cli import entry  # noqa: E402
-from pipelines.steps import run_predict  # noqa: E402
 
-main = entry("predict", run_predict)
+main = entry("predict", "pipelines.steps.predict:run_predict")
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,8 @@
 """`mlflow run . -e rag`: evaluate the rag program on dev; log score, table and registered model."""
 
 from pipelines.cli import entry
-from pipelines.steps import run_variant
 
-main = entry("rag", run_variant)
+main = entry("rag", "pipelines.steps.variant:run_variant")
 
 if __name__ == "__main__":
     main()

@@ -26,8 +26,9 @@ import dspy
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipelines.config import NO_KEY, ConfigError, require_env
+from pipelines.config import NO_KEY, require_env
 from pipelines.data import Corpus, sha256_file
+from pipelines.errors import ConfigError
 from pipelines.schema import EmbedderConfig, EmbedderKind
 
 log = logging.getLogger(__name__)

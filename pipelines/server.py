@@ -31,15 +31,12 @@ from typing import Any
 import psutil
 from filelock import FileLock
 
+from pipelines.errors import LMServerError
 from pipelines.schema import ServerConfig
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.5  # seconds between the watchdog's looks at its users
-
-
-class LMServerError(RuntimeError):
-    """The LM server could not be reached or started."""
 
 
 def default_state_dir() -> Path:

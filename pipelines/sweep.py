@@ -31,6 +31,7 @@ from pipelines.evaluation.analysis import USAGE_METRICS
 from pipelines.evaluation.report import comparison_chart, comparison_row, mark_pareto, quality_cost_chart
 from pipelines.evaluation.scoring import Scoring
 from pipelines.evaluation.stats import Estimate
+from pipelines.tracking.runs import SWEEP_JOB_ENV, mask_overrides
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ class MlflowSweep(Callback):
         self.keys = [o.key_or_group for o in swept]
         self.scoring = Scoring.from_cfg(config.scoring)
         name = f"sweep-{config_name}"
-        tags = {"step": name, "sweep.params": tracking.mask_overrides(o.input_line for o in swept),
-                "overrides": tracking.mask_overrides(config.hydra.overrides.task),
+        tags = {"step": name, "sweep.params": mask_overrides(o.input_line for o in swept),
+                "overrides": mask_overrides(config.hydra.overrides.task),
                 "sweep.launcher": str(config.hydra.runtime.choices.get("hydra/launcher")),
                 "sweep.dir": str(config.hydra.sweep.dir)}
         client = MlflowClient()
@@ -78,12 +79,12 @@ class MlflowSweep(Callback):
             return
         os.environ.pop("MLFLOW_RUN_ID", None)  # the sweep's run, not this job's
         os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
-        os.environ[tracking.SWEEP_JOB_ENV] = json.dumps({
+        os.environ[SWEEP_JOB_ENV] = json.dumps({
             "parent_run_id": self.run_id, "name": self._job_name(config),
             "tags": {"sweep.job": str(config.hydra.job.num), "sweep.overrides": self._job_overrides(config)}})
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        os.environ.pop(tracking.SWEEP_JOB_ENV, None)
+        os.environ.pop(SWEEP_JOB_ENV, None)
         if self.run_id is None or job_return.status != JobStatus.FAILED:
             return
         error = job_return._return_value  # `return_value` re-raises it
@@ -109,7 +110,7 @@ class MlflowSweep(Callback):
         return " ".join(f"{key.split('.')[-1]}={value}" for key, value in self._swept(config))
 
     def _job_overrides(self, config: DictConfig) -> str:
-        return tracking.mask_overrides(f"{key}={value}" for key, value in self._swept(config))
+        return mask_overrides(f"{key}={value}" for key, value in self._swept(config))
 
     def _end(self, status: str) -> None:
         """Log the comparison of the jobs on the sweep's run and end it; FAILED if any job did."""

@@ -32,7 +32,7 @@ from typing import Literal
 
 import dspy
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -3,14 +3,16 @@ each variant fails, and its quality against its cost."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import dspy
 
 from pipelines.evaluation.analysis import FAILURE_MODES, pareto_front
-from pipelines.evaluation.scoring import EvalResult, Scoring, label
-from pipelines.evaluation.stats import Estimate, tidy
+from pipelines.evaluation.scoring import EvalResult, Scoring, compare, label
+from pipelines.evaluation.stats import Comparison, Estimate, tidy
 
 PALETTE = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d", "#8e5ba6", "#c9a227", "#3a8f9e", "#b3475b"]
 # Good answers green, poor ones warm, no verdict grey (hatched: not the program's score), errors dark red.
@@ -161,3 +163,26 @@ def quality_cost_chart(rows: list[dict[str, Any]], scoring: Scoring):
     ax.set_title("quality against cost\n(filled: no other variant scores higher for fewer tokens)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pairwise:
+    """Two variants scored on the same examples, compared example by example on each metric."""
+
+    new: str
+    old: str
+    comparisons: dict[str, Comparison]
+
+    def row(self, metric: str) -> dict[str, Any] | None:
+        """The comparison table's row for the difference on `metric`; None where no example was scored
+        on both sides."""
+        found = self.comparisons.get(metric)
+        if found is None:
+            return None
+        return {"variant": f"{self.new} - {self.old}", **comparison_row(found.delta, metric), "p_value": found.p_value}
+
+
+def pairwise(results: list[tuple[str, EvalResult]], scoring: Scoring) -> list[Pairwise]:
+    """Every later variant against every earlier one (`new - old`), in the order they ran."""
+    return [Pairwise(new=new, old=old, comparisons=compare(new_result, old_result, scoring))
+            for (old, old_result), (new, new_result) in itertools.combinations(results, 2)]

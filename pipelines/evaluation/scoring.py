@@ -24,7 +24,7 @@ import dspy
 from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.evaluation import arena
 from pipelines.evaluation.analysis import failure_counts, failure_mode, usage_means
 from pipelines.evaluation.meter import metered
@@ -389,7 +389,7 @@ class EvalResult:
                 parts.append(f"{label(m)}: no example scored")
             else:
                 parts.append(f"{label(m)} = {estimate}" + (f" (n={estimate.n})" if estimate.n != self.num_examples
-                                                            else ""))
+                                                           else ""))
         spread = next((e for e in self.estimates.values() if e.half_width is not None), None)
         first = next(iter(self.estimates.values()), None)
         tail = (f"{spread.confidence:.0%} CI, n={self.num_examples}" if spread else

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 from tqdm.auto import tqdm
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.finetune import gguf_lora
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""A judge's agreement with people, with intervals: pure functions of paired (human, judge) values.
+"""A judge's agreement with people, with intervals: `judge_labelled` pairs the judge's verdicts on labelled
+traces with people's; the rest are pure functions of those paired (human, judge) values.
 
 Yes/no labels: accuracy and Cohen's kappa (agreement beyond what the two label rates give by chance), the
 judge's 0-1 score cut at a threshold. Numeric labels: Pearson and Spearman r with the judge's score. Each
@@ -14,11 +15,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import dspy
 import numpy as np
 from scipy import stats
 
-from pipelines.judging.labels import Label, by_reviewer
+from pipelines.judging.labels import Consensus, Label, by_reviewer
+
+if TYPE_CHECKING:
+    from pipelines.evaluation.scoring import JudgedF1
 
 
 @dataclass(frozen=True)
@@ -127,3 +133,30 @@ def confusion(human: Sequence[bool], judge: Sequence[bool]) -> list[dict]:
     pairs = list(zip(human, judge, strict=True))
     return [{"human": "yes" if h else "no", "judge_yes": sum(1 for a, b in pairs if a == h and b),
              "judge_no": sum(1 for a, b in pairs if a == h and not b)} for h in (True, False)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Judged:
+    """The judge's verdicts on labelled traces beside people's: paired values and one row per trace."""
+
+    human: list
+    scores: list[float]
+    rows: list[dict]
+
+
+def judge_labelled(judged: JudgedF1, rows: dict[str, dict], consensus: dict[str, Consensus]) -> Judged:
+    """The judge's score on each labelled trace (`rows`: question, gold and prediction by trace id) beside
+    the people's consensus; an unparseable verdict is counted by `judged`, never scored as agreement."""
+    human, scores, table = [], [], []
+    for trace_id, row in rows.items():
+        before = judged.failures
+        verdict = judged(dspy.Example(question=row["question"], response=row["gold"]),
+                         dspy.Prediction(response=row["prediction"] or ""))
+        if judged.failures > before:
+            continue
+        human.append(consensus[trace_id].value)
+        scores.append(float(verdict.score))
+        table.append({"trace_id": trace_id, "question": row["question"], "human": consensus[trace_id].value,
+                      "reviewers": consensus[trace_id].reviewers, "judge_score": round(float(verdict.score), 4),
+                      "judge_rationale": verdict.feedback})
+    return Judged(human=human, scores=scores, rows=table)

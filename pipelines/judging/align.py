@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import dspy
 from dspy.teleprompt import Teleprompter
 
+from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import SemanticF1
+from pipelines.judging.labels import Consensus
 
 log = logging.getLogger(__name__)
 
@@ -136,3 +138,38 @@ def verdicts(judge: JudgeProgram, examples: list[dspy.Example], lm: dspy.LM) -> 
             except Exception:  # an unparseable verdict: counted by the caller
                 scores.append(None)
     return scores
+
+
+def labelled_split(rows: dict[str, dict], consensus: dict[str, Consensus], *, held_out: float,
+                   seed: int) -> Split:
+    """The labelled traces (`rows`: question, gold and prediction by trace id) as alignment examples,
+    split; labels that are not yes/no, of one kind only, or too few for either share fail with one line."""
+    if not all(isinstance(consensus[t].value, bool) for t in rows):
+        raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
+    data = [example(row["question"], row["gold"], row["prediction"] or "", consensus[t].value, trace_id=t,
+                    rationale=consensus[t].rationale) for t, row in rows.items()]
+    parts = split(data, held_out, seed)
+    if len({e.label for e in parts.align}) < 2:
+        given = sum(e.label for e in data)
+        raise ConfigError(f"align=true needs yes and no labels to build demos of both: {given} yes and "
+                          f"{len(data) - given} no among {len(data)} labelled traces ({len(parts.align)} to align "
+                          "on); label traces of the other kind")
+    if len(parts.align) < 4 or len(parts.held_out) < 2:
+        raise ConfigError(f"{len(data)} labelled traces split into {len(parts.align)} to align on and "
+                          f"{len(parts.held_out)} held out: alignment needs at least 4 and 2; label more traces")
+    return parts
+
+
+def held_out_agreement(judge: JudgeProgram, held_out: list[dspy.Example], lm: dspy.LM, *,
+                       threshold: float) -> list[float | None]:
+    """Per held-out example, 100 where the judge's verdict (cut at `threshold`) says what the person said,
+    0 where not, None where the verdict could not be parsed."""
+    scores = verdicts(judge, held_out, lm)
+    return [None if s is None else 100.0 * ((s >= threshold) == e.label)
+            for s, e in zip(scores, held_out, strict=True)]
+
+
+def both_given(after: list[float | None], before: list[float | None]) -> tuple[list[float], list[float]]:
+    """The pairs where both judges gave a verdict: a missing one is left out, never counted as disagreement."""
+    pairs = [(a, b) for a, b in zip(after, before, strict=True) if a is not None and b is not None]
+    return [a for a, _ in pairs], [b for _, b in pairs]

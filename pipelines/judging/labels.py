@@ -15,7 +15,7 @@ from pathlib import Path
 
 import ujson
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 
 YES = {"yes", "pass", "true", "correct", "1"}
 NO = {"no", "fail", "false", "incorrect", "0"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dspy
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.programs.ensemble import Ensemble, Member, MembersFailed, Reducer, mbr_pick
 from pipelines.programs.multihop import MultiHop
 from pipelines.programs.rag import RAG, context_char_budget, fit_passages
@@ -32,7 +32,7 @@ def outputs(program: dspy.Module) -> tuple[str, ...]:
 
 def inputs(program: dspy.Module) -> tuple[str, ...]:
     """The input fields a program answers from: `question` for RAG and multihop, a CoT's signature's inputs,
-    an ensemble's members' (which `pipelines.members` checks are the same)."""
+    an ensemble's members' (which `pipelines.steps.members` checks are the same)."""
     if isinstance(program, Ensemble):
         return inputs(program.members[0].program)
     if isinstance(program, RAG):

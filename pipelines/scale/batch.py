@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.packaging import ERROR, TRACE_ID
 from pipelines.programs import ALL_OUTPUTS
 

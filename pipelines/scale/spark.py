@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from omegaconf import OmegaConf
 
-from pipelines.config import ConfigError, flatten
+from pipelines.config import flatten
+from pipelines.errors import ConfigError
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -86,8 +87,8 @@ def java_home(cache: Path) -> str | None:
 def secret_variables(cfg: Config) -> list[str]:
     """Names of the environment variables that hold this job's keys and credentials."""
     names = [cfg.lm.api_key_env, cfg.embedder.api_key_env, *(o.get("api_key_env") for o in
-                                                            (cfg.judge, cfg.optimizer.get("reflection_lm") or {},
-                                                             cfg.optimizer.get("teacher") or {}))]
+                                                             (cfg.judge, cfg.optimizer.get("reflection_lm") or {},
+                                                              cfg.optimizer.get("teacher") or {}))]
     return [n for n in dict.fromkeys([*names, *MLFLOW_CREDENTIALS]) if n and os.environ.get(n)]
 
 

@@ -10,7 +10,7 @@ import mlflow
 import pandas as pd
 from mlflow.tracing.constant import TraceMetadataKey
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking.evaluation import load_table
 from pipelines.tracking.judging.labels import EVAL_TABLES, EXPECTATION
 from pipelines.tracking.scorers import GOLD_DOCS

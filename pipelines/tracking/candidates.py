@@ -10,7 +10,7 @@ from pathlib import Path
 import dspy
 import mlflow
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking.evaluation import load_table, log_table
 
 CANDIDATES = "optimizer/candidates"  # <rank>.json per candidate, and the table candidates.json beside it

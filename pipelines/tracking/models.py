@@ -17,7 +17,8 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array
 
 from pipelines import flavor, packaging
-from pipelines.config import PROJECT_ROOT, ConfigError
+from pipelines.config import PROJECT_ROOT
+from pipelines.errors import ConfigError
 from pipelines.programs import inputs, outputs
 
 # What a request to a served program looks like, shown with the model in the UI; answering it at log
@@ -43,7 +44,7 @@ def program_signature(program: dspy.Module, *, doc_id_type: str = "long", num_th
     columns = [ColSpec(types.get(name, "string"), name) for name in outputs(program)]
     return ModelSignature(inputs=Schema([ColSpec("string", name) for name in inputs(program)]),
                           outputs=Schema([*columns, ColSpec("string", packaging.ERROR),
-                                                  ColSpec("string", packaging.TRACE_ID)]),
+                                          ColSpec("string", packaging.TRACE_ID)]),
                           params=ParamSchema([ParamSpec("num_threads", "long", num_threads)]))
 
 

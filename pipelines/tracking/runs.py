@@ -16,6 +16,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import flatten, is_secret, to_container
+from pipelines.errors import TrackingServerError
 from pipelines.tracking.store import public_uri, short_reason
 
 if TYPE_CHECKING:
@@ -26,10 +27,6 @@ log = logging.getLogger(__name__)
 MAX_PARAM_CHARS = 6000
 # Set in a Hydra sweep's job (pipelines/sweep.py): JSON with the sweep's run id, the job's name and tags.
 SWEEP_JOB_ENV = "RAGQA_SWEEP_JOB"
-
-
-class TrackingServerError(RuntimeError):
-    """The tracking server stopped answering during a run; one line for the command line."""
 
 
 @contextlib.contextmanager

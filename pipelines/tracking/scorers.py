@@ -20,7 +20,7 @@ import dspy
 from mlflow.entities import Feedback
 from mlflow.genai import scorers as mlflow_scorers
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import LEXICAL, JudgedF1
 from pipelines.tracking.judging.labels import EXPECTATION as GOLD
 

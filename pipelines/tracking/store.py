@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 from filelock import FileLock
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking import trace_export
 from pipelines.tracking.traces import tag_traces
 

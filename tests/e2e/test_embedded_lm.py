@@ -28,7 +28,7 @@ def test_constrained_local_lm_parses_cot_and_semantic_f1_on_two_examples(local_s
 
 def test_the_embedded_lm_writes_multihops_second_query(local_server, store):
     from pipelines.programs import build_program
-    from pipelines.steps import build_retriever
+    from pipelines.steps.session import build_retriever
 
     cfg = compose("multihop", ["lm.cache=false"])
     lm, adapter = build_lm(cfg.lm), build_adapter(cfg.lm)

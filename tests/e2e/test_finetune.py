@@ -10,8 +10,9 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import compose
-from pipelines.steps import run_optimize, run_predict
-from pipelines.tracking import load_table
+from pipelines.steps.optimize import run_optimize
+from pipelines.steps.predict import run_predict
+from pipelines.tracking.evaluation import load_table
 
 from helpers import both_flavors_in_fresh_process, served, smoke
 

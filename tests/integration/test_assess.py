@@ -4,8 +4,10 @@ one evaluation run with each scorer's mean and interval, the assessments on the 
 import mlflow
 import pytest
 
-from pipelines.config import ConfigError, compose
-from pipelines.steps import run_assess, run_variant
+from pipelines.config import compose
+from pipelines.errors import ConfigError
+from pipelines.steps.assess import run_assess
+from pipelines.steps.variant import run_variant
 
 from helpers import fake_overrides, mlflow_run, smoke
 

@@ -8,10 +8,12 @@ import dspy
 import mlflow
 import pytest
 
-from pipelines.config import ConfigError, compose, to_container
+from pipelines.config import compose, to_container
+from pipelines.errors import ConfigError
 from pipelines.lm import build_adapter, build_lm
-from pipelines.steps import run_optimize
-from pipelines.tracking import load_program, load_table
+from pipelines.steps.optimize import run_optimize
+from pipelines.tracking.evaluation import load_table
+from pipelines.tracking.models import load_program
 
 from fake_lm import fake_model
 from helpers import FAKE_KEY, fake_lm_overrides, smoke
@@ -48,7 +50,7 @@ def test_the_teachers_answers_become_the_students_demos(preset, store, fake):
 @pytest.mark.parametrize("preset, key_env, priced", [("deepseek", "DEEPSEEK_API_KEY", True),
                                                      ("qwen", "DASHSCOPE_API_KEY", True), ("ollama", None, False)])
 def test_the_services_the_tutorials_readers_reach_answer_through_their_preset(preset, key_env, priced, fake,
-                                                                               monkeypatch):
+                                                                              monkeypatch):
     """DeepSeek, Qwen on DashScope and a local Ollama: only the base URL is pointed at the fake; the key comes
     from the preset's own variable, and the price from LiteLLM where it knows the model."""
     if key_env:

@@ -7,8 +7,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from pipelines.config import ConfigError
-from pipelines.steps import run_optimize, run_variant
+from pipelines.errors import ConfigError
+from pipelines.steps.optimize import run_optimize
+from pipelines.steps.variant import run_variant
 
 from fake_lm import fake_model
 from helpers import both_flavors_in_fresh_process, fake_lm_overrides, fake_overrides, served, smoke

@@ -6,7 +6,7 @@ import json
 import pytest
 from dspy.clients.utils_finetune import TrainDataFormat
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.finetune import adapters
 from pipelines.finetune.provider import TAG, LoRAJob, LoRAProvider
 from pipelines.finetune.train import FinetuneError, LoRASettings, train_lora

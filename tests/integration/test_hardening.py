@@ -9,10 +9,9 @@ import mlflow
 import pytest
 from mlflow.entities import LoggedModelStatus
 
-from pipelines.config import ConfigError
-from pipelines.server import LMServerError
-from pipelines.steps import run_variant
-from pipelines.tracking import load_program
+from pipelines.errors import ConfigError, LMServerError
+from pipelines.steps.variant import run_variant
+from pipelines.tracking.models import load_program
 
 from fake_lm import FakeLM
 from helpers import ROOT, fake_overrides, mlflow_run, run_cli, smoke
@@ -84,15 +83,15 @@ def test_model_from_an_older_project_version_gives_a_clear_error(store, monkeypa
 @pytest.mark.parametrize("error, status",
                          [(KeyboardInterrupt(), "KILLED"), (RuntimeError("optimizer blew up"), "FAILED")])
 def test_interrupted_compile_registers_nothing_and_keeps_the_champion(store, monkeypatch, error, status, fake):
-    from pipelines import steps
+    from pipelines.steps import optimize
 
     class Exploding:
         def compile(self, *args, **kwargs):
             raise error
 
-    monkeypatch.setattr(steps, "build_optimizer", lambda opt, metric: Exploding())
+    monkeypatch.setattr(optimize, "build_optimizer", lambda opt, metric: Exploding())
     with pytest.raises(type(error)):
-        steps.run_optimize(smoke("optimize", store, *fake_overrides(fake)))
+        optimize.run_optimize(smoke("optimize", store, *fake_overrides(fake)))
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.info.status == status
     assert "baseline_semantic_f1" in run.data.metrics  # work done before the fault is kept
@@ -135,7 +134,7 @@ def test_main_fails_on_a_later_steps_config_before_any_lm_or_run(store, tmp_path
              "unreachable": "lm=openai lm.api_base=http://127.0.0.1:9/v1 lm.api_key_env=null"}[lm]
     started = time.monotonic()
     proc = mlflow_run("main", store, f"experiment=smoke tracking.artifact_location={store}/artifacts "
-                                     f"steps=[cot,optimize,ensemble] ensemble.size=1 {stack}",
+                      f"steps=[cot,optimize,ensemble] ensemble.size=1 {stack}",
                       env={"RAGQA_SERVER_DIR": str(servers)})
     print(f"lm={lm}: exit {proc.returncode} after {time.monotonic() - started:.1f} s")
     assert proc.returncode != 0

@@ -9,9 +9,11 @@ import pytest
 from mlflow.entities import AssessmentSourceType
 from mlflow.genai.scorers import list_scorers
 
-from pipelines.config import ConfigError, compose
-from pipelines.steps import run_judge, run_variant
-from pipelines.tracking import load_table
+from pipelines.config import compose
+from pipelines.errors import ConfigError
+from pipelines.steps.judge import run_judge
+from pipelines.steps.variant import run_variant
+from pipelines.tracking.evaluation import load_table
 
 from helpers import ANSWERS, fake_overrides, learnable_judge, smoke
 
@@ -74,7 +76,7 @@ def label_file(path, rows: list[dict]):
 
 def test_alignment_raises_held_out_agreement_and_the_aligned_judge_scores_later_runs(store, fake, tmp_path):
     from pipelines.data import load_splits
-    from pipelines.steps import run_evaluate
+    from pipelines.steps.evaluate import run_evaluate
 
     cfg = smoke("cot", store, *fake_overrides(fake))
     splits = load_splits(compose("cot", ["data.test_size=30"]).data)
@@ -141,7 +143,7 @@ def old_split(examples, held_out, seed):
 
 
 def test_only_demos_that_show_people_failing_what_the_judge_passes_raise_its_agreement(store, fake, tmp_path,
-                                                                                     monkeypatch):
+                                                                                       monkeypatch):
     """On the same 30 labels and held-out share: the default alignment (demos of both labels, people's
     verdicts) against the old one (yes-labelled first, BootstrapFewShot) and BootstrapFewShot alternating."""
     from pipelines.data import load_splits
@@ -199,7 +201,7 @@ def test_labels_of_one_kind_cannot_align_and_stop_before_any_run(store, fake, tm
 def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fake):
     from mlflow.genai import label_schemas, review_queues
 
-    from pipelines.steps import run_review
+    from pipelines.steps.judge import run_review
 
     evaluated = run_variant(smoke("cot", store, *fake_overrides(fake), "data.dev_size=4"))
     queued = run_review(compose("review", [f"run_id={evaluated.run_id}"]))
@@ -224,7 +226,7 @@ def test_a_runs_dev_traces_go_to_a_review_queue_with_the_label_schema(store, fak
 
 @pytest.mark.parametrize("aligner", ["memalign", "simba"])
 def test_mlflows_own_alignment_is_measured_beside_the_dspy_one_on_the_same_held_out_share(store, fake, tmp_path,
-                                                                                           aligner):
+                                                                                          aligner):
     from mlflow.genai.scorers import get_scorer
 
     from pipelines.data import load_splits

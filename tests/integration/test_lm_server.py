@@ -10,10 +10,12 @@ import psutil
 import pytest
 
 from pipelines import tracking
+from pipelines.errors import LMServerError
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import build_program
-from pipelines.server import LMServerError, ensure_server, healthy, running_servers
-from pipelines.steps import build_retriever
+from pipelines.server import ensure_server, healthy, running_servers
+from pipelines.steps.session import build_retriever
+from pipelines.tracking.models import log_program, new_model, program_signature
 
 from helpers import ROOT, served, smoke
 
@@ -96,9 +98,9 @@ def test_a_served_rag_program_takes_its_lm_server_down_with_it(store, fake, tmp_
     retriever, _ = build_retriever(cfg)
     program = build_program(cfg.program, cfg.lm, retriever)
     with mlflow.start_run():
-        info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm),
-                                    model=tracking.new_model("rag", variant="rag"),
-                                    signature=tracking.program_signature(program), dspy_flavor=False)
+        info = log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm),
+                           model=new_model("rag", variant="rag"),
+                           signature=program_signature(program), dspy_flavor=False)
     with served(info.model_uri, store, {"MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db"}) as ask:
         (answer,) = ask({"question": "how do I undo my last git commit?"})["predictions"]
         server = server_process(servers)  # started by the serving worker, on the first question

@@ -12,8 +12,9 @@ from mlflow.entities import SpanType
 from pipelines.config import compose
 from pipelines.data import load_corpus, load_splits
 from pipelines.evaluation.scoring import Scoring, paired_scores
-from pipelines.steps import run_optimize, run_pipeline
-from pipelines.tracking import load_program
+from pipelines.steps.optimize import run_optimize
+from pipelines.steps.pipeline import run_pipeline
+from pipelines.tracking.models import load_program
 
 from fake_lm import fake_model
 from helpers import both_flavors_in_fresh_process, fake_lm_overrides, fake_overrides, question_of, served, smoke

@@ -8,15 +8,16 @@ import pytest
 from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from mlflow.entities import LoggedModelStatus, SpanType
 
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
 from pipelines.data import load_splits
+from pipelines.errors import ConfigError
 from pipelines.evaluation.feedback import FeedbackF1
 from pipelines.evaluation.scoring import JudgedF1
 from pipelines.lm import build_adapter, build_lm
 from pipelines.optimizers import build_optimizer, compile_kwargs
 from pipelines.programs import RAG
-from pipelines.steps import run_optimize
-from pipelines.tracking import load_program
+from pipelines.steps.optimize import run_optimize
+from pipelines.tracking.models import load_program
 
 from fake_lm import FakeLM, fake_model
 from helpers import fake_lm_overrides, smoke
@@ -183,7 +184,7 @@ def test_bad_gepa_config_fails_in_one_line_before_any_run(store, monkeypatch, ov
 
 
 def test_main_compiles_with_mipro_and_gepa_side_by_side(store, fake):
-    from pipelines.steps import run_pipeline
+    from pipelines.steps.pipeline import run_pipeline
 
     overrides = ["experiment=smoke", f"tracking.artifact_location={store}/artifacts",
                  *passing_lm(fake, adapter="json_schema"), "embedder=openai", f"embedder.api_base={fake.api_base}",

@@ -14,10 +14,12 @@ import pytest
 from dspy.utils import DummyLM
 
 from pipelines import tracking
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.lm import build_adapter, build_lm
 from pipelines.programs import build_program
-from pipelines.steps import build_retriever, run_variant
+from pipelines.steps.session import build_retriever
+from pipelines.steps.variant import run_variant
+from pipelines.tracking.models import load_program, log_program, new_model, program_signature
 
 from fake_lm import DEMO_MARKER
 from helpers import ROOT, fake_lm_overrides, run_cli, served, smoke
@@ -47,10 +49,10 @@ def log_rag_with_demos(store, fake, *, dspy_flavor: bool = True) -> tuple[str, d
     predictor.demos = [dspy.Example(**DEMO)]
     calls = fake.calls
     with mlflow.start_run():
-        model = tracking.new_model("rag-mipro", variant="rag-mipro")
-        info = tracking.log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
-                                    signature=tracking.program_signature(program, num_threads=3),
-                                    dspy_flavor=dspy_flavor)
+        model = new_model("rag-mipro", variant="rag-mipro")
+        info = log_program(program, lm=build_lm(cfg.lm), adapter=build_adapter(cfg.lm), model=model,
+                           signature=program_signature(program, num_threads=3),
+                           dspy_flavor=dspy_flavor)
     assert fake.calls == calls  # its input example is saved, not answered, as it is logged
     version = mlflow.register_model(info.model_uri, "ragqa-packaging").version
     return f"models:/ragqa-packaging/{version}", program
@@ -99,7 +101,7 @@ print("OUT=" + json.dumps(out))
 # The project's loader: the dspy.Module rebuilt from plain files, no pickle read.
 PROJECT = f"""
 import json, os, sys
-from pipelines.tracking import load_program
+from pipelines.tracking.models import load_program
 out = {{}}
 for uri in sys.argv[1:]:
     program = load_program(uri)
@@ -174,12 +176,12 @@ def test_a_pickled_version_loads_only_when_the_user_opts_in(store, monkeypatch):
     with mlflow.start_run(experiment_id=experiment), dspy.context(lm=None, callbacks=[]):
         uri = mlflow.dspy.log_model(program, name="program").model_uri  # how older versions logged
     with pytest.raises(ConfigError) as error:
-        tracking.load_program(uri)
+        load_program(uri)
     assert "\n" not in str(error.value) and f"set {PICKLE_VARIABLE}=true" in str(error.value)
     assert PICKLE_VARIABLE not in os.environ
 
     monkeypatch.setenv(PICKLE_VARIABLE, "true")
-    loaded = tracking.load_program(uri)
+    loaded = load_program(uri)
     with dspy.context(lm=DummyLM([{"reasoning": "r", "response": "from the pickle"}])):
         answer = loaded(question=QUESTION)
     assert loaded.predict.signature.instructions == LEARNED and answer.response == "from the pickle"
@@ -188,6 +190,6 @@ def test_a_pickled_version_loads_only_when_the_user_opts_in(store, monkeypatch):
 def test_only_the_projects_programs_are_logged(store):
     program = dspy.Predict("question -> response")
     with mlflow.start_run(), pytest.raises(ConfigError, match="cannot log a Predict"):
-        tracking.log_program(program, lm=dspy.LM("openai/x"), adapter=dspy.ChatAdapter(),
-                             model=tracking.new_model("predict", variant="predict"),
-                             signature=tracking.program_signature(program), dspy_flavor=True)
+        log_program(program, lm=dspy.LM("openai/x"), adapter=dspy.ChatAdapter(),
+                    model=new_model("predict", variant="predict"),
+                    signature=program_signature(program), dspy_flavor=True)

@@ -7,7 +7,8 @@ import mlflow
 from pipelines.config import compose
 from pipelines.evaluation.report import comparison_chart
 from pipelines.evaluation.scoring import Scoring
-from pipelines.steps import run_optimize, run_pipeline
+from pipelines.steps.optimize import run_optimize
+from pipelines.steps.pipeline import run_pipeline
 
 from helpers import fake_overrides, smoke
 
@@ -52,13 +53,13 @@ def test_chart_draws_error_bars_only_with_intervals():
 
 
 def test_one_dev_example_still_optimizes_and_registers_without_intervals(store, monkeypatch, fake):
-    from pipelines import steps
+    from pipelines.steps import optimize
 
     class Identity:  # MIPROv2 itself is exercised end to end; here only the scoring around it matters
         def compile(self, program, **kwargs):
             return program
 
-    monkeypatch.setattr(steps, "build_optimizer", lambda opt, metric: Identity())
+    monkeypatch.setattr(optimize, "build_optimizer", lambda opt, metric: Identity())
     result = run_optimize(smoke("optimize", store, *fake_overrides(fake), "data.dev_size=1"))
     run = mlflow.get_run(result.run_id).data
     assert run.metrics["semantic_f1"] == 50.0 and "semantic_f1_ci_low" not in run.metrics

@@ -11,7 +11,7 @@ from mlflow.entities import AssessmentSource, AssessmentSourceType
 from test_packaging import PICKLE_VARIABLE, in_fresh_process, log_rag_with_demos
 
 from pipelines.config import compose
-from pipelines.steps import run_judge, run_review
+from pipelines.steps.judge import run_judge, run_review
 
 from helpers import fake_overrides, served, tracking_server
 

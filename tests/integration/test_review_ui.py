@@ -14,8 +14,10 @@ import pytest
 from deploy.team_server import wait_healthy
 from pipelines.config import compose
 from pipelines.data import load_splits
-from pipelines.steps import run_judge, run_review, run_variant
-from pipelines.tracking import human_labels, load_table
+from pipelines.steps.judge import run_judge, run_review
+from pipelines.steps.variant import run_variant
+from pipelines.tracking.evaluation import load_table
+from pipelines.tracking.judging.labels import human_labels
 
 from helpers import fake_overrides, free_port, learnable_judge, smoke, user_env
 

@@ -9,11 +9,12 @@ import mlflow
 import pytest
 
 from pipelines import tracking
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
 from pipelines.data import load_splits
+from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
 from pipelines.lm import build_adapter, build_lm
-from pipelines.steps import run_variant
+from pipelines.steps.variant import run_variant
 
 from fake_lm import fake_model, judge_fails
 from helpers import fake_lm_overrides, fake_overrides, mlflow_run, smoke
@@ -69,15 +70,16 @@ def test_unparsable_or_empty_output_counts_as_failure_and_zero_in_every_metric(f
 
 def traced_evaluation(store, fake, n: int, threads: int):
     """`n` cot examples at `threads` threads through the project's scoring step, traced."""
-    from pipelines.steps import _score, prepare
+    from pipelines.steps.in_run import score
+    from pipelines.steps.session import prepare
 
     cfg = compose("cot", [*fake_lm_overrides(fake.api_base, threads=threads),
                           f"tracking.artifact_location={store}/artifacts"])
     session = prepare(cfg)
     examples = (session.splits.train + session.splits.dev + session.splits.test)[:n]
     with tracking.run("traced", cfg) as active:
-        _score(session, dspy.ChainOfThought("question -> response"), examples, step="traced", split="dev",
-               model=None)
+        score(session, dspy.ChainOfThought("question -> response"), examples, step="traced", split="dev",
+              model=None)
     return mlflow.get_run(active.info.run_id)
 
 
@@ -130,7 +132,7 @@ def arena_evaluation(fake, answers: dict, golds: dict, verdict, *overrides):
 
     fake.field_answers["verdict"] = judged
     fake.field_answers["response"] = lambda request: next((answers[q] for q in QUESTIONS
-                                                          if q in str(request["messages"][-1]["content"])), None)
+                                                           if q in str(request["messages"][-1]["content"])), None)
     cfg = compose("cot", [*fake_lm_overrides(fake.api_base, model=fake_model()), "scoring.primary=token_f1",
                           "scoring.metrics=[token_f1,arena_win_rate,arena_win_tie_rate]", *overrides])
     lm = build_lm(cfg.lm)

@@ -19,7 +19,9 @@ from pipelines.data import load_corpus
 from pipelines.retrieval import build_embedder, embed_all
 from pipelines.scale.engine import embed_on_spark
 from pipelines.scale.spark import session
-from pipelines.steps import run_evaluate, run_predict, run_variant
+from pipelines.steps.evaluate import run_evaluate
+from pipelines.steps.predict import run_predict
+from pipelines.steps.variant import run_variant
 
 from fake_lm import fake_model
 from helpers import (

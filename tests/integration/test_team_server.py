@@ -202,6 +202,7 @@ def test_parallel_sweep_against_the_server_nests_four_finished_jobs(team_server,
 DATASET_JOBS = """
 import logging, multiprocessing, os, sys, mlflow
 from pipelines import tracking
+from pipelines.tracking.evaluation import log_datasets
 from pipelines.config import compose
 from pipelines.data import load_splits
 
@@ -220,7 +221,7 @@ def job():
         with mlflow.start_run(experiment_id=experiment_id):
             together.wait(timeout=120)
             try:
-                tracking.log_datasets({"train": splits.train, "dev": splits.dev}, cfg.data)
+                log_datasets({"train": splits.train, "dev": splits.dev}, cfg.data)
                 os.write(said, b"ok\\n")
             except mlflow.exceptions.MlflowException as error:
                 os.write(said, f"failed: {error.message.splitlines()[0][:300]}\\n".encode())
@@ -280,6 +281,6 @@ def test_server_gone_mid_run_ends_the_job_in_one_line_and_keeps_what_was_logged(
     (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
     assert run.info.run_id in line and run.info.status == "RUNNING"  # it could not be marked FAILED
     assert run.data.params["lm.model"] == fake_model(latency_ms=1000) and "config.yaml" in {a.path for a in
-                                                                              client.list_artifacts(run.info.run_id)}
+                                                                                            client.list_artifacts(run.info.run_id)}
     logs = out + err + team_server["logs"]
     assert ADMIN_PASSWORD not in logs

@@ -7,7 +7,8 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
+from pipelines.errors import ConfigError
 from pipelines.evaluation import arena
 from pipelines.evaluation.scoring import Scorer, Scoring
 

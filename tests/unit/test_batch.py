@@ -9,9 +9,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
+from pipelines.errors import ConfigError
 from pipelines.scale import batch, spark
-from pipelines.steps import run_predict
+from pipelines.steps.predict import run_predict
 
 
 def write_jsonl(path, rows):

@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipelines.config import CONFIG_DIR, ConfigError, compose, flatten, is_secret, to_container
+from pipelines.config import CONFIG_DIR, compose, flatten, is_secret, to_container
+from pipelines.errors import ConfigError
 from pipelines.lm import merged_judge_cfg
 
 ENTRY_POINTS = ["cot", "rag", "multihop", "ensemble", "optimize", "evaluate", "review", "judge", "assess", "main"]
@@ -37,8 +38,8 @@ def test_entry_points_pick_their_program():
 
 
 def test_main_runs_rag_with_as_many_passages_as_multihop_reads():
-    from pipelines.config import ConfigError
-    from pipelines.steps import main_steps, step_config
+    from pipelines.errors import ConfigError
+    from pipelines.steps.pipeline import main_steps, step_config
 
     assert main_steps(compose("main")) == ["cot", "rag", "optimize"]
     overrides = ["steps=[cot,rag,multihop]", "program.hops=3", "program.k=4"]
@@ -66,7 +67,7 @@ def test_main_checks_every_steps_config_before_any_lm(store, overrides, message)
     refuse it) and no run opens."""
     import mlflow
 
-    from pipelines.steps import check_main
+    from pipelines.steps.pipeline import check_main
 
     with pytest.raises(ConfigError, match=message) as error:
         check_main(compose("main", overrides), overrides)
@@ -80,14 +81,14 @@ def test_main_checks_every_steps_config_before_any_lm(store, overrides, message)
     (["steps=[rag,multihop]", "program.k=2"], ["rag", "multihop", "rag-k4"]),
 ])
 def test_main_checks_pass_what_can_run(store, overrides, steps):
-    from pipelines.steps import check_main
+    from pipelines.steps.pipeline import check_main
 
     configs = check_main(compose("main", overrides), overrides)
     assert list(configs) == steps and configs[steps[-1]].program.name == steps[-1].split("-")[0]
 
 
 def test_an_optimize_steps_teacher_it_cannot_use_fails_before_any_lm(store):
-    from pipelines.steps import run_optimize
+    from pipelines.steps.optimize import run_optimize
 
     cfg = compose("optimize", ["optimizer=gepa_quick", "+optimizer.teacher={model: openai/gpt-4o}"])
     with pytest.raises(ConfigError, match="optimizer=gepa learns from no teacher"):
@@ -104,8 +105,8 @@ def test_an_optimize_steps_teacher_it_cannot_use_fails_before_any_lm(store):
     (["ensemble.samples_of=models:/a/1", "ensemble.size=2", "ensemble.similarity=rouge_l"], "mbr cannot choose"),
 ])
 def test_an_ensemble_needs_one_source_and_two_members(overrides, message):
-    from pipelines import members
-    from pipelines.config import ConfigError
+    from pipelines.steps import members
+    from pipelines.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message) as error:
         members.check(compose("ensemble", overrides).ensemble)  # before any model is looked up
@@ -206,7 +207,7 @@ def test_tutorial_gepa_reflects_with_a_stronger_lm_others_with_the_task_lm():
 
 
 def test_main_runs_gepa_as_the_optimize_step_with_its_preset():
-    from pipelines.steps import step_config
+    from pipelines.steps.pipeline import step_config
 
     for overrides, auto in (([], None), (["experiment=tutorial"], "light")):
         step = step_config(compose("main", overrides), "gepa", overrides)
@@ -242,7 +243,7 @@ def test_a_teacher_reaches_the_optimizers_that_bootstrap_and_only_those(preset, 
 
 
 def test_main_runs_a_finetune_step_on_the_optimize_entry_point_with_its_preset():
-    from pipelines.steps import main_steps, step_config
+    from pipelines.steps.pipeline import main_steps, step_config
 
     for overrides, preset in (([], "finetune_quick"), (["experiment=tutorial"], "finetune")):
         main = compose("main", [*overrides, "steps=[cot,rag,optimize,finetune]"])
@@ -273,7 +274,7 @@ def test_better_together_builds_its_prompt_and_weight_optimizers():
     built = {key: build_optimizer(sub, lambda *a: 0.0) for key, sub in nested(cfg.optimizer).items()}
     together = build_optimizer(cfg.optimizer, lambda *a: 0.0, **built)
     assert {k: type(v).__name__ for k, v in together.optimizers.items()} == {"p": "BootstrapFewShot",
-                                                                            "w": "BootstrapFinetune"}
+                                                                             "w": "BootstrapFinetune"}
     assert built["w"].num_threads == cfg.num_threads and cfg.optimizer.compile.strategy == "p -> w -> p"
 
 

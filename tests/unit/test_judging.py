@@ -4,7 +4,7 @@ import dspy
 import pytest
 from dspy.utils import DummyLM
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.judging import agreement, align, labels
 
 from helpers import ANSWERS, _judged_answer, _pass_fail_answer
@@ -65,7 +65,7 @@ def test_measure_cuts_a_numeric_judge_for_yes_no_labels_and_gives_intervals():
 
 def test_labels_stored_on_traces_read_back_as_label_values():
     assert [labels.coerce(v) for v in (True, "pass", "Fail", "0.25", 1, "maybe", 3)] == [True, True, False, 0.25,
-                                                                                        True, None, None]
+                                                                                         True, None, None]
 
 
 def test_a_reviewers_last_label_on_a_trace_counts_once():
@@ -160,7 +160,7 @@ def labelled_answers(n: int) -> list[dspy.Example]:
 
 def agreement_of(program, examples, lm) -> float:
     return sum((s >= 0.5) == e.label for s, e in zip(align.verdicts(program, examples, lm), examples,
-                                                      strict=True)) / len(examples)
+                                                     strict=True)) / len(examples)
 
 
 def test_the_alignment_share_is_shuffled_by_the_seed_and_alternates_labels():

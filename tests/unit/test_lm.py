@@ -10,9 +10,10 @@ import dspy
 import pytest
 
 from pipelines import server
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
+from pipelines.errors import ConfigError, LMServerError
 from pipelines.lm import build_lm, ensure_reachable, output_schema
-from pipelines.server import LMServerError, ensure_server, process_id, running_servers
+from pipelines.server import ensure_server, process_id, running_servers
 
 
 def test_output_schema_bounds_strings_to_share_the_token_budget():

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from dspy.utils import DummyLM
 
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
+from pipelines.errors import ConfigError
 from pipelines.programs import (
     RAG,
     Ensemble,
@@ -148,7 +149,7 @@ def test_a_multihop_program_round_trips_as_files_and_an_older_query_writer_is_re
     del spec["program"]["query_inputs"]  # as this project wrote it before the writer read its past queries
     spec_file.write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="query writer reads question, context; this project's reads question, "
-                                          "past_queries, context: re-run") as error:
+                       "past_queries, context: re-run") as error:
         packaging.load(tmp_path / "program")
     assert "\n" not in str(error.value)
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
 from pipelines.data import Corpus, load_corpus
+from pipelines.errors import ConfigError
 from pipelines.retrieval import Index, LocalEmbedder, Retriever, cache_key, embedder_identity, load_or_build_index
 from pipelines.schema import EmbedderConfig
 

@@ -9,10 +9,13 @@ from dspy.utils import DummyLM
 from hydra.errors import ConfigCompositionException
 
 from pipelines import tracking
-from pipelines.config import ConfigError, compose
+from pipelines.config import compose
 from pipelines.data import load_splits
+from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
 from pipelines.programs import RAG
+from pipelines.tracking.evaluation import log_evaluation
+from pipelines.tracking.traces import last_trace_id
 
 from helpers import FixedRetriever
 
@@ -90,8 +93,8 @@ def test_judge_calls_are_traced_only_when_asked(store, trace_judge):
     dev = load_splits(cfg.data).dev[:2]
     with tracking.run("traces", cfg) as active, dspy.context(lm=lm):
         result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer_for(lm, traced=trace_judge),
-                          num_threads=1, progress=False, trace_id=tracking.last_trace_id)
-        tracking.log_evaluation(result, split="dev")
+                          num_threads=1, progress=False, trace_id=last_trace_id)
+        log_evaluation(result, split="dev")
     assert result.score == 100.0
     traces = mlflow.search_traces(locations=[active.info.experiment_id], return_type="list")
     roots = {t.info.trace_id: t.data.spans[0].name for t in traces}
@@ -112,8 +115,8 @@ def test_traces_carry_one_clean_assessment_per_metric(store):
     program = RAG(FixedRetriever(["p1", "p2", "p3"]), k=2)  # retrieves doc ids 0 and 1
     with tracking.run("traces", cfg) as active, dspy.context(lm=lm):
         result = evaluate(program, examples, scorer_for(lm), num_threads=1, progress=False,
-                          trace_id=tracking.last_trace_id)
-        tracking.log_evaluation(result, split="dev")
+                          trace_id=last_trace_id)
+        log_evaluation(result, split="dev")
     traces = mlflow.search_traces(locations=[active.info.experiment_id], return_type="list")
     assert len(traces) == 2
     expected = {"semantic_f1": 2 * 0.5 * 1.0 / 1.5 * 100, "token_f1": 100.0, "rouge_l": 100.0, "recall_at_k": 50.0}
@@ -179,8 +182,8 @@ def test_a_judge_that_never_gives_a_verdict_leaves_the_metric_unscored_never_zer
     scorer = Scorer(Scoring.from_cfg(cfg.scoring), JudgedF1(lm))
     with tracking.run("unscored", cfg) as active, dspy.context(lm=lm):
         result = evaluate(dspy.ChainOfThought("question -> response"), dev, scorer, num_threads=1, progress=False,
-                          trace_id=tracking.last_trace_id)
-        tracking.log_evaluation(result, split="dev")
+                          trace_id=last_trace_id)
+        log_evaluation(result, split="dev")
     assert result.score is None and result.unscored == ("semantic_f1",) and result.judge_failures == 2
     assert result.headline() == "SemanticF1: no example scored: the judge gave no verdict on any of the 2 examples"
     assert result.summary().startswith("SemanticF1: no example scored, token F1 = ")

@@ -17,6 +17,8 @@ from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.tracking import trace_export
+from pipelines.tracking.evaluation import log_evaluation
+from pipelines.tracking.traces import evaluating, held, last_trace_id, watch_traces
 
 
 def test_the_mlflow_internals_the_writer_uses_are_still_there():
@@ -48,12 +50,12 @@ def test_an_evaluation_writes_each_trace_once_with_its_assessments(store, monkey
     examples = load_splits(cfg.data).dev[:5]
     lm = DummyLM([{"reasoning": "r", "response": "use git reset"}] * 5)
     with tracking.run("bulk", cfg) as active, dspy.context(lm=lm):
-        with tracking.watch_traces(5), tracking.held():
-            with tracking.evaluating(None, split="dev"):
+        with watch_traces(5), held():
+            with evaluating(None, split="dev"):
                 result = evaluate(dspy.ChainOfThought("question -> response"), examples,
                                   Scorer(Scoring.from_cfg(cfg.scoring)), 1, progress=False,
-                                  trace_id=tracking.last_trace_id)
-            tracking.log_evaluation(result, split="dev")
+                                  trace_id=last_trace_id)
+            log_evaluation(result, split="dev")
     # The first trace of a new exporter is written spans-first (that is how it learns the store keeps
     # spans); the other four: their infos with assessments, then all their spans at once.
     assert (calls["start_trace"], calls["log_spans"], calls["create_assessment"]) == (5, 2, 0)

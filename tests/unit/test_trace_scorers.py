@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking import scorers
 from pipelines.tracking.serving import DroppedTraces
 

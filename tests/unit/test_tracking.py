@@ -12,7 +12,10 @@ from omegaconf import OmegaConf
 from pipelines import tracking
 from pipelines.config import compose
 from pipelines.evaluation.scoring import EvalResult, Scoring
-from pipelines.tracking.evaluation import dataset_source
+from pipelines.tracking.evaluation import dataset_source, log_datasets, log_evaluation
+from pipelines.tracking.prompts import link_prompts, register_prompts
+from pipelines.tracking.registry import CHAMPION, register
+from pipelines.tracking.usage import timed, usage
 
 
 def cfg_for(store):
@@ -65,11 +68,11 @@ def register_scores(scores, rule="significant", model="reg", dev_set="dev1", log
     result = dev_result(scores, rule)
     with mlflow.start_run():
         if log_table:
-            tracking.log_evaluation(result, split="dev")
+            log_evaluation(result, split="dev")
         info = mlflow.pyfunc.log_model(name="m", python_model=lambda inputs: inputs, input_example=["x"],
                                        pip_requirements=[])
-        return tracking.register(info.model_uri, registered_model=model, model_id=info.model_id, result=result,
-                                 dev_set=dev_set, variant="v", scoring=scoring(rule))
+        return register(info.model_uri, registered_model=model, model_id=info.model_id, result=result,
+                        dev_set=dev_set, variant="v", scoring=scoring(rule))
 
 
 def version_of(model, registration):
@@ -79,7 +82,7 @@ def version_of(model, registration):
 
 
 def champion(model="reg"):
-    return mlflow.MlflowClient().get_model_version_by_alias(model, tracking.CHAMPION)
+    return mlflow.MlflowClient().get_model_version_by_alias(model, CHAMPION)
 
 
 # 20 examples judged mostly 0 or 100, as a small judge does; NOISE flips two up and one down: +5 on average.
@@ -168,7 +171,7 @@ def test_better_keeps_the_strict_point_comparison(store):
 
 def test_one_example_logs_the_score_without_an_interval(store):
     with mlflow.start_run() as run:
-        tracking.log_evaluation(dev_result([70]), split="dev")
+        log_evaluation(dev_result([70]), split="dev")
     logged = mlflow.get_run(run.info.run_id).data
     assert logged.metrics["semantic_f1"] == 70.0 and "semantic_f1_ci_low" not in logged.metrics
     assert "1 example" in logged.tags["confidence_intervals"]
@@ -180,7 +183,7 @@ def test_datasets_are_logged_from_an_unambiguous_source(store, recwarn):
 
     cfg = compose("cot", ["experiment=smoke", f"tracking.artifact_location={store}/artifacts"])
     with mlflow.start_run() as active:
-        datasets = tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+        datasets = log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
     assert not [w for w in recwarn if "interpreted in multiple ways" in str(w.message)]
     (logged,) = mlflow.get_run(active.info.run_id).inputs.dataset_inputs
     assert logged.dataset.name == "sample-dev" and logged.dataset.source_type == "local"
@@ -206,7 +209,7 @@ OTHER_BAD_REQUEST = RestException({"error_code": "BAD_REQUEST", "message": "Inva
     ([RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "duplicate key in dataset"})], 1),
 ])
 def test_a_dataset_logged_by_another_run_at_the_same_moment_is_linked_with_one_more_try(store, monkeypatch,
-                                                                                       errors, calls):
+                                                                                        errors, calls):
     from pipelines.data import load_splits
 
     log_input, tries = mlflow.log_input, []
@@ -221,10 +224,10 @@ def test_a_dataset_logged_by_another_run_at_the_same_moment_is_linked_with_one_m
     cfg = compose("cot", ["experiment=smoke", f"tracking.artifact_location={store}/artifacts"])
     with mlflow.start_run() as active:
         if calls > len(errors):
-            tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+            log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
         else:
             with pytest.raises(MlflowException) as raised:
-                tracking.log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
+                log_datasets({"dev": load_splits(cfg.data).dev}, cfg.data)
             assert raised.value is errors[calls - 1]
     assert len(tries) == calls
     logged = mlflow.get_run(active.info.run_id).inputs.dataset_inputs
@@ -244,8 +247,8 @@ def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champi
     rag = dspy.Module()  # named like RAG's predictor: respond.predict
     rag.respond = program_with("Use the context. Jinja {% if %} stays text.", "context, question -> response")
     with mlflow.start_run():
-        cot_prompts = tracking.register_prompts(cot, registered_model="reg", variant="cot")
-        tracking.link_prompts(cot_prompts, registered_model="reg", version="1", promoted=True)
+        cot_prompts = register_prompts(cot, registered_model="reg", variant="cot")
+        link_prompts(cot_prompts, registered_model="reg", version="1", promoted=True)
         (prompt,) = cot_prompts
         assert prompt.name == "reg.predict" and prompt.variables == set()
         assert prompt.template == [
@@ -254,8 +257,8 @@ def test_prompts_keep_instructions_and_demos_as_plain_text_and_follow_the_champi
             {"role": "assistant", "content": "reasoning: r\n\nresponse: git reset { { HEAD }}"}]
         assert prompt.tags["braces_escaped"] == "true" and prompt.tags["demos"] == "1"
         assert mlflow.genai.load_prompt("prompts:/reg.predict@champion").version == prompt.version
-        rag_prompts = tracking.register_prompts(rag, registered_model="reg", variant="rag")
-        tracking.link_prompts(rag_prompts, registered_model="reg", version="2", promoted=True)
+        rag_prompts = register_prompts(rag, registered_model="reg", variant="rag")
+        link_prompts(rag_prompts, registered_model="reg", version="2", promoted=True)
     champion = mlflow.genai.load_prompt("prompts:/reg.predict@champion", allow_missing=True, cache_ttl_seconds=0)
     assert champion is None  # the new champion has no `predict` predictor
     assert mlflow.genai.load_prompt("prompts:/reg.predict/1").tags["model_version"] == "1"
@@ -277,7 +280,7 @@ class Recorded:
 def test_usage_counts_only_the_block_per_distinct_lm_even_when_it_fails(store):
     lm, judge = Recorded(1000), Recorded(2000)
     with pytest.raises(RuntimeError), tracking.run("step", cfg_for(store)) as active, \
-            tracking.usage(lm, judge=judge, again=lm, reflection=None):
+            usage(lm, judge=judge, again=lm, reflection=None):
         lm.history += [Recorded.call(10), Recorded.call(20)]
         judge.history.append(Recorded.call(5, cost=0.25))
         raise RuntimeError("compile failed")
@@ -289,14 +292,14 @@ def test_usage_counts_only_the_block_per_distinct_lm_even_when_it_fails(store):
 
 def test_usage_survives_dspy_trimming_the_history(store):
     lm = Recorded(1000, 1000, 1000)
-    with dspy.context(max_history_size=3), tracking.run("step", cfg_for(store)) as active, tracking.usage(lm):
+    with dspy.context(max_history_size=3), tracking.run("step", cfg_for(store)) as active, usage(lm):
         for _ in range(4):  # DSPy drops the oldest entry beyond max_history_size
             lm.history = [*lm.history[1:], Recorded.call(7)]
     assert mlflow.get_run(active.info.run_id).data.metrics["prompt_tokens"] == 21  # the 3 calls still known
 
 
 def test_timed_logs_the_wall_time_of_a_block_even_when_it_fails(store):
-    with pytest.raises(RuntimeError), tracking.run("step", cfg_for(store)) as active, tracking.timed("compile"):
+    with pytest.raises(RuntimeError), tracking.run("step", cfg_for(store)) as active, timed("compile"):
         time.sleep(0.2)
         raise RuntimeError("compile failed")
     assert 0.2 <= mlflow.get_run(active.info.run_id).data.metrics["time_compile_s"] < 5

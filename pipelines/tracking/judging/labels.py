@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import AssessmentSource, AssessmentSourceType
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.judging.labels import Label, coerce
 from pipelines.tracking.evaluation import comparison_metrics, load_table, log_table
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import mlflow
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking.evaluation import comparison_metrics
 from pipelines.tracking.judging.labels import EXPECTATION
 

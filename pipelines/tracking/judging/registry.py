@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import dspy
 import mlflow
 
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.tracking.prompts import plain_text
 from pipelines.tracking.registry import CHAMPION
 

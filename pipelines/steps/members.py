@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 
-from pipelines import tracking
-from pipelines.config import ConfigError
+from pipelines.errors import ConfigError
 from pipelines.programs import Ensemble, Member
 from pipelines.schema import EnsembleConfig, Reducer
+from pipelines.tracking.candidates import candidate_states
+from pipelines.tracking.models import check_program_model, load_packaged, program_model_of_run
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,8 @@ def check(cfg: EnsembleConfig) -> None:
     kind = source(cfg)
     check_size(cfg, kind)
     uris = {"members": list(cfg.members), "samples_of": [cfg.samples_of],
-            "candidates_of": [tracking.program_model_of_run(cfg.candidates_of)] if kind == "candidates_of" else []}
-    inputs = {uri: tuple(tracking.check_program_model(uri).signature.inputs.input_names()) for uri in uris[kind]}
+            "candidates_of": [program_model_of_run(cfg.candidates_of)] if kind == "candidates_of" else []}
+    inputs = {uri: tuple(check_program_model(uri).signature.inputs.input_names()) for uri in uris[kind]}
     if len(set(inputs.values())) > 1:
         listed = "; ".join(f"{uri}: {', '.join(names)}" for uri, names in inputs.items())
         raise ConfigError(f"ensemble members ask for different inputs ({listed}); every member must answer the "
@@ -68,7 +69,7 @@ def build(cfg: EnsembleConfig) -> Ensemble:
     if kind == "members":
         members = [_member(uri, label=uri) for uri in cfg.members]
     elif kind == "samples_of":
-        packaged = tracking.load_packaged(cfg.samples_of)
+        packaged = load_packaged(cfg.samples_of)
         members = [Member(packaged.program, lm=packaged.lm, adapter=packaged.adapter,
                           label=f"{cfg.samples_of} sample {i + 1}", rollout=i + 1, temperature=cfg.temperature)
                    for i in range(cfg.size)]
@@ -83,14 +84,14 @@ def build(cfg: EnsembleConfig) -> Ensemble:
 
 
 def _member(uri: str, *, label: str) -> Member:
-    packaged = tracking.load_packaged(uri)
+    packaged = load_packaged(uri)
     return Member(packaged.program, lm=packaged.lm, adapter=packaged.adapter, label=label)
 
 
 def _candidates(run_id: str, size: int) -> list[Member]:
     """The run's `size` best candidates: its logged program with each candidate's instructions and demos."""
-    base = tracking.load_packaged(tracking.program_model_of_run(run_id))
-    states = tracking.candidate_states(run_id, size)
+    base = load_packaged(program_model_of_run(run_id))
+    states = candidate_states(run_id, size)
     if len(states) < 2:
         raise ConfigError(f"run {run_id} kept {len(states)} candidate program(s); an ensemble needs at least 2")
     members = []

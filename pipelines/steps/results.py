@@ -1,0 +1,112 @@
+"""What a step returns: frozen, keyword-only results that all answer `StepOutcome`, the protocol the command
+line (`pipelines.cli`) and Hydra sweeps read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from pipelines.evaluation.scoring import EvalResult
+    from pipelines.evaluation.stats import Comparison, Estimate
+    from pipelines.judging.agreement import Agreement
+    from pipelines.scale.batch import Predictions
+    from pipelines.tracking.judging.registry import RegisteredJudge
+
+
+class StepOutcome(Protocol):
+    """A step's result as the command line prints it and a sweep compares it."""
+
+    run_id: str
+
+    @property
+    def score(self) -> float | None:
+        """The primary metric a Hydra sweep compares jobs by; None where a step scores nothing."""
+
+    def headline(self) -> str:
+        """One line for the console."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult:
+    """A step that scored a program: its final evaluation, and the program as logged and registered."""
+
+    name: str
+    run_id: str
+    result: EvalResult  # the step's final evaluation: estimates and per-example rows
+    model_uri: str | None = None
+    version: str | None = None
+
+    @property
+    def score(self) -> float | None:
+        return self.result.score
+
+    def headline(self) -> str:
+        return self.result.headline()
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictResult:
+    run_id: str
+    predictions: Predictions
+    output: Path
+
+    @property
+    def score(self) -> None:  # nothing to score: Hydra sweeps compare predict jobs by nothing
+        return None
+
+    def headline(self) -> str:
+        p = self.predictions
+        return f"{p.rows} rows, {p.failed} failed, {p.rows / max(p.seconds, 1e-9):.1f} rows/s -> {self.output}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReviewResult:
+    run_id: str
+    queue: str
+    items: int
+
+    @property
+    def score(self) -> None:
+        return None
+
+    def headline(self) -> str:
+        return (f"{self.items} traces in the review queue {self.queue!r}: label them on the experiment's Review "
+                "page, then `mlflow run . -e judge`")
+
+
+@dataclass(frozen=True, kw_only=True)
+class JudgeResult:
+    run_id: str
+    agreements: list[Agreement]
+    aligned: str | None = None               # the aligned judge's state URI
+    alignment: Comparison | None = None      # held-out agreement, aligned - original, 0-100
+    registered: RegisteredJudge | None = None  # its version as the experiment's scorer and prompt
+
+    @property
+    def score(self) -> None:  # nothing for a sweep to compare
+        return None
+
+    def headline(self) -> str:
+        text = "; ".join(a.describe() for a in self.agreements)
+        if self.registered:
+            r = self.registered
+            text += (f"; aligned judge {r.name} v{r.version}: held-out agreement {self.alignment.describe()} -> "
+                     f"scoring.judge={r.name if r.champion else f'{r.name}/{r.prompt_version}'}")
+        return text
+
+
+@dataclass(frozen=True, kw_only=True)
+class AssessResult:
+    run_id: str
+    traces: int
+    estimates: dict[str, Estimate]
+
+    @property
+    def score(self) -> None:  # nothing for a sweep to compare
+        return None
+
+    def headline(self) -> str:
+        scored = "; ".join(f"{name} {e.describe()}" for name, e in self.estimates.items()) or "no scorer gave a value"
+        return f"{self.traces} traces: {scored}"
