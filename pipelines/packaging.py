@@ -23,7 +23,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dspy
 import mlflow
@@ -222,6 +222,16 @@ TRACE_ID = "trace_id"    # the row's trace ("" when untraced): where `mlflow.log
 EMPTY = {"context": [], "doc_ids": [], "queries": [], "candidates": []}  # a list output of a row with no answer
 
 
+class Tracing(Protocol):
+    """How a loaded program traces (`pipelines.tracking.serving`, handed in by `pipelines/model_code.py`)."""
+
+    def start_tracing(self) -> bool:
+        """Set tracing up for this process; False where it is off."""
+
+    def flush_on_executor(self) -> None:
+        """Write a batch's traces before a Spark executor's task ends."""
+
+
 class ProgramModel(mlflow.pyfunc.PythonModel):
     """A logged program as pyfunc: rebuilt from its files (the `program` artifact), it answers a batch.
 
@@ -231,18 +241,18 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
     Rows are answered concurrently (`num_threads`, an inference param whose default is the logged run's); a
     row whose program fails gets its error and empty outputs, and the other rows still answer.
     Each row answers inside the caller's trace when there is one (`mlflow.genai.evaluate`, a function under
-    `@mlflow.trace`), else as a trace of its own, linked to the logged model (`pipelines.tracking.serving`;
-    `RAGQA_TRACING=false` turns it off).
+    `@mlflow.trace`), else as a trace of its own, linked to the logged model, through the `tracing` it is
+    given (`pipelines.tracking.serving`; `RAGQA_TRACING=false` turns it off).
     """
 
-    def load_context(self, context) -> None:
-        from pipelines.tracking import serving  # not at import: the tracking package imports this module
+    def __init__(self, *, tracing: Tracing | None = None):
+        self.tracing = tracing  # None: never traced
 
+    def load_context(self, context) -> None:
         packaged = load(Path(context.artifacts["program"]))
         self.program, self.lm, self.adapter = packaged.program, packaged.lm, packaged.adapter
         self.inputs, self.outputs = inputs(self.program), outputs(self.program)
-        self.serving = serving
-        self.traced = serving.start_tracing()
+        self.traced = self.tracing is not None and self.tracing.start_tracing()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         records = model_input[list(self.inputs)].to_dict(orient="records")
@@ -253,7 +263,7 @@ class ProgramModel(mlflow.pyfunc.PythonModel):
             futures = [pool.submit(contextvars.copy_context().run, self._answer, record) for record in records]
             rows = [future.result() for future in futures]
         if self.traced:
-            self.serving.flush_on_executor()
+            self.tracing.flush_on_executor()
         return pd.DataFrame(rows, columns=[*self.outputs, ERROR, TRACE_ID])
 
     def _answer(self, record: dict[str, Any]) -> dict[str, Any]:

@@ -16,9 +16,10 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipelines.errors import ConfigError
 from pipelines.packaging import ERROR, TRACE_ID
@@ -114,16 +115,14 @@ def read(spark: SparkSession, source: Source) -> DataFrame:
     return getattr(reader, source.format)(str(source.path))
 
 
-def predict(spark: SparkSession, frame: DataFrame, model_uri: str, output: Path, *, output_format: str,
-            num_threads: int | None, partitions: int | None, executor_env: dict[str, str]) -> Predictions:
-    """Every row of `frame` answered by the model at `model_uri` on Spark's executors, written to `output`."""
-    import mlflow
+def predict(spark: SparkSession, frame: DataFrame, model_udf: Callable[[], Any], output: Path, *,
+            output_format: str, partitions: int | None) -> Predictions:
+    """Every row of `frame` answered on Spark's executors by the model `model_udf` makes (a `spark_udf`,
+    `pipelines.tracking.models.program_udf`; its load is timed with the answers), written to `output`."""
     from pyspark.sql import functions as F
 
     started = time.monotonic()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model file, twice
-    udf = mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", extra_env=executor_env or None,
-                                  params={"num_threads": num_threads} if num_threads else None)
+    udf = model_udf()
     columns = frame.columns
     # Contiguous ranges of rows per task, in order, so the part files keep the input's order; ranged
     # before the model runs (a sort after it would run the model again to sample the sort's bounds).

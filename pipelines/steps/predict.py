@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,7 +11,7 @@ from pipelines.errors import ConfigError
 from pipelines.scale import batch, spark
 from pipelines.steps.results import PredictResult
 from pipelines.tracking.evaluation import log_spark_input
-from pipelines.tracking.models import check_model
+from pipelines.tracking.models import check_model, program_udf
 from pipelines.tracking.registry import registered_version
 from pipelines.tracking.reports import log_predictions
 from pipelines.tracking.runs import run
@@ -42,9 +43,10 @@ def run_predict(cfg: Config) -> PredictResult:
         session = spark.session(cfg)
         frame = batch.read(session, source)
         log_spark_input(frame, source.path)
-        predictions = batch.predict(session, frame, cfg.model_uri, output, output_format=cfg.output_format,
-                                    num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
-                                    executor_env=executor_tracing())
+        udf = functools.partial(program_udf, session, cfg.model_uri, num_threads=cfg.num_threads,
+                                executor_env=executor_tracing())
+        predictions = batch.predict(session, frame, udf, output, output_format=cfg.output_format,
+                                    partitions=cfg.spark.partitions)
         log_predictions(predictions, output=output, output_format=cfg.output_format,
                         executors=spark.executors(session))
         result = PredictResult(run_id=active.info.run_id, predictions=predictions, output=output)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import dspy
@@ -152,3 +153,11 @@ def logged_model_of(model_uri: str) -> LoggedModel | None:
     """The LoggedModel behind a `models:/` or `runs:/` URI, so an evaluation links to it."""
     model_id = check_model(model_uri).model_id
     return mlflow.get_logged_model(model_id) if model_id else None
+
+
+def program_udf(spark, model_uri: str, *, num_threads: int | None, executor_env: dict[str, str]):
+    """The program at `model_uri` as a Spark UDF answering a struct of its inputs on the executors
+    (`executor_env`: how they trace, `pipelines.tracking.traces.executor_tracing`)."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per model file, twice
+    return mlflow.pyfunc.spark_udf(spark, model_uri, env_manager="local", extra_env=executor_env or None,
+                                   params={"num_threads": num_threads} if num_threads else None)

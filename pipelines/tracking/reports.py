@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dspy
 import mlflow
 
-from pipelines.scale.batch import Predictions
 from pipelines.tracking.evaluation import log_table
+
+if TYPE_CHECKING:
+    from pipelines.scale.batch import Predictions
 
 
 def log_index(path: Path, build_info: dict[str, Any]) -> None:
