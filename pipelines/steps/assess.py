@@ -32,18 +32,19 @@ def run_assess(cfg: Config) -> AssessResult:
     if cfg.get("run_id") and cfg.get("model_uri"):
         raise ConfigError("assess takes run_id=... or model_uri=... (or neither: the whole experiment), not both")
     names, guidelines = list(cfg.scorers or []), list(cfg.guidelines or [])
+    scoring = Scoring.from_cfg(cfg.scoring)
     judged = [n for n in names if n in scorers.NEEDS_JUDGE]
     judge_cfg = merged_judge_cfg(cfg)
     scorers.check_names(names, judge_model=judge_cfg.get("model") if judged else None, guidelines=guidelines)
     judge_lm = build_lm(judge_cfg) if judged else None
     setup(cfg)
+    scoring = resolved_judge(scoring)  # a scoring.judge that names nothing fails before any trace is read
     experiment_id, model_id = where(run_id=cfg.get("run_id"), model_uri=cfg.get("model_uri"),
                                     experiment=cfg.tracking.experiment)
     traces = find_traces(experiment_id=experiment_id, run_id=cfg.get("run_id"), model_id=model_id,
                          since=cfg.get("since"), until=cfg.get("until"))
     if judge_lm is not None:
         ensure_reachable(judge_lm)
-    scoring = resolved_judge(Scoring.from_cfg(cfg.scoring))
     made = scorers.build_scorers(names, judge_model=judge_model(judge_lm.model) if judge_lm else None,
                                  judge_lm=judge_lm, aligned=scoring.judge, guidelines=guidelines)
     expectations = expectations_of(traces, cfg.get("run_id"))
