@@ -67,7 +67,9 @@ from pipelines.optimizers import (
     teaching,
 )
 from pipelines.programs import Ensemble, build_program, check_program, doc_id_type, program_lm
-from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
+from pipelines.retrieval.cache import load_or_build_index
+from pipelines.retrieval.embedders import build_embedder
+from pipelines.retrieval.retriever import Retriever
 from pipelines.scale import batch, engine, spark
 from pipelines.scale.batch import Predictions
 from pipelines.schema import Engine, ProgramName
