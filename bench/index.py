@@ -17,7 +17,7 @@ import _common as common
 
 
 def embedding_throughput(cfg, corpus, docs: int | None, spark: bool) -> list:
-    from pipelines.retrieval import LocalEmbedder
+    from pipelines.retrieval.embedders import LocalEmbedder
 
     texts = [t[:cfg.program.max_characters] for t in corpus.texts]
     texts = [f"{texts[i % len(texts)]} ({i})" for i in range(docs)] if docs else texts
@@ -30,7 +30,7 @@ def embedding_throughput(cfg, corpus, docs: int | None, spark: bool) -> list:
              f"{len(texts) / sec:.1f}"]]
     if spark:  # index.engine=spark's path: partitions of the corpus embedded in Spark tasks (model load inside)
         from pipelines.packaging import embedder_spec
-        from pipelines.retrieval import build_embedder
+        from pipelines.retrieval.embedders import build_embedder
         from pipelines.scale.engine import embed_on_spark
         from pipelines.scale.spark import session
 
@@ -42,7 +42,8 @@ def embedding_throughput(cfg, corpus, docs: int | None, spark: bool) -> list:
 
 
 def cache(cfg, corpus) -> list:
-    from pipelines.retrieval import build_embedder, load_or_build_index
+    from pipelines.retrieval.cache import load_or_build_index
+    from pipelines.retrieval.embedders import build_embedder
 
     from helpers import CountingEmbedder
 
@@ -57,7 +58,7 @@ def cache(cfg, corpus) -> list:
 
 
 def latency(n: int, dim: int, queries: int) -> list:
-    from pipelines.retrieval import Index, normalize
+    from pipelines.retrieval.index import Index, normalize
 
     rng = np.random.default_rng(0)
     vectors = normalize(rng.standard_normal((n, dim)).astype(np.float32))

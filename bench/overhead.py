@@ -77,7 +77,9 @@ def worker_bare(args) -> dict:
     from pipelines.evaluation.scoring import JudgedF1
     from pipelines.lm import build_adapter, build_lm
     from pipelines.programs import build_program
-    from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
+    from pipelines.retrieval.cache import load_or_build_index
+    from pipelines.retrieval.embedders import build_embedder
+    from pipelines.retrieval.retriever import Retriever
 
     times = {"imports": time.perf_counter() - T_START}
     cfg = compose(args)

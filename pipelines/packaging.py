@@ -35,7 +35,9 @@ from pipelines.errors import ConfigError
 from pipelines.evaluation.scoring import NO_PREDICTION
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
 from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs
-from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index
+from pipelines.retrieval.embedders import HostedEmbedder, LocalEmbedder
+from pipelines.retrieval.index import read_index, write_index
+from pipelines.retrieval.retriever import Retriever
 
 FORMAT = 1  # bump when the files change meaning; a model in another format then fails to load in one line
 SPEC, STATE, INDEX, MEMBERS, INDEXES, ADAPTER = "spec.json", "state.json", "index", "members", "indexes", "adapter"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import dspy
 import numpy as np
 
 from pipelines.config import compose
+from pipelines.evaluation.scoring import EvalResult, Scoring
 
 from fake_lm import fake_model, hashed_embedding
 
@@ -41,6 +43,20 @@ def fake_overrides(fake, mode: str = "ok", **behaviour) -> list[str]:
     asks, on one thread so its answers come in order."""
     return [*fake_lm_overrides(fake.api_base, model=fake_model(mode, **behaviour), threads=1), "embedder=openai",
             f"embedder.api_base={fake.api_base}", "embedder.api_key_env=null"]
+
+
+@functools.cache  # composing a config takes a moment; a rule's scoring never changes
+def promotion_scoring(rule: str = "significant") -> Scoring:
+    """The scoring settings of a run whose primary metric is SemanticF1, promoting by `rule`."""
+    return Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1", f"scoring.promotion={rule}"]).scoring)
+
+
+def dev_result(scores, rule: str = "significant") -> EvalResult:
+    """A dev evaluation with these per-example SemanticF1 scores (0-100; None: the judge gave no verdict), one
+    question each."""
+    rows = [{"question": f"q{i}", "semantic_f1": None if s is None else float(s), "error": ""}
+            for i, s in enumerate(scores)]
+    return EvalResult.from_rows(rows, promotion_scoring(rule))
 
 
 class FixedRetriever:

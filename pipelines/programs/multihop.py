@@ -27,7 +27,7 @@ from __future__ import annotations
 import dspy
 
 from pipelines.programs.rag import RAG
-from pipelines.retrieval import passage_key
+from pipelines.retrieval.retriever import passage_key
 
 
 class WriteQuery(dspy.Signature):

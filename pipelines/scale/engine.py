@@ -9,13 +9,14 @@ settings, never a key (keys come from the executors' environment, `pipelines/sca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dspy
 import numpy as np
@@ -31,12 +32,19 @@ if TYPE_CHECKING:
 _loaded: dict[str, Any] = {}
 
 
+class ExecutorTracer(Protocol):
+    """How executors trace an evaluation, given by the caller (it travels with the job, so it pickles):
+    `on_executor()` traces the calls inside and yields the function that tells a row's trace id."""
+
+    def on_executor(self) -> contextlib.AbstractContextManager[Callable[[], str | None]]: ...
+
+
 def evaluate_on_spark(spark: SparkSession, program: dspy.Module, examples: list[dspy.Example], scorer: Scorer, *,
                       lm: dspy.LM, adapter: dspy.Adapter, num_threads: int, partitions: int | None = None,
-                      cache_dir: str | None = None, tracing: dict[str, Any] | None = None) -> EvalResult:
+                      cache_dir: str | None = None, tracing: ExecutorTracer | None = None) -> EvalResult:
     """`scoring.evaluate` of `program` (answering through `lm` and `adapter`) with `scorer`, its examples
     spread over Spark tasks; each executor answers and scores its share on `num_threads` threads.
-    `tracing`: where executors trace (`tracking.traces.executor_tracing`), or None for no traces."""
+    `tracing`: how executors trace, or None for no traces."""
     import pandas as pd
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,13 +69,12 @@ def _evaluate_partition(job: dict[str, Any]) -> Callable[[Iterator[pd.DataFrame]
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import pandas as pd
 
-        from pipelines.tracking.traces import trace_on_executor
-
         packaged = _program(job["program"], job["cache_dir"])
         scoring = job["scoring"]
         judge = packaging.restore_lm(job["judge"]) if job["judge"] else None
         scorer = Scorer.with_judges(scoring, judge)
-        with trace_on_executor(job["tracing"]) as trace_id:
+        tracing = job["tracing"]
+        with tracing.on_executor() if tracing is not None else contextlib.nullcontext() as trace_id:
             for batch in batches:
                 examples = [dspy.Example(**json.loads(e)).with_inputs("question") for e in batch["example"]]
                 with dspy.context(lm=packaged.lm, adapter=packaged.adapter):

@@ -17,7 +17,9 @@ from pipelines.evaluation.scoring import Scorer, Scoring
 from pipelines.lm import build_adapter, build_lm, check_credentials, ensure_reachable, merged_judge_cfg
 from pipelines.optimizers import check_optimizer
 from pipelines.programs import Ensemble, check_program
-from pipelines.retrieval import Retriever, build_embedder, load_or_build_index
+from pipelines.retrieval.cache import load_or_build_index
+from pipelines.retrieval.embedders import build_embedder
+from pipelines.retrieval.retriever import Retriever
 from pipelines.scale import engine, spark
 from pipelines.schema import Engine, ProgramName
 from pipelines.steps import members

@@ -8,7 +8,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import mlflow
 from mlflow.entities import AssessmentError, AssessmentSource, AssessmentSourceType, Feedback, LoggedModel
@@ -133,38 +133,47 @@ def executor_tracing() -> dict[str, str]:
             "MLFLOW_EXPERIMENT_ID": mlflow.active_run().info.experiment_id}
 
 
-def evaluation_tracing(model: LoggedModel | None, **tags: str) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class ExecutorTracing:
+    """Where the executors of a Spark evaluation trace: this run, linked to the evaluated model, with the
+    evaluation's tags. It travels to the executors with the job (so it stays picklable), where
+    `on_executor` traces their calls."""
+
+    uri: str
+    experiment_id: str
+    run_id: str
+    model_id: str | None
+    tags: dict[str, str]
+
+    @contextlib.contextmanager
+    def on_executor(self) -> Iterator[Callable[[], str | None]]:
+        """On a Spark executor: trace the calls inside as this says, and yield the function that tells a
+        row's trace id."""
+        mlflow.set_tracking_uri(self.uri)
+        os.environ["MLFLOW_EXPERIMENT_ID"] = self.experiment_id
+        trace_export.install()
+        mlflow.tracing.configure(span_processors=[tag_traces])
+        mlflow.dspy.autolog(log_traces=True, log_traces_from_eval=True, silent=True)
+        _trace_tags.clear()
+        _trace_tags.update(self.tags)
+        _trace_metadata.update({TraceMetadataKey.SOURCE_RUN: self.run_id})
+        try:
+            with mlflow.set_active_model(model_id=self.model_id) if self.model_id else contextlib.nullcontext():
+                yield last_trace_id
+            mlflow.flush_trace_async_logging()  # the worker may be stopped before the queue drains
+        finally:
+            _trace_tags.clear()
+            _trace_metadata.clear()
+
+
+def evaluation_tracing(model: LoggedModel | None, **tags: str) -> ExecutorTracing | None:
     """Where executors of a Spark evaluation trace: this run, linked to `model`, with `tags`; None when
     executors do not trace."""
     if not executors_trace():
         return None
     run = mlflow.active_run()
-    return {"uri": mlflow.get_tracking_uri(), "experiment_id": run.info.experiment_id, "run_id": run.info.run_id,
-            "model_id": model.model_id if model else None, "tags": tags}
-
-
-@contextlib.contextmanager
-def trace_on_executor(where: dict[str, Any] | None) -> Iterator[Callable[[], str | None] | None]:
-    """On a Spark executor: trace the calls inside as `evaluation_tracing` said, and yield the function
-    that tells a row's trace id; with `where` None, trace nothing and yield None."""
-    if where is None:
-        yield None
-        return
-    mlflow.set_tracking_uri(where["uri"])
-    os.environ["MLFLOW_EXPERIMENT_ID"] = where["experiment_id"]
-    trace_export.install()
-    mlflow.tracing.configure(span_processors=[tag_traces])
-    mlflow.dspy.autolog(log_traces=True, log_traces_from_eval=True, silent=True)
-    _trace_tags.clear()
-    _trace_tags.update(where["tags"])
-    _trace_metadata.update({TraceMetadataKey.SOURCE_RUN: where["run_id"]})
-    try:
-        with mlflow.set_active_model(model_id=where["model_id"]) if where["model_id"] else contextlib.nullcontext():
-            yield last_trace_id
-        mlflow.flush_trace_async_logging()  # the worker may be stopped before the queue drains
-    finally:
-        _trace_tags.clear()
-        _trace_metadata.clear()
+    return ExecutorTracing(uri=mlflow.get_tracking_uri(), experiment_id=run.info.experiment_id,
+                           run_id=run.info.run_id, model_id=model.model_id if model else None, tags=tags)
 
 
 def last_trace_id() -> str | None:

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 
 from pipelines.config import compose
 from pipelines.data import load_corpus
-from pipelines.retrieval import build_embedder, embed_all
+from pipelines.retrieval.cache import embed_all
+from pipelines.retrieval.embedders import build_embedder
 from pipelines.scale.engine import embed_on_spark
 from pipelines.scale.spark import session
 from pipelines.steps.evaluate import run_evaluate

@@ -105,8 +105,8 @@ def test_an_optimize_steps_teacher_it_cannot_use_fails_before_any_lm(store):
     (["ensemble.samples_of=models:/a/1", "ensemble.size=2", "ensemble.similarity=rouge_l"], "mbr cannot choose"),
 ])
 def test_an_ensemble_needs_one_source_and_two_members(overrides, message):
-    from pipelines.steps import members
     from pipelines.errors import ConfigError
+    from pipelines.steps import members
 
     with pytest.raises(ConfigError, match=message) as error:
         members.check(compose("ensemble", overrides).ensemble)  # before any model is looked up

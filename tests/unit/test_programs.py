@@ -133,7 +133,9 @@ def test_each_hop_finds_new_documents_even_when_the_writer_repeats_itself():
 def test_a_multihop_program_round_trips_as_files_and_an_older_query_writer_is_refused(tmp_path):
     from pipelines import packaging
     from pipelines.lm import build_adapter, build_lm
-    from pipelines.retrieval import Index, LocalEmbedder, Retriever
+    from pipelines.retrieval.embedders import LocalEmbedder
+    from pipelines.retrieval.index import Index
+    from pipelines.retrieval.retriever import Retriever
 
     cfg = compose("multihop")
     index = Index(np.eye(4, dtype=np.float32), list(DOCS.values()), list(DOCS), meta={"embedder": {"kind": "local"}})

@@ -8,7 +8,8 @@ from dspy.utils import DummyLM
 
 from pipelines.lm import SchemaJSONAdapter
 from pipelines.programs import RAG
-from pipelines.retrieval import Index, Retriever, normalize
+from pipelines.retrieval.index import Index, normalize
+from pipelines.retrieval.retriever import Retriever
 
 
 def test_a_rag_trace_has_seven_spans_and_the_passages_as_documents(store):

@@ -11,11 +11,12 @@ from omegaconf import OmegaConf
 
 from pipelines import tracking
 from pipelines.config import compose
-from pipelines.evaluation.scoring import EvalResult, Scoring
 from pipelines.tracking.evaluation import dataset_source, log_datasets, log_evaluation
 from pipelines.tracking.prompts import link_prompts, register_prompts
 from pipelines.tracking.registry import CHAMPION, register
 from pipelines.tracking.usage import timed, usage
+
+from helpers import dev_result, promotion_scoring
 
 
 def cfg_for(store):
@@ -51,18 +52,6 @@ def test_nested_runs_become_children(store):
     assert mlflow.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.info.run_id
 
 
-def scoring(rule="significant"):
-    return Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1", f"scoring.promotion={rule}"]).scoring)
-
-
-def dev_result(scores, rule="significant"):
-    """A dev evaluation with these per-example SemanticF1 scores (0-100; None: the judge gave no verdict), one
-    question each."""
-    rows = [{"question": f"q{i}", "semantic_f1": None if s is None else float(s), "error": ""}
-            for i, s in enumerate(scores)]
-    return EvalResult.from_rows(rows, scoring(rule))
-
-
 def register_scores(scores, rule="significant", model="reg", dev_set="dev1", log_table=True):
     """Log a run with the dev table and a model, as a step does, and register it."""
     result = dev_result(scores, rule)
@@ -72,7 +61,7 @@ def register_scores(scores, rule="significant", model="reg", dev_set="dev1", log
         info = mlflow.pyfunc.log_model(name="m", python_model=lambda inputs: inputs, input_example=["x"],
                                        pip_requirements=[])
         return register(info.model_uri, registered_model=model, model_id=info.model_id, result=result,
-                        dev_set=dev_set, variant="v", scoring=scoring(rule))
+                        dev_set=dev_set, variant="v", scoring=promotion_scoring(rule))
 
 
 def version_of(model, registration):
