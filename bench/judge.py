@@ -20,7 +20,7 @@ import dspy
 import mlflow
 
 from pipelines.data import load_splits
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.judging import align
 from pipelines.judging.labels import Label
 from pipelines.optimizers import build_optimizer

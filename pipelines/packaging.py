@@ -31,7 +31,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from pipelines.config import NO_KEY, ConfigError, is_secret
-from pipelines.evaluation.scoring import NO_PREDICTION
+from pipelines.evaluation.metrics import NO_PREDICTION
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
 from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs
 from pipelines.retrieval import HostedEmbedder, LocalEmbedder, Retriever, read_index, write_index

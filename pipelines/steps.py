@@ -21,6 +21,8 @@ from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.evaluation.feedback import FeedbackF1
+from pipelines.evaluation.judge import JudgedF1, aligned_state
+from pipelines.evaluation.metrics import label
 from pipelines.evaluation.promotion import shortfall
 from pipelines.evaluation.report import (
     comparison_chart,
@@ -31,16 +33,8 @@ from pipelines.evaluation.report import (
     quality_cost_rows,
     side_by_side,
 )
-from pipelines.evaluation.scoring import (
-    EvalResult,
-    JudgedF1,
-    Scorer,
-    Scoring,
-    aligned_state,
-    compare,
-    evaluate,
-    label,
-)
+from pipelines.evaluation.result import EvalResult, compare
+from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.evaluation.stats import Comparison, Estimate
 from pipelines.judging import agreement, align, labels
 from pipelines.lm import (

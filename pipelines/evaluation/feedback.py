@@ -14,7 +14,7 @@ import logging
 import dspy
 from dspy.evaluate.auto_evaluation import f1_score
 
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import dspy
 from dspy.teleprompt import Teleprompter
 
-from pipelines.evaluation.scoring import SemanticF1
+from pipelines.evaluation.judge import SemanticF1
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,8 @@ import dspy
 import numpy as np
 
 from pipelines import packaging
-from pipelines.evaluation.scoring import EvalResult, Scorer, evaluate
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scorer, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd

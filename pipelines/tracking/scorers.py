@@ -21,7 +21,8 @@ from mlflow.entities import Feedback
 from mlflow.genai import scorers as mlflow_scorers
 
 from pipelines.config import ConfigError
-from pipelines.evaluation.scoring import LEXICAL, JudgedF1
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.metrics import LEXICAL
 from pipelines.tracking.judging.labels import EXPECTATION as GOLD
 
 GOLD_DOCS = "expected_doc_ids"

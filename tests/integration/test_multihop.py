@@ -11,7 +11,8 @@ from mlflow.entities import SpanType
 
 from pipelines.config import compose
 from pipelines.data import load_corpus, load_splits
-from pipelines.evaluation.scoring import Scoring, paired_scores
+from pipelines.evaluation.result import paired_scores
+from pipelines.evaluation.scoring import Scoring
 from pipelines.steps import run_optimize, run_pipeline
 from pipelines.tracking import load_program
 

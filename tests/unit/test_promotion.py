@@ -6,7 +6,8 @@ import pytest
 
 from pipelines.config import compose
 from pipelines.evaluation.promotion import FIRST, Champion, decide
-from pipelines.evaluation.scoring import EvalResult, Scoring
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scoring
 
 
 @functools.cache  # composing a config takes a moment; the rule's scoring never changes

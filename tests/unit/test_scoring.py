@@ -11,7 +11,9 @@ from hydra.errors import ConfigCompositionException
 from pipelines import tracking
 from pipelines.config import ConfigError, compose
 from pipelines.data import load_splits
-from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.metrics import rouge_l, token_f1
+from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.programs import RAG
 
 from helpers import FixedRetriever

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from pipelines import tracking
 from pipelines.config import compose
-from pipelines.evaluation.scoring import EvalResult, Scoring
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scoring
 from pipelines.tracking.evaluation import dataset_source
 
 
