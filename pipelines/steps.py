@@ -21,7 +21,7 @@ from pipelines import members, packaging, tracking
 from pipelines.config import ConfigError
 from pipelines.data import Splits, examples_hash, load_corpus, load_splits
 from pipelines.evaluation.feedback import FeedbackF1
-from pipelines.evaluation.judge import JudgedF1, aligned_state
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.evaluation.metrics import label
 from pipelines.evaluation.promotion import shortfall
 from pipelines.evaluation.report import (
@@ -67,6 +67,7 @@ from pipelines.scale.batch import Predictions
 from pipelines.schema import Engine, ProgramName
 from pipelines.server import LMServerError, healthy
 from pipelines.tracking import scorers
+from pipelines.tracking.judging.registry import aligned_state
 
 if TYPE_CHECKING:
     from mlflow import ActiveRun
@@ -480,12 +481,12 @@ def run_review(cfg: Config) -> ReviewResult:
 
 
 def resolved_judge(scoring: Scoring) -> Scoring:
-    """`scoring.judge` as the state to load and the version runs record; one that resolves to nothing
-    fails here, before any run."""
+    """`scoring.judge` as a local copy of the state to load and the version runs record; one that resolves to
+    nothing fails here, before any run."""
     if not scoring.judge:
         return scoring
     found = tracking.resolve_judge(scoring.judge)
-    return dataclasses.replace(scoring, judge=found.state, judge_version=found.version)
+    return dataclasses.replace(scoring, judge=aligned_state(found.state), judge_version=found.version)
 
 
 def run_judge(cfg: Config) -> JudgeResult:
@@ -634,7 +635,7 @@ def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
     Also returns the aligned judge's agreement (100 or 0) per held-out example, None where unparseable."""
     original = align.JudgeProgram()
     if scoring.judge:
-        original.judge.load(aligned_state(scoring.judge))
+        original.judge.load(scoring.judge)
     optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
     with dspy.context(lm=judge_lm, callbacks=[]), tracking.timed("align"):
         aligned = optimizer.compile(original.deepcopy(), trainset=parts.align, **compile_kwargs(cfg.optimizer))

@@ -13,8 +13,6 @@ import dspy
 from dspy.evaluate import SemanticF1 as DSPySemanticF1
 from dspy.evaluate.auto_evaluation import f1_score
 
-from pipelines.config import ConfigError
-
 log = logging.getLogger(__name__)
 
 
@@ -29,20 +27,6 @@ class SemanticF1(DSPySemanticF1):
                               system_response=pred.response)
         score = f1_score(verdict.precision, verdict.recall)
         return dspy.Prediction(score=score if trace is None else score >= self.threshold, verdict=verdict)
-
-
-def aligned_state(uri: str) -> str:
-    """A local copy of an aligned judge's state: a path, or an MLflow artifact URI (`runs:/<id>/judge/...`)."""
-    from pathlib import Path
-
-    if Path(uri).is_file():
-        return uri
-    import mlflow
-
-    try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as e:
-        raise ConfigError(f"scoring.judge={uri}: no aligned judge there ({' '.join(str(e).split())[:160]})") from None
 
 
 def verdict_rationale(verdict) -> str:
@@ -60,6 +44,9 @@ class JudgedF1:
     The judge's own calls are not traced unless
     asked: they would double the trace count, and each trace costs 40-230 ms of CPU in MLflow's
     sqlite store (bench/trace_cost.py).
+
+    `aligned` is a local file holding an aligned judge's state (`pipelines/judging/align.py`), as tracking
+    resolves `scoring.judge` to; `version` is what runs record of it (else the path).
     """
 
     def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False, aligned: str | None = None,
@@ -67,8 +54,8 @@ class JudgedF1:
         self.judge_lm = judge_lm
         self.traced = traced
         self.metric = SemanticF1()
-        if aligned:  # an aligned judge's instructions and demos (pipelines/judging/align.py)
-            self.metric.load(aligned_state(aligned))
+        if aligned:  # an aligned judge's instructions and demos
+            self.metric.load(aligned)
         self.aligned = version or aligned
         self.failures = 0
         self._lock = threading.Lock()

@@ -47,7 +47,7 @@ class Scoring:
     seed: int
     promotion: str
     miss_threshold: float = 50.0
-    judge: str | None = None  # an aligned SemanticF1 judge's state (path or artifact URI); None: DSPy's own
+    judge: str | None = None  # aligned judge: as configured, then its state's local file; None: DSPy's SemanticF1
     judge_version: str | None = None  # what runs record of it: `NAME vN` of a registered judge, else its URI
     arena: arena.Settings = arena.Settings()  # the arena judge's few-shot examples and order rule
 
@@ -102,7 +102,7 @@ class Scorer:
     @classmethod
     def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, traced: bool = False) -> Scorer:
         """A scorer with the judges its metrics need, on `judge_lm`; SemanticF1 aligned where `scoring.judge`
-        names an aligned judge."""
+        holds an aligned judge's state (resolved to a local file by `tracking`)."""
         judged = (JudgedF1(judge_lm, traced=traced, aligned=scoring.judge, version=scoring.judge_version)
                   if JUDGED in scoring.metrics else None)
         pairwise = (arena.ArenaJudge(judge_lm, traced=traced, settings=scoring.arena)
