@@ -31,7 +31,8 @@ from pipelines import tracking
 def main(args) -> None:
     splits = load_splits(common.compose("cot").data)
     pool = splits.train + splits.dev + splits.test
-    examples = [align.example(e.question, e.response, pool[(i + 1) % len(pool)].response[:300], i % 2 == 0)
+    examples = [align.example(e.question, e.response, pool[(i + 1) % len(pool)].response[:300],
+                              label=i % 2 == 0)
                 for i, e in enumerate((pool * (args.labels // len(pool) + 1))[:args.labels])]
     with common.fake_lm(latency=args.latency, score=0.6) as (api_base, counts):
         cfg = common.compose("judge", [*common.fake_lm_overrides(api_base, threads=1)])

@@ -211,7 +211,7 @@ def _score(session: Session, program: dspy.Module, examples: list[dspy.Example],
                                                   num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
                                                   cache_dir=str(Path(cfg.paths.cache) / "dspy"), tracing=where)
             else:
-                result = evaluate(program, examples, session.scorer, cfg.num_threads,
+                result = evaluate(program, examples, session.scorer, num_threads=cfg.num_threads,
                                   trace_id=tracking.last_trace_id if tracing.log_traces else None)
         tracking.log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
     log.info("%s %s%s: %s", step, prefix, split, result.summary())
@@ -611,7 +611,7 @@ def _alignment_split(cfg: Config, usable: list[str], consensus, examples) -> ali
     if len(yes_no) < len(usable):
         raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
     data = [align.example(examples[t]["question"], examples[t]["gold"], examples[t]["prediction"] or "",
-                          consensus[t].value, trace_id=t, rationale=consensus[t].rationale) for t in yes_no]
+                          label=consensus[t].value, trace_id=t, rationale=consensus[t].rationale) for t in yes_no]
     parts = align.split(data, cfg.align_held_out, cfg.scoring.seed)
     if len({e.label for e in parts.align}) < 2:
         given = sum(e.label for e in data)

@@ -49,7 +49,7 @@ class JudgedF1:
     resolves `scoring.judge` to; `version` is what runs record of it (else the path).
     """
 
-    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False, aligned: str | None = None,
+    def __init__(self, judge_lm: dspy.LM | None = None, *, traced: bool = False, aligned: str | None = None,
                  version: str | None = None):
         self.judge_lm = judge_lm
         self.traced = traced

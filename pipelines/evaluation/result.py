@@ -24,7 +24,7 @@ class EvalResult:
     unscored: tuple[str, ...] = ()  # configured metrics no example was scored on (the judge never gave a verdict)
 
     @classmethod
-    def from_rows(cls, rows: list[dict], scoring: Scoring, judge_failures: int = 0,
+    def from_rows(cls, rows: list[dict], scoring: Scoring, *, judge_failures: int = 0,
                   judge: str | None = None) -> EvalResult:
         recalls = sorted({k for r in rows for k in r if is_recall(k) and not k.endswith("_rationale")})
         names = [m for m in (*scoring.metrics, *recalls) if any(r.get(m) is not None for r in rows)]

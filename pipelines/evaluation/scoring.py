@@ -100,7 +100,7 @@ class Scorer:
         self.pairwise = pairwise
 
     @classmethod
-    def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, traced: bool = False) -> Scorer:
+    def with_judges(cls, scoring: Scoring, judge_lm: dspy.LM | None, *, traced: bool = False) -> Scorer:
         """A scorer with the judges its metrics need, on `judge_lm`; SemanticF1 aligned where `scoring.judge`
         holds an aligned judge's state (resolved to a local file by `tracking`)."""
         judged = (JudgedF1(judge_lm, traced=traced, aligned=scoring.judge, version=scoring.judge_version)
@@ -168,7 +168,7 @@ class _Collector:
         return (scored.values[self.scorer.scoring.primary] or 0.0) / 100  # dspy.Evaluate's own total: unused
 
 
-def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads: int, progress: bool = True,
+def evaluate(program, examples: list[dspy.Example], scorer: Scorer, *, num_threads: int, progress: bool = True,
              trace_id: Callable[[], str | None] | None = None) -> EvalResult:
     """Score `program` on `examples`. Failed examples score 0, are counted, and never stop the run; an answer
     the judge could not score is counted (`judge_failures`) and left out of that metric's mean.
@@ -188,8 +188,8 @@ def evaluate(program, examples: list[dspy.Example], scorer: Scorer, num_threads:
     # Our own table is the record; autolog's duplicate eval run is only wanted inside compile.
     result = evaluator(metered_program, callback_metadata={"disable_logging": True})
     retrieves = any("doc_ids" in pred for _, pred, _ in result.results)
-    rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring, retrieves,
-                       metered_program.usage.get(_inputs_key(ex.inputs())))
+    rows = [result_row(ex, pred, collector.scored.get(id(ex)), scorer.scoring, retrieves=retrieves,
+                       usage=metered_program.usage.get(_inputs_key(ex.inputs())))
             for ex, pred, _ in result.results]
     pairwise = scorer.pairwise.lm.model if scorer.pairwise and scorer.pairwise.lm else None
     judge = scorer.judge.name if scorer.judge else pairwise
@@ -216,7 +216,7 @@ class Metered:
                 self.usage[_inputs_key(inputs)] = meter.as_row()
 
 
-def result_row(example, prediction, scored: Scored | None, scoring: Scoring, retrieves: bool,
+def result_row(example, prediction, scored: Scored | None, scoring: Scoring, *, retrieves: bool,
                usage: dict | None = None) -> dict:
     pred = dict(prediction.items()) if prediction is not None else {}
     failed = not pred.get("response")

@@ -120,7 +120,7 @@ def _alternating(*groups: list) -> list:
     return [x for row in itertools.zip_longest(*groups) for x in row if x is not None]
 
 
-def example(question: str, gold: str, answer: str, label: bool, trace_id: str | None = None,
+def example(question: str, gold: str, answer: str, *, label: bool, trace_id: str | None = None,
             rationale: str | None = None) -> dspy.Example:
     return dspy.Example(question=question, gold=gold, answer=answer, label=label, trace_id=trace_id,
                         rationale=rationale).with_inputs("question", "gold", "answer")

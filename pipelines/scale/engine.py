@@ -80,8 +80,8 @@ def _evaluate_partition(job: dict[str, Any]) -> Callable[[Iterator[pd.DataFrame]
             for batch in batches:
                 examples = [dspy.Example(**json.loads(e)).with_inputs("question") for e in batch["example"]]
                 with dspy.context(lm=packaged.lm, adapter=packaged.adapter):
-                    result = evaluate(packaged.program, examples, scorer, job["num_threads"], progress=False,
-                                      trace_id=trace_id)
+                    result = evaluate(packaged.program, examples, scorer, num_threads=job["num_threads"],
+                                      progress=False, trace_id=trace_id)
                 failures = [result.judge_failures] + [0] * (len(batch) - 1)  # the batch's count, once
                 yield pd.DataFrame({"position": batch["position"], "judge_failures": failures,
                                     "row": [json.dumps(r, default=list) for r in result.rows]})

@@ -181,7 +181,7 @@ def labelled_answers(n: int) -> list[dspy.Example]:
     """n questions answered as ANSWERS[i % 4], labelled as a person would (yes only for `the right way`);
     the short answers' fails carry a reviewer's comment."""
     return [align.example(f"how do I do task {i}?", "run the command with the flag", ANSWERS[i % 4],
-                          "right" in ANSWERS[i % 4], trace_id=f"tr-{i}",
+                          label="right" in ANSWERS[i % 4], trace_id=f"tr-{i}",
                           rationale="no usable answer" if i % 4 < 2 else None) for i in range(n)]
 
 

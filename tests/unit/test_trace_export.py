@@ -51,7 +51,7 @@ def test_an_evaluation_writes_each_trace_once_with_its_assessments(store, monkey
         with tracking.watch_traces(5), tracking.held():
             with tracking.evaluating(None, split="dev"):
                 result = evaluate(dspy.ChainOfThought("question -> response"), examples,
-                                  Scorer(Scoring.from_cfg(cfg.scoring)), 1, progress=False,
+                                  Scorer(Scoring.from_cfg(cfg.scoring)), num_threads=1, progress=False,
                                   trace_id=tracking.last_trace_id)
             tracking.log_evaluation(result, split="dev")
     # The first trace of a new exporter is written spans-first (that is how it learns the store keeps
