@@ -24,7 +24,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import dspy
 
 from pipelines.config import compose
-from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.scoring import Scorer, Scoring
 from pipelines.lm import build_adapter, build_lm
 from pipelines.server import ensure_server
 

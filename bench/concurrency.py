@@ -32,11 +32,11 @@ def evaluation(args, api_base, counts, store) -> None:
     cfg, program, metric = common.cot_judged(api_base, store)
 
     def measure(setting: str) -> None:
-        evaluate(program, devset[:4], metric, 4, progress=False)  # warm-up: imports, first calls
+        evaluate(program, devset[:4], metric, num_threads=4, progress=False)  # warm-up: imports, first calls
         for threads in args.threads:
             before, t = counts()[0], time.perf_counter()
             with held() if "mlflow" in sys.modules else contextlib.nullcontext():  # until stored
-                result = evaluate(program, devset, metric, threads, progress=False)
+                result = evaluate(program, devset, metric, num_threads=threads, progress=False)
             wall, calls = time.perf_counter() - t, counts()[0] - before
             ideal = calls * args.latency / threads
             print(f"{setting} threads={threads}: {wall:.2f} s, {calls} calls, failed {result.failed}", file=sys.stderr)

@@ -20,7 +20,7 @@ import dspy
 import mlflow
 
 from pipelines.data import load_splits
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.judging import align
 from pipelines.judging.labels import Label
 from pipelines.optimizers import build_optimizer
@@ -32,7 +32,8 @@ from pipelines.tracking.judging.mlflow_align import ALIGNERS, mlflow_align, mlfl
 def main(args) -> None:
     splits = load_splits(common.compose("cot").data)
     pool = splits.train + splits.dev + splits.test
-    examples = [align.example(e.question, e.response, pool[(i + 1) % len(pool)].response[:300], i % 2 == 0)
+    examples = [align.example(e.question, e.response, pool[(i + 1) % len(pool)].response[:300],
+                              label=i % 2 == 0)
                 for i, e in enumerate((pool * (args.labels // len(pool) + 1))[:args.labels])]
     with common.fake_lm(latency=args.latency, score=0.6) as (api_base, counts):
         cfg = common.compose("judge", [*common.fake_lm_overrides(api_base, threads=1)])

@@ -74,7 +74,7 @@ def worker_project(args) -> dict:
 def worker_bare(args) -> dict:
     common.isolate_mlflow(Path(args.store))  # only for RAGQA_CACHE_DIR (the same index cache)
     from pipelines.data import load_corpus, load_splits
-    from pipelines.evaluation.scoring import JudgedF1
+    from pipelines.evaluation.judge import JudgedF1
     from pipelines.lm import build_adapter, build_lm
     from pipelines.programs import build_program
     from pipelines.retrieval.cache import load_or_build_index

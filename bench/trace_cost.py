@@ -76,7 +76,7 @@ def worker(args) -> dict:
 
     def scored(devset):  # as the project's steps do: traces held (default) until their assessments are known
         with held() if traced else contextlib.nullcontext():
-            result = evaluate(program, devset, metric, args.threads, progress=False, trace_id=trace_id)
+            result = evaluate(program, devset, metric, num_threads=args.threads, progress=False, trace_id=trace_id)
             evaluated = time.perf_counter()
             if traced:
                 annotate_traces(result)

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from pipelines.config import NO_KEY, is_secret
 from pipelines.errors import ConfigError
-from pipelines.evaluation.scoring import NO_PREDICTION
+from pipelines.evaluation.metrics import NO_PREDICTION
 from pipelines.lm import ProjectLM, SchemaJSONAdapter, build_adapter
 from pipelines.programs import RAG, Ensemble, Member, MultiHop, inputs, outputs
 from pipelines.retrieval.embedders import HostedEmbedder, LocalEmbedder

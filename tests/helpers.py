@@ -21,7 +21,8 @@ import dspy
 import numpy as np
 
 from pipelines.config import compose
-from pipelines.evaluation.scoring import EvalResult, Scoring
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scoring
 
 from fake_lm import fake_model, hashed_embedding
 

@@ -138,7 +138,7 @@ def program_first(question: str) -> bool:
     return hashlib.sha256(question.encode()).digest()[0] % 2 == 0
 
 
-def preferred(verdict: str, program_first: bool) -> str:
+def preferred(verdict: str, *, program_first: bool) -> str:
     """The side a verdict prefers, given where the program's answer was shown."""
     if verdict == "0":
         return NOT_SURE
@@ -198,7 +198,7 @@ class ArenaJudge:
                     self.failures += 1
                 log.warning("arena judge failed on %r: %s", example.question[:60], e)
                 return Outcome(failed=True, rationale=f"{shown}; the judge gave no verdict: {e}")
-            sides.append(preferred(judged.verdict, first))
+            sides.append(preferred(judged.verdict, program_first=first))
             notes.append(f"{shown}; judge: {judged.verdict} ({_SAYS[sides[-1]]}); {judged.reasoning}")
         if len(sides) == 2:
             notes.append(f"the verdict {'changed' if sides[0] != sides[1] else 'held'} with the order")

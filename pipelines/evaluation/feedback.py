@@ -14,7 +14,7 @@ import logging
 import dspy
 from dspy.evaluate.auto_evaluation import f1_score
 
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ class FeedbackF1(JudgedF1):
     needs a number for every example, whereas a reported score leaves such an example out.
     """
 
-    def __init__(self, judge_lm: dspy.LM | None = None, traced: bool = False):
-        super().__init__(judge_lm, traced)
+    def __init__(self, judge_lm: dspy.LM | None = None, *, traced: bool = False):
+        super().__init__(judge_lm, traced=traced)
         self.judge = self.metric.module  # SemanticF1's ChainOfThought over the decompositional signature
         self.__name__ = "semantic_f1_feedback"
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult, Scoring, label, paired_scores
+from pipelines.evaluation.metrics import JUDGED_METRICS, label
+from pipelines.evaluation.result import EvalResult, paired_scores
+from pipelines.evaluation.scoring import Scoring
 from pipelines.evaluation.stats import Comparison, tidy
 
 FIRST = "first registered version becomes champion"

@@ -11,7 +11,9 @@ from typing import Any
 import dspy
 
 from pipelines.evaluation.analysis import FAILURE_MODES, pareto_front
-from pipelines.evaluation.scoring import EvalResult, Scoring, compare, label
+from pipelines.evaluation.metrics import label
+from pipelines.evaluation.result import EvalResult, compare
+from pipelines.evaluation.scoring import Scoring
 from pipelines.evaluation.stats import Comparison, Estimate, tidy
 
 PALETTE = ["#9aa5b1", "#5b8def", "#2f6f4f", "#c2703d", "#8e5ba6", "#c9a227", "#3a8f9e", "#b3475b"]

@@ -24,7 +24,7 @@ from scipy import stats
 from pipelines.judging.labels import Consensus, Label, by_reviewer
 
 if TYPE_CHECKING:
-    from pipelines.evaluation.scoring import JudgedF1
+    from pipelines.evaluation.judge import JudgedF1
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from pipelines.errors import ConfigError
-from pipelines.evaluation.scoring import SemanticF1
+from pipelines.evaluation.judge import SemanticF1
 from pipelines.judging.labels import Consensus
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _alternating(*groups: list) -> list:
     return [x for row in itertools.zip_longest(*groups) for x in row if x is not None]
 
 
-def example(question: str, gold: str, answer: str, label: bool, trace_id: str | None = None,
+def example(question: str, gold: str, answer: str, *, label: bool, trace_id: str | None = None,
             rationale: str | None = None) -> dspy.Example:
     return dspy.Example(question=question, gold=gold, answer=answer, label=label, trace_id=trace_id,
                         rationale=rationale).with_inputs("question", "gold", "answer")
@@ -146,7 +146,7 @@ def labelled_split(rows: dict[str, dict], consensus: dict[str, Consensus], *, he
     split; labels that are not yes/no, of one kind only, or too few for either share fail with one line."""
     if not all(isinstance(consensus[t].value, bool) for t in rows):
         raise ConfigError("align=true aligns to yes/no labels; these labels are numeric")
-    data = [example(row["question"], row["gold"], row["prediction"] or "", consensus[t].value, trace_id=t,
+    data = [example(row["question"], row["gold"], row["prediction"] or "", label=consensus[t].value, trace_id=t,
                     rationale=consensus[t].rationale) for t, row in rows.items()]
     parts = split(data, held_out, seed)
     if len({e.label for e in parts.align}) < 2:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import dspy
 
-from pipelines.evaluation.scoring import LEXICAL
+from pipelines.evaluation.metrics import LEXICAL
 from pipelines.programs.rag import RAG
 from pipelines.schema import Reducer
 

@@ -10,6 +10,7 @@ settings, never a key (keys come from the executors' environment, `pipelines/sca
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -22,7 +23,8 @@ import dspy
 import numpy as np
 
 from pipelines import packaging
-from pipelines.evaluation.scoring import EvalResult, Scorer, evaluate
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scorer, evaluate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,8 +54,12 @@ def evaluate_on_spark(spark: SparkSession, program: dspy.Module, examples: list[
         packaging.save(program, lm, adapter, Path(tmp) / name)
         # One file: Spark ships directories only to a local master.
         spark.sparkContext.addFile(shutil.make_archive(str(Path(tmp) / name), "zip", Path(tmp) / name))
+        state = None
+        if scorer.scoring.judge:  # the aligned judge's state is a file on this machine: it travels as one too
+            state = f"{name}-judge.json"
+            spark.sparkContext.addFile(shutil.copy(scorer.scoring.judge, str(Path(tmp) / state)))
         judge = scorer.judge.judge_lm if scorer.judge else None
-        job = {"program": name, "scoring": scorer.scoring, "num_threads": num_threads,
+        job = {"program": name, "scoring": scorer.scoring, "judge_state": state, "num_threads": num_threads,
                "judge": packaging.lm_spec(judge) if judge is not None else None, "cache_dir": cache_dir,
                "tracing": tracing}
         frame = pd.DataFrame({"position": range(len(examples)),
@@ -68,9 +74,12 @@ def evaluate_on_spark(spark: SparkSession, program: dspy.Module, examples: list[
 def _evaluate_partition(job: dict[str, Any]) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         import pandas as pd
+        from pyspark import SparkFiles
 
         packaged = _program(job["program"], job["cache_dir"])
         scoring = job["scoring"]
+        if job["judge_state"]:
+            scoring = dataclasses.replace(scoring, judge=SparkFiles.get(job["judge_state"]))
         judge = packaging.restore_lm(job["judge"]) if job["judge"] else None
         scorer = Scorer.with_judges(scoring, judge)
         tracing = job["tracing"]
@@ -78,8 +87,8 @@ def _evaluate_partition(job: dict[str, Any]) -> Callable[[Iterator[pd.DataFrame]
             for batch in batches:
                 examples = [dspy.Example(**json.loads(e)).with_inputs("question") for e in batch["example"]]
                 with dspy.context(lm=packaged.lm, adapter=packaged.adapter):
-                    result = evaluate(packaged.program, examples, scorer, job["num_threads"], progress=False,
-                                      trace_id=trace_id)
+                    result = evaluate(packaged.program, examples, scorer, num_threads=job["num_threads"],
+                                      progress=False, trace_id=trace_id)
                 failures = [result.judge_failures] + [0] * (len(batch) - 1)  # the batch's count, once
                 yield pd.DataFrame({"position": batch["position"], "judge_failures": failures,
                                     "row": [json.dumps(r, default=list) for r in result.rows]})

@@ -13,7 +13,8 @@ import dspy
 
 from pipelines.data import examples_hash
 from pipelines.errors import LMServerError
-from pipelines.evaluation.scoring import EvalResult, evaluate
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import evaluate
 from pipelines.programs import doc_id_type, program_lm
 from pipelines.scale import engine, spark
 from pipelines.schema import Engine
@@ -58,7 +59,7 @@ def score(session: Session, program: dspy.Module, examples: list[dspy.Example], 
                                                   num_threads=cfg.num_threads, partitions=cfg.spark.partitions,
                                                   cache_dir=str(Path(cfg.paths.cache) / "dspy"), tracing=where)
             else:
-                result = evaluate(program, examples, session.scorer, cfg.num_threads,
+                result = evaluate(program, examples, session.scorer, num_threads=cfg.num_threads,
                                   trace_id=last_trace_id if tracing.log_traces else None)
         log_evaluation(result, split=split, prefix=prefix, model=model, dataset=dataset)
     log.info("%s %s%s: %s", step, prefix, split, result.summary())

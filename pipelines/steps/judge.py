@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 import dspy
 
 from pipelines.errors import ConfigError
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.evaluation.promotion import shortfall
-from pipelines.evaluation.scoring import JudgedF1, Scoring, aligned_state
+from pipelines.evaluation.scoring import Scoring
 from pipelines.evaluation.stats import Comparison
 from pipelines.judging import agreement, align, labels
 from pipelines.lm import build_lm, ensure_reachable, merged_judge_cfg
@@ -152,7 +153,7 @@ def _align_judge(cfg: Config, scoring: Scoring, parts: align.Split,
     Also returns the aligned judge's agreement (100 or 0) per held-out example, None where unparseable."""
     original = align.JudgeProgram()
     if scoring.judge:
-        original.judge.load(aligned_state(scoring.judge))
+        original.judge.load(scoring.judge)
     optimizer = build_optimizer(cfg.optimizer, align.Agrees(cfg.judge_threshold))
     with dspy.context(lm=judge_lm, callbacks=[]), timed("align"):
         aligned = optimizer.compile(original.deepcopy(), trainset=parts.align, **compile_kwargs(cfg.optimizer))

@@ -13,8 +13,9 @@ from dspy.teleprompt.gepa.instruction_proposal import InstructionProposer
 from hydra.utils import get_class
 
 from pipelines.evaluation.feedback import FeedbackF1
+from pipelines.evaluation.metrics import label
 from pipelines.evaluation.report import describe_program, side_by_side
-from pipelines.evaluation.scoring import compare, label
+from pipelines.evaluation.result import compare
 from pipelines.lm import build_adapter, build_lm, ensure_reachable, merged_reflection_cfg, merged_teacher_cfg
 from pipelines.optimizers import (
     AtLeast,

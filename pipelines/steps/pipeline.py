@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from pipelines.errors import ConfigError
+from pipelines.evaluation.metrics import label
 from pipelines.evaluation.report import (
     comparison_chart,
     comparison_row,
@@ -18,7 +19,6 @@ from pipelines.evaluation.report import (
     quality_cost_chart,
     quality_cost_rows,
 )
-from pipelines.evaluation.scoring import label
 from pipelines.optimizers import kept_candidates
 from pipelines.programs import check_program
 from pipelines.steps import members

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from pipelines.evaluation.scoring import EvalResult
+    from pipelines.evaluation.result import EvalResult
     from pipelines.evaluation.stats import Comparison, Estimate
     from pipelines.judging.agreement import Agreement
     from pipelines.scale.batch import Predictions

@@ -23,7 +23,7 @@ from pipelines.retrieval.retriever import Retriever
 from pipelines.scale import engine, spark
 from pipelines.schema import Engine, ProgramName
 from pipelines.steps import members
-from pipelines.tracking.judging.registry import resolve_judge
+from pipelines.tracking.judging.registry import aligned_state, resolve_judge
 from pipelines.tracking.models import check_model
 from pipelines.tracking.store import setup
 
@@ -118,9 +118,9 @@ def build_retriever(cfg: Config) -> tuple[Retriever, dict[str, Any]]:
 
 
 def resolved_judge(scoring: Scoring) -> Scoring:
-    """`scoring.judge` as the state to load and the version runs record; one that resolves to nothing
-    fails here, before any run."""
+    """`scoring.judge` as a local copy of the state to load and the version runs record; one that resolves to
+    nothing fails here, before any run."""
     if not scoring.judge:
         return scoring
     found = resolve_judge(scoring.judge)
-    return dataclasses.replace(scoring, judge=found.state, judge_version=found.version)
+    return dataclasses.replace(scoring, judge=aligned_state(found.state), judge_version=found.version)

@@ -8,7 +8,7 @@
   scorers     the project's metrics as MLflow scorers, beside MLflow's judges, by name
   assess      stored traces (a run's, a version's traffic, an experiment's) scored with genai.evaluate
   trace_export  the bulk trace writer (the one module on MLflow internals, tested against them)
-  models      programs as MLflow models: log and load (the flavor itself: pipelines/flavor.py)
+  models      programs as MLflow models: log, load, a Spark UDF (the flavor itself: pipelines/flavor.py)
   candidates  an optimize run's best scored candidate programs, kept for ensembles
   registry    registration, scores on versions, the `champion` alias (rule: pipelines/evaluation/promotion.py)
   prompts     learned instructions and demos in the prompt registry
@@ -16,17 +16,19 @@
   optimizers  MIPROv2 trials and GEPA iterations as step metrics
   finetune    a finetune's loss per step, transcripts, size, time, memory and adapter
   judging/    the judge: people's labels on traces (HUMAN feedback) and review queues; aligned judges as
-              versions of the experiment's scorer and prompt (`scoring.judge=` resolved); MLflow's own
+              versions of the experiment's scorer and prompt (`scoring.judge=` resolved to a local state
+              file); MLflow's own
               judge alignment (SIMBA, MemAlign) beside the project's
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
+  sweeps      a Hydra sweep's parent run: opened, failed jobs recorded, the jobs compared, ended
 
 Callers import the module they need; the package face keeps only `setup` and `run`, which every step
 calls first.
 
-Elsewhere MLflow is called by the retriever (its own trace span travels with the model), by
-`pipelines/sweep.py` (its hooks act on the sweep's parent run, outside any active run), by the
-program's pyfunc (`packaging.ProgramModel`, which traces through `tracking.serving`),
-and by `pipelines/scale/batch.py` (`mlflow.pyfunc.spark_udf`).
+Elsewhere MLflow is imported only by the code it loads with a logged program: `pipelines/flavor.py`,
+`pipelines/model_code.py` (which hands `tracking.serving` to the pyfunc), `pipelines/packaging.py` (the
+pyfunc) and the retriever, whose span travels with the program. `lint-imports` holds every other module
+to that (pyproject.toml).
 """
 
 from pipelines.tracking.runs import run

@@ -18,7 +18,8 @@ from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities import LoggedModel, LoggedModelStatus
 from mlflow.exceptions import MlflowException
 
-from pipelines.evaluation.scoring import RECALL, EvalResult
+from pipelines.evaluation.metrics import RECALL
+from pipelines.evaluation.result import EvalResult
 from pipelines.evaluation.stats import Comparison, Estimate
 from pipelines.tracking.traces import annotate_traces
 

@@ -17,8 +17,10 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from pipelines.evaluation.metrics import JUDGED_METRICS
 from pipelines.evaluation.promotion import Champion, Promotion, decide
-from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult, Scoring
+from pipelines.evaluation.result import EvalResult
+from pipelines.evaluation.scoring import Scoring
 from pipelines.tracking.evaluation import comparison_metrics, estimate_metrics, load_table
 
 log = logging.getLogger(__name__)

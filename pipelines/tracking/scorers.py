@@ -21,8 +21,10 @@ from mlflow.entities import Feedback
 from mlflow.genai import scorers as mlflow_scorers
 
 from pipelines.errors import ConfigError
-from pipelines.evaluation.scoring import LEXICAL, JudgedF1
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.metrics import LEXICAL
 from pipelines.tracking.judging.labels import EXPECTATION as GOLD
+from pipelines.tracking.judging.registry import aligned_state
 
 GOLD_DOCS = "expected_doc_ids"
 # MLflow's judges, by the name their assessments carry; each needs a judge model.
@@ -102,8 +104,8 @@ def recall_at_k():
 
 
 def semantic_f1(judge_lm: dspy.LM | None, *, aligned: str | None = None):
-    """The project's SemanticF1 judge (DSPy), aligned when `aligned` is a judge state URI."""
-    judged = JudgedF1(judge_lm, aligned=aligned)
+    """The project's SemanticF1 judge (DSPy), aligned when `aligned` is a judge state's path or artifact URI."""
+    judged = JudgedF1(judge_lm, aligned=aligned_state(aligned) if aligned else None)
 
     def score(inputs=None, outputs=None, expectations=None) -> Feedback | float:
         gold, question = (expectations or {}).get(GOLD), (inputs or {}).get("question")

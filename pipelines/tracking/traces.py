@@ -16,7 +16,8 @@ from mlflow.tracing.constant import TraceMetadataKey
 from mlflow.tracing.trace_manager import InMemoryTraceManager
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_TYPE, MLFLOW_RUN_TYPE_GENAI_EVALUATE
 
-from pipelines.evaluation.scoring import JUDGED_METRICS, EvalResult
+from pipelines.evaluation.metrics import JUDGED_METRICS
+from pipelines.evaluation.result import EvalResult
 from pipelines.tracking import trace_export
 from pipelines.tracking.serving import TRACE_EXECUTORS, TRACING
 

@@ -5,7 +5,7 @@ import dspy
 
 from pipelines.config import compose
 from pipelines.data import load_splits
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.lm import build_adapter, build_lm
 
 

@@ -11,7 +11,8 @@ from mlflow.entities import SpanType
 
 from pipelines.config import compose
 from pipelines.data import load_corpus, load_splits
-from pipelines.evaluation.scoring import Scoring, paired_scores
+from pipelines.evaluation.result import paired_scores
+from pipelines.evaluation.scoring import Scoring
 from pipelines.steps.optimize import run_optimize
 from pipelines.steps.pipeline import run_pipeline
 from pipelines.tracking.models import load_program

@@ -12,7 +12,7 @@ from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.errors import ConfigError
 from pipelines.evaluation.feedback import FeedbackF1
-from pipelines.evaluation.scoring import JudgedF1
+from pipelines.evaluation.judge import JudgedF1
 from pipelines.lm import build_adapter, build_lm
 from pipelines.optimizers import build_optimizer, compile_kwargs
 from pipelines.programs import RAG

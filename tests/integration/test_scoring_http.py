@@ -12,7 +12,9 @@ from pipelines import tracking
 from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.errors import ConfigError
-from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, token_f1
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.metrics import token_f1
+from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.lm import build_adapter, build_lm
 from pipelines.steps.variant import run_variant
 

@@ -88,7 +88,11 @@ def test_predict_on_local_spark_answers_every_question_with_its_id_and_no_key_le
 
 
 def test_evaluation_and_embedding_on_spark_match_the_local_engine(store, fake):
-    base = [*fake_overrides(fake), "data.dev_size=12", "data.test_size=3"]
+    from pipelines.judging.align import JudgeProgram
+
+    state = store / "aligned.json"  # an aligned judge's state: Spark ships executors a copy of the file
+    JudgeProgram().judge.save(str(state))
+    base = [*fake_overrides(fake), "data.dev_size=12", "data.test_size=3", f"scoring.judge={state}"]
     local = run_variant(smoke("rag", store, *base))
     on_spark = run_variant(smoke("rag", store, *base, "engine=spark", "index.engine=spark",
                                  "tracking.registered_model=spark-engine", f"paths.cache={store}/spark-cache"))

@@ -55,7 +55,7 @@ def test_each_row_gets_its_failure_mode_and_every_recall():
 
 def test_the_failure_chart_stacks_every_mode_with_its_count_and_a_legend_in_stack_order():
     from pipelines.evaluation.report import FAILURE_STYLES, failure_chart
-    from pipelines.evaluation.scoring import EvalResult
+    from pipelines.evaluation.result import EvalResult
 
     scoring = Scoring.from_cfg(compose("cot", ["scoring.primary=semantic_f1"]).scoring)
     counts = {"ok": 9, "ok_without_gold": 3, "answer_miss": 4, "retrieval_miss": 2, "judge_failed": 1, "failed": 1}

@@ -96,6 +96,33 @@ def test_a_judge_given_by_path_or_artifact_uri_is_used_as_it_is(ref):
     assert resolve_judge(ref) == ResolvedJudge(state=ref, version=ref)
 
 
+def test_an_aligned_judges_state_is_loaded_from_a_local_copy_and_a_uri_with_nothing_there_is_one_line(store, tmp_path):
+    import mlflow
+
+    from pipelines.evaluation.judge import JudgedF1
+    from pipelines.judging.align import JudgeProgram
+    from pipelines.tracking.judging.registry import aligned_state
+
+    aligned = JudgeProgram()
+    (predictor,) = [p for _, p in aligned.judge.named_predictors()]
+    predictor.demos = [dspy.Example(question="q?", ground_truth="a", system_response="a", precision=1.0, recall=1.0)]
+    path = tmp_path / "aligned.json"
+    aligned.judge.save(str(path))
+    assert aligned_state(str(path)) == str(path)  # a local file is used as it is
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(path), "judge")
+    uri = f"runs:/{run.info.run_id}/judge/aligned.json"
+    local = aligned_state(uri)
+    assert local != uri and open(local).read() == path.read_text()
+    judged = JudgedF1(DummyLM([]), aligned=local, version=uri)
+    (loaded,) = [p for _, p in judged.metric.named_predictors()]
+    assert [d["question"] for d in loaded.demos] == ["q?"] and judged.name == f"dummy aligned:{uri}"
+    nothing = "runs:/nothing/judge/aligned.json"
+    with pytest.raises(ConfigError, match=rf"^scoring.judge={nothing}: no aligned judge there \(") as raised:
+        aligned_state(nothing)
+    assert "\n" not in str(raised.value)
+
+
 def test_reviewers_agreement_with_each_other_is_cohens_kappa_on_the_traces_they_share():
     ann = [True, True, False, False, True, False, True, False]
     bob = [True, False, False, False, True, True, True, False]  # 6 of 8 as ann: kappa 0.5
@@ -154,7 +181,7 @@ def labelled_answers(n: int) -> list[dspy.Example]:
     """n questions answered as ANSWERS[i % 4], labelled as a person would (yes only for `the right way`);
     the short answers' fails carry a reviewer's comment."""
     return [align.example(f"how do I do task {i}?", "run the command with the flag", ANSWERS[i % 4],
-                          "right" in ANSWERS[i % 4], trace_id=f"tr-{i}",
+                          label="right" in ANSWERS[i % 4], trace_id=f"tr-{i}",
                           rationale="no usable answer" if i % 4 < 2 else None) for i in range(n)]
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from pipelines.evaluation.promotion import FIRST, Champion, decide
-from pipelines.evaluation.scoring import EvalResult
+from pipelines.evaluation.result import EvalResult
 
 from helpers import dev_result, promotion_scoring
 

@@ -12,7 +12,9 @@ from pipelines import tracking
 from pipelines.config import compose
 from pipelines.data import load_splits
 from pipelines.errors import ConfigError
-from pipelines.evaluation.scoring import JudgedF1, Scorer, Scoring, evaluate, rouge_l, token_f1
+from pipelines.evaluation.judge import JudgedF1
+from pipelines.evaluation.metrics import rouge_l, token_f1
+from pipelines.evaluation.scoring import Scorer, Scoring, evaluate
 from pipelines.programs import RAG
 from pipelines.tracking.evaluation import log_evaluation
 from pipelines.tracking.traces import last_trace_id

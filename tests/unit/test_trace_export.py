@@ -53,7 +53,7 @@ def test_an_evaluation_writes_each_trace_once_with_its_assessments(store, monkey
         with watch_traces(5), held():
             with evaluating(None, split="dev"):
                 result = evaluate(dspy.ChainOfThought("question -> response"), examples,
-                                  Scorer(Scoring.from_cfg(cfg.scoring)), 1, progress=False,
+                                  Scorer(Scoring.from_cfg(cfg.scoring)), num_threads=1, progress=False,
                                   trace_id=last_trace_id)
             log_evaluation(result, split="dev")
     # The first trace of a new exporter is written spans-first (that is how it learns the store keeps

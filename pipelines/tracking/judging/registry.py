@@ -3,12 +3,14 @@ registered scorer (an MLflow judge made from the aligned instructions and demos,
 page) and of a prompt of the same name, whose `champion` alias moves only when alignment raised held-out
 agreement beyond noise, by the rule a program's champion moves by (`promotion.shortfall`). The prompt
 version carries the DSPy state the project scores with, so `scoring.judge=NAME` (its champion), `NAME@ALIAS`
-or `NAME/VERSION` resolve to it, and runs record `NAME vN`."""
+or `NAME/VERSION` resolve to it, and runs record `NAME vN`; `aligned_state` brings the state to a local file
+for `JudgedF1`."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import dspy
 import mlflow
@@ -57,6 +59,17 @@ def resolve_judge(ref: str) -> ResolvedJudge:
         raise ConfigError(f"scoring.judge={ref}: prompt {prompt.name}/{prompt.version} is not an aligned judge "
                           f"(no {STATE_TAG} tag)")
     return ResolvedJudge(state, f"{prompt.name} v{prompt.tags.get(SCORER_VERSION_TAG, prompt.version)}")
+
+
+def aligned_state(ref: str) -> str:
+    """A local copy of an aligned judge's state, for `JudgedF1(aligned=...)`: a path is used as it is, an MLflow
+    artifact URI (`runs:/<id>/judge/...`, as `resolve_judge` gives) is downloaded."""
+    if Path(ref).is_file():
+        return ref
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=ref)
+    except Exception as e:
+        raise ConfigError(f"scoring.judge={ref}: no aligned judge there ({' '.join(str(e).split())[:160]})") from None
 
 
 def judge_instructions(program: dspy.Module, threshold: float) -> str:
