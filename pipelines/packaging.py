@@ -43,7 +43,7 @@ FORMAT = 1  # bump when the files change meaning; a model in another format then
 SPEC, STATE, INDEX, MEMBERS, INDEXES, ADAPTER = "spec.json", "state.json", "index", "members", "indexes", "adapter"
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Packaged:
     program: dspy.Module
     lm: dspy.LM
@@ -76,7 +76,8 @@ def load(path: Path) -> Packaged:
                           f"{FORMAT}; re-run the step that logged it")
     program = build(spec["program"], path)
     program.load(str(path / STATE))
-    return Packaged(program, restore_lm(spec["lm"], path), build_adapter(OmegaConf.create(spec["adapter"])))
+    return Packaged(program=program, lm=restore_lm(spec["lm"], path),
+                    adapter=build_adapter(OmegaConf.create(spec["adapter"])))
 
 
 def program_spec(program: dspy.Module, path: Path, indexes: Path | None = None) -> dict[str, Any]:

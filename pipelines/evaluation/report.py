@@ -64,6 +64,29 @@ def comparison_row(estimate, metric: str) -> dict[str, Any]:
     return {metric: estimate.value, "ci_low": estimate.low, "ci_high": estimate.high, "n": estimate.n}
 
 
+@dataclass(frozen=True, kw_only=True)
+class Pairwise:
+    """Two variants scored on the same examples, compared example by example on each metric."""
+
+    new: str
+    old: str
+    comparisons: dict[str, Comparison]
+
+    def row(self, metric: str) -> dict[str, Any] | None:
+        """The comparison table's row for the difference on `metric`; None where no example was scored
+        on both sides."""
+        found = self.comparisons.get(metric)
+        if found is None:
+            return None
+        return {"variant": f"{self.new} - {self.old}", **comparison_row(found.delta, metric), "p_value": found.p_value}
+
+
+def pairwise(results: list[tuple[str, EvalResult]], scoring: Scoring) -> list[Pairwise]:
+    """Every later variant against every earlier one (`new - old`), in the order they ran."""
+    return [Pairwise(new=new, old=old, comparisons=compare(new_result, old_result, scoring))
+            for (old, old_result), (new, new_result) in itertools.combinations(results, 2)]
+
+
 def comparison_chart(rows: list[dict], scoring: Scoring):
     """One bar per variant, its confidence interval as an error bar; a variant no example was scored on has
     no bar, and says so."""
@@ -165,26 +188,3 @@ def quality_cost_chart(rows: list[dict[str, Any]], scoring: Scoring):
     ax.set_title("quality against cost\n(filled: no other variant scores higher for fewer tokens)", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-@dataclass(frozen=True, kw_only=True)
-class Pairwise:
-    """Two variants scored on the same examples, compared example by example on each metric."""
-
-    new: str
-    old: str
-    comparisons: dict[str, Comparison]
-
-    def row(self, metric: str) -> dict[str, Any] | None:
-        """The comparison table's row for the difference on `metric`; None where no example was scored
-        on both sides."""
-        found = self.comparisons.get(metric)
-        if found is None:
-            return None
-        return {"variant": f"{self.new} - {self.old}", **comparison_row(found.delta, metric), "p_value": found.p_value}
-
-
-def pairwise(results: list[tuple[str, EvalResult]], scoring: Scoring) -> list[Pairwise]:
-    """Every later variant against every earlier one (`new - old`), in the order they ran."""
-    return [Pairwise(new=new, old=old, comparisons=compare(new_result, old_result, scoring))
-            for (old, old_result), (new, new_result) in itertools.combinations(results, 2)]

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # only its type: scoring.py returns an EvalResult
     from pipelines.evaluation.scoring import Scoring
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class EvalResult:
     rows: list[dict]
     estimates: dict[str, Estimate]  # per metric: mean over the examples scored on it (0-100), its interval, n

@@ -58,12 +58,8 @@ class Member(dspy.Module):
     def __init__(self, program: dspy.Module, *, lm: dspy.LM, adapter: dspy.Adapter, label: str,
                  rollout: int | None = None, temperature: float | None = None):
         super().__init__()
-        self.program = program
-        self.answer_lm = lm
-        self.adapter = adapter
-        self.label = label
-        self.rollout = rollout
-        self.temperature = temperature
+        self.program, self.answer_lm, self.adapter, self.label = program, lm, adapter, label
+        self.rollout, self.temperature = rollout, temperature  # a sample's id and temperature; None: the program
         self.sampling_lm = lm if rollout is None else lm.copy(rollout_id=rollout, temperature=temperature)
 
     def forward(self, question: str):

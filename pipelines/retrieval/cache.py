@@ -31,7 +31,7 @@ def cache_key(corpus_path: Path, max_characters: int | None, emb_identity: dict[
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class IndexBuild:
     index: Index
     path: Path
@@ -54,7 +54,7 @@ def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int |
         try:
             index = read_index(path, identity, brute_force_threshold)
             log.info("Index cache hit: %s (%d passages); no embeddings computed", path, len(index.passages))
-            return IndexBuild(index, path, cache_hit=True, embedded=0)
+            return IndexBuild(index=index, path=path, cache_hit=True, embedded=0)
         except Exception as e:  # a half-written or foreign cache is rebuilt, never trusted
             log.warning("Index cache at %s is unusable (%s); rebuilding it", path, e)
             shutil.rmtree(path, ignore_errors=True)
@@ -66,7 +66,7 @@ def load_or_build_index(corpus: Corpus, embedder, emb_cfg, max_characters: int |
                   brute_force_threshold=brute_force_threshold)
     write_index(index, path)
     log.info("Index built: %d passages embedded, cached at %s", len(passages), path)
-    return IndexBuild(index, path, cache_hit=False, embedded=len(passages))
+    return IndexBuild(index=index, path=path, cache_hit=False, embedded=len(passages))
 
 
 def embed_all(embedder, texts: list[str], batch_size: int) -> np.ndarray:

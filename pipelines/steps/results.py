@@ -48,6 +48,8 @@ class StepResult:
 
 @dataclass(frozen=True, kw_only=True)
 class PredictResult:
+    """A batch prediction: what was answered, how fast, and where it went."""
+
     run_id: str
     predictions: Predictions
     output: Path
@@ -63,6 +65,8 @@ class PredictResult:
 
 @dataclass(frozen=True, kw_only=True)
 class ReviewResult:
+    """Traces queued for people's labels."""
+
     run_id: str
     queue: str
     items: int
@@ -78,6 +82,8 @@ class ReviewResult:
 
 @dataclass(frozen=True, kw_only=True)
 class JudgeResult:
+    """The judge against people's labels; with `align=true`, its aligned version."""
+
     run_id: str
     agreements: list[Agreement]
     aligned: str | None = None               # the aligned judge's state URI
@@ -99,6 +105,8 @@ class JudgeResult:
 
 @dataclass(frozen=True, kw_only=True)
 class AssessResult:
+    """Stored traces scored: each scorer's mean with its interval."""
+
     run_id: str
     traces: int
     estimates: dict[str, Estimate]

@@ -107,7 +107,7 @@ def load_packaged(model_uri: str) -> packaging.Packaged:
     check_program_model(model_uri)
     with _load_errors(model_uri):
         model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    return packaging.Packaged(model.program, model.lm, model.adapter)
+    return packaging.Packaged(program=model.program, lm=model.lm, adapter=model.adapter)
 
 
 @contextlib.contextmanager
