@@ -1,6 +1,9 @@
 """`mlflow run . -e assess`: stored traces scored after the fact by MLflow's judges and the project's metrics,
 one evaluation run with each scorer's mean and interval, the assessments on the traces."""
 
+import time
+from datetime import datetime
+
 import mlflow
 import pytest
 
@@ -45,3 +48,21 @@ def test_assess_refuses_bad_scorers_and_says_how_to_get_traces(store, fake):
     with pytest.raises(ConfigError, match="has no traces: traces come from"):
         run_assess(compose("assess", ["experiment=smoke", f"model_uri={rag.model_uri}", "scorers=[token_f1]"]))
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs  # no run opened
+
+
+def test_assess_takes_the_experiments_traces_within_a_time_window(store, fake):
+    first = run_variant(smoke("rag", store, *fake_overrides(fake)))
+    time.sleep(0.05)
+    between = datetime.now().isoformat()
+    second = run_variant(smoke("rag", store, *fake_overrides(fake), "data.dev_size=2"))
+    fake.field_answers["result"] = lambda request: "yes"
+    scorers = ["scorers=[retrieval_groundedness]", *fake_overrides(fake)]
+    later = run_assess(smoke("assess", store, f"since={between}", *scorers))
+    assert later.traces == len(mlflow.search_traces(run_id=second.run_id, return_type="list")) == 2
+    everything = run_assess(smoke("assess", store, *scorers))
+    assert everything.traces == later.traces + len(mlflow.search_traces(run_id=first.run_id, return_type="list"))
+    assert everything.estimates["retrieval_groundedness"].n == everything.traces
+    with pytest.raises(ConfigError, match="has no traces between the start and 2000-01-01"):
+        run_assess(smoke("assess", store, "until=2000-01-01", *scorers))
+    with pytest.raises(ConfigError, match="since=yesterday: not an ISO date"):
+        run_assess(smoke("assess", store, "since=yesterday", *scorers))

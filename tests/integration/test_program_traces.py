@@ -118,6 +118,31 @@ def test_a_loaded_program_traces_each_row_alone_or_inside_the_callers_trace(stor
     assert len(names) == 1 + 7 * len(QUESTIONS)
 
 
+# The same rows with tracing switched off in the user's environment.
+UNTRACED = """
+import json, sys
+import mlflow
+import pandas as pd
+
+model = mlflow.pyfunc.load_model(sys.argv[1])
+rows = model.predict(pd.DataFrame({"question": json.loads(sys.argv[2])}), params={"num_threads": 2})
+mlflow.flush_trace_async_logging()
+everywhere = [e.experiment_id for e in mlflow.search_experiments()]
+print("OUT=" + json.dumps({"trace_ids": list(rows["trace_id"]), "responses": list(rows["response"]),
+                           "traces": len(mlflow.search_traces(locations=everywhere, return_type="list"))}))
+"""
+
+
+def test_tracing_switched_off_answers_every_row_and_traces_none(store, user, fake):
+    uri, _ = log_rag_with_demos(store, fake)
+    before = len(mlflow.search_traces(locations=[e.experiment_id for e in mlflow.search_experiments()],
+                                      return_type="list"))
+    out = in_fresh_process(UNTRACED, store, {**user, PICKLE_VARIABLE: "false", "RAGQA_TRACING": "false"}, uri,
+                           pd.Series(QUESTIONS).to_json(orient="values"))
+    assert all(out["responses"]) and out["trace_ids"] == [""] * len(QUESTIONS)
+    assert out["traces"] == before
+
+
 def served_traces(experiment: str, expected: int, timeout: float = 90) -> list:
     """The experiment's traces once `expected` of them are in with their spans (serving exports both
     asynchronously)."""
