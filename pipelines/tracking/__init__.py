@@ -22,8 +22,8 @@
   reports     what steps log beside evaluations: index, optimization, comparison, predictions
   sweeps      a Hydra sweep's parent run: opened, failed jobs recorded, the jobs compared, ended
 
-Callers import the module they need; the package face keeps only `setup` and `run`, which every step
-calls first.
+Callers import the module they need; the package face keeps `setup` and `run`, which every step calls
+first, and `load_program`, the README's way to load a logged program as a `dspy.Module`.
 
 Elsewhere MLflow is imported only by the code it loads with a logged program: `pipelines/flavor.py`,
 `pipelines/model_code.py` (which hands `tracking.serving` to the pyfunc), `pipelines/packaging.py` (the
@@ -31,7 +31,8 @@ pyfunc) and the retriever, whose span travels with the program. `lint-imports` h
 to that (pyproject.toml).
 """
 
+from pipelines.tracking.models import load_program
 from pipelines.tracking.runs import run
 from pipelines.tracking.store import setup
 
-__all__ = ["run", "setup"]
+__all__ = ["load_program", "run", "setup"]
