@@ -1,4 +1,4 @@
-"""Harness overhead: `pipelines.variant.run_variant` versus a bare `dspy.Evaluate` loop (BENCHMARKS.md, 1 and 6).
+"""Harness overhead: `pipelines.steps.variant.run_variant` versus a bare `dspy.Evaluate` loop (BENCHMARKS.md, 1 and 6).
 
 Each arm in a fresh process, same program (cot, rag), dev examples, LM (the fake, uncached, or --lm local: the
 embedded SmolLM2 server, private, gone when the script ends), adapter, judge and threads; the bare arm never
