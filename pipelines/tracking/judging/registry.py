@@ -8,6 +8,7 @@ for `JudgedF1`."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,11 @@ def resolve_judge(ref: str) -> ResolvedJudge:
     return ResolvedJudge(state, f"{prompt.name} v{prompt.tags.get(SCORER_VERSION_TAG, prompt.version)}")
 
 
+@functools.cache
 def aligned_state(ref: str) -> str:
     """A local copy of an aligned judge's state, for `JudgedF1(aligned=...)`: a path is used as it is, an MLflow
-    artifact URI (`runs:/<id>/judge/...`, as `resolve_judge` gives) is downloaded."""
+    artifact URI (`runs:/<id>/judge/...`, as `resolve_judge` gives) is downloaded, once per process: `main`
+    checks every step's config, then each step checks its own again."""
     if Path(ref).is_file():
         return ref
     try:
