@@ -29,11 +29,25 @@ class StepOutcome(Protocol):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepResult:
+class RunOutcome:
+    """What every step returns: at least the run it logged to."""
+
+    run_id: str
+
+
+class Unscored(RunOutcome):
+    """A step that scores no program: a Hydra sweep has nothing to compare its jobs by."""
+
+    @property
+    def score(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepResult(RunOutcome):
     """A step that scored a program: its final evaluation, and the program as logged and registered."""
 
     name: str
-    run_id: str
     result: EvalResult  # the step's final evaluation: estimates and per-example rows
     model_uri: str | None = None
     version: str | None = None
@@ -47,16 +61,11 @@ class StepResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictResult:
+class PredictResult(Unscored):
     """A batch prediction: what was answered, how fast, and where it went."""
 
-    run_id: str
     predictions: Predictions
     output: Path
-
-    @property
-    def score(self) -> None:  # nothing to score: Hydra sweeps compare predict jobs by nothing
-        return None
 
     def headline(self) -> str:
         p = self.predictions
@@ -64,16 +73,11 @@ class PredictResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReviewResult:
+class ReviewResult(Unscored):
     """Traces queued for people's labels."""
 
-    run_id: str
     queue: str
     items: int
-
-    @property
-    def score(self) -> None:
-        return None
 
     def headline(self) -> str:
         return (f"{self.items} traces in the review queue {self.queue!r}: label them on the experiment's Review "
@@ -81,18 +85,13 @@ class ReviewResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class JudgeResult:
+class JudgeResult(Unscored):
     """The judge against people's labels; with `align=true`, its aligned version."""
 
-    run_id: str
     agreements: list[Agreement]
     aligned: str | None = None               # the aligned judge's state URI
     alignment: Comparison | None = None      # held-out agreement, aligned - original, 0-100
     registered: RegisteredJudge | None = None  # its version as the experiment's scorer and prompt
-
-    @property
-    def score(self) -> None:  # nothing for a sweep to compare
-        return None
 
     def headline(self) -> str:
         text = "; ".join(a.describe() for a in self.agreements)
@@ -104,16 +103,11 @@ class JudgeResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class AssessResult:
+class AssessResult(Unscored):
     """Stored traces scored: each scorer's mean with its interval."""
 
-    run_id: str
     traces: int
     estimates: dict[str, Estimate]
-
-    @property
-    def score(self) -> None:  # nothing for a sweep to compare
-        return None
 
     def headline(self) -> str:
         scored = "; ".join(f"{name} {e.describe()}" for name, e in self.estimates.items()) or "no scorer gave a value"
